@@ -1,0 +1,80 @@
+# GMC-O. `make help` lists the targets. `make run` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PY := $(UV) run --frozen python
+PROTO_OUT := libs/protos/src
+PROTOS := $(shell find protos -name '*.proto')
+STAMP := .venv/.gmco-synced
+
+.PHONY: help setup system uv sync protos lint test test-unit test-integration test-e2e run bench \
+        bench-shard bench-cache bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+setup: system sync protos ## install everything: system packages, Python env, generated stubs
+
+system: ## apt packages the tests need (redis-server, PostgreSQL 15)
+	@bash scripts/setup-system.sh
+
+uv:
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
+
+sync: uv $(STAMP) ## the uv workspace (one lockfile) with dev tools
+
+$(STAMP): uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	$(UV) sync --frozen --all-packages --all-groups
+	@touch $@
+
+protos: sync ## generate Python stubs (+ .pyi) for every .proto into the shared gmco-protos package
+	@rm -rf $(PROTO_OUT)/gmco && mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	    --grpc_python_out=$(PROTO_OUT) $(PROTOS)
+	@find $(PROTO_OUT)/gmco -type d -exec touch {}/__init__.py \;
+
+lint: setup ## ruff
+	$(UV) run --frozen ruff check libs services tests bench
+
+test: setup ## every test: unit, component, integration (real Redis Cluster, PostgreSQL, Envoy), e2e
+	$(UV) run --frozen pytest -q
+
+test-unit: setup ## fast tests only (no external processes)
+	$(UV) run --frozen pytest -q -m "not integration and not e2e"
+
+run: setup ## the whole suite locally with embedded backends behind Envoy (Ctrl-C stops it)
+	$(PY) -m gmco_router.stack $(RUN_ARGS)
+
+bench: setup ## k6 benchmark of the local stack (see docs/benchmarks.md)
+	$(PY) bench/run_k6.py
+
+bench-shard: setup ## shard: exact vs HNSW build time, recall, QPS in-process and over gRPC
+	$(PY) bench/bench_shard.py
+
+bench-cache: setup ## cache service vs raw redis-py on a real Redis Cluster
+	$(PY) bench/bench_cache.py
+
+bench-rl: setup ## bandit simulation (policy vs greedy vs random) and rl_state throughput
+	$(PY) bench/bench_rl.py
+
+bench-ontology: setup ## ResolveConstraints latency, cached and uncached
+	$(PY) bench/bench_ontology.py
+
+bench-ingest: setup ## catalogue-log ingest, replay rate and restart time
+	$(PY) bench/bench_ingest.py
+
+bench-milvus: setup ## project HNSW shard vs Milvus Lite, side by side
+	$(PY) bench/bench_milvus.py
+
+bench-gpu: setup ## cuVS CAGRA benchmarks (needs an NVIDIA GPU)
+	$(PY) bench/bench_gpu.py
+
+helm-lint: setup ## helm lint --strict and template the umbrella chart
+	$(PY) -m pytest -q tests/deploy
+
+images: ## build one image per service (needs a Docker engine)
+	@for s in router shard cache ontology rl_state; do \
+	  docker build -f services/$$s/Dockerfile -t gmco-$$s:dev . || exit 1; done
+
+clean: ## remove generated stubs, local state and caches
+	rm -rf $(PROTO_OUT)/gmco .run .pytest_cache .hypothesis

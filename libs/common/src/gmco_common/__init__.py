@@ -1,0 +1,1 @@
+"""GMC-O shared runtime."""

@@ -1,0 +1,35 @@
+"""Per-request values that travel through ``contextvars``: request id and deadline."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("gmco_request_id", default="")
+# Absolute deadline on the time.monotonic() clock; None = no deadline.
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("gmco_deadline", default=None)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def time_remaining() -> float | None:
+    """Seconds left before the current request's deadline, or None when it has none."""
+    deadline = deadline_var.get()
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def call_timeout(default: float | None) -> float | None:
+    """The timeout for an outgoing call: the smaller of ``default`` and what the caller has left."""
+    remaining = time_remaining()
+    if remaining is None:
+        return default
+    if default is None:
+        return remaining
+    return min(default, remaining)

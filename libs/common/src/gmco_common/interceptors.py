@@ -1,0 +1,178 @@
+"""Server interceptors, attached in this order: tracing, metrics, auth, error mapping.
+
+Each wraps the unary handler of a method. Health checks and reflection pass through tracing and auth
+untouched so that probes need no token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import propagate, trace
+from prometheus_client import Counter, Histogram
+
+from gmco_common.context import REQUEST_ID_HEADER, deadline_var, new_request_id, request_id_var
+from gmco_common.errors import GmcoError
+
+log = logging.getLogger(__name__)
+
+UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by method and status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_LATENCY = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC on the server, by method.",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+)
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _split(method: str) -> tuple[str, str]:
+    _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "", method)
+    return service, name
+
+
+def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Callable[[Behavior], Behavior]):
+    """Return ``handler`` with its unary-unary behaviour wrapped; other kinds pass through."""
+    if handler is None or handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrapper(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """Opens a server span per RPC (W3C trace context from metadata) and sets request id and deadline."""
+
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer("gmco")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if method.startswith(UNTRACED_PREFIXES):
+            return handler
+        tracer = self._tracer
+
+        def wrapper(behavior: Behavior) -> Behavior:
+            async def traced(request, context):
+                md = _metadata(context)
+                request_id_var.set(md.get(REQUEST_ID_HEADER) or new_request_id())
+                remaining = context.time_remaining()
+                deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
+                with tracer.start_as_current_span(
+                    method.lstrip("/"), context=propagate.extract(md), kind=trace.SpanKind.SERVER
+                ) as span:
+                    span.set_attribute("rpc.system", "grpc")
+                    span.set_attribute("rpc.method", method)
+                    return await behavior(request, context)
+
+            return traced
+
+        return _wrap(handler, wrapper)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts handled RPCs by status code and records handling time."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        service, name = _split(handler_call_details.method)
+
+        def wrapper(behavior: Behavior) -> Behavior:
+            async def measured(request, context):
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    return await behavior(request, context)
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    if isinstance(code, int):  # aio returns the raw enum value on some versions
+                        code = grpc.StatusCode.OK
+                    GRPC_LATENCY.labels(service, name).observe(time.perf_counter() - start)
+                    GRPC_HANDLED.labels(service, name, code.name).inc()
+
+            return measured
+
+        return _wrap(handler, wrapper)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>``; health and reflection stay open for probes."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler_call_details.method.startswith(UNTRACED_PREFIXES):
+            return handler
+        given = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                given = value if isinstance(value, str) else value.decode()
+        if hmac.compare_digest(given.encode(), self._expected):
+            return handler
+
+        def wrapper(_behavior: Behavior) -> Behavior:
+            async def deny(request, context):
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+                )
+
+            return deny
+
+        return _wrap(handler, wrapper)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain exceptions to status codes. Anything unexpected is INTERNAL with no exception text."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+
+        def wrapper(behavior: Behavior) -> Behavior:
+            async def mapped(request, context):
+                try:
+                    return await behavior(request, context)
+                except GmcoError as exc:
+                    await context.abort(exc.code, exc.message)
+                except grpc.aio.AbortError:
+                    raise
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                except grpc.aio.AioRpcError as exc:
+                    # A downstream call failed and the handler did not handle it.
+                    code = exc.code()
+                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        await context.abort(code, f"a dependency answered {code.name}")
+                    log.exception("unhandled downstream error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id_var.get()})")
+                except Exception:
+                    log.exception("unhandled error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id_var.get()})")
+
+            return mapped
+
+        return _wrap(handler, wrapper)

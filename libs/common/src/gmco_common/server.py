@@ -1,0 +1,139 @@
+"""Build and run a ``grpc.aio`` server the same way in every service.
+
+Attached in order: tracing, metrics, auth (when a token is set) and error-mapping interceptors; the
+standard health service; reflection; message-size limits; optional TLS/mTLS; a Prometheus endpoint on
+a separate port; and a graceful drain on SIGTERM (health goes NOT_SERVING, then ``server.stop(grace)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from gmco_common.config import ServerSettings
+from gmco_common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, TracingInterceptor
+from gmco_common.tracing import configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A servicer, the generated ``add_XServicer_to_server`` function and the service's full name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: list[str]
+    metrics_port: int | None = None
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stopping.wait()
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking new work: report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    if settings.tls_client_ca_file is not None:
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=settings.tls_client_ca_file.read_bytes(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials([pair])
+
+
+_metrics_started: dict[int, int] = {}
+
+
+def start_metrics(settings: ServerSettings) -> int | None:
+    """Serve Prometheus metrics on ``metrics_port`` (once per process); None when disabled."""
+    if settings.metrics_port == 0:
+        return None
+    if settings.metrics_port not in _metrics_started:
+        server, _thread = start_http_server(settings.metrics_port, addr=settings.host)
+        _metrics_started[settings.metrics_port] = server.server_address[1]
+    return _metrics_started[settings.metrics_port]
+
+
+async def start_server(
+    settings: ServerSettings,
+    registrations: Sequence[Registration],
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Create, bind and start a server; returns once it accepts calls (health SERVING)."""
+    configure_tracing(settings)
+    interceptors: list[grpc.aio.ServerInterceptor] = [TracingInterceptor(), MetricsInterceptor()]
+    if settings.auth_token:
+        interceptors.append(AuthInterceptor(settings.auth_token))
+    interceptors.extend(extra_interceptors)
+    interceptors.append(ErrorInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    names = []
+    for reg in registrations:
+        reg.add_to_server(reg.servicer, server)
+        names.append(reg.full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{settings.host}:{settings.port}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}; is the port in use?")
+    await server.start()
+    running = RunningServer(server, health_servicer, port, names, metrics_port=start_metrics(settings))
+    await running.set_serving(True)
+    log.info("serving %s on %s:%s (tls=%s, auth=%s)", ",".join(names), settings.host, port,
+             creds is not None, bool(settings.auth_token))
+    return running
+
+
+async def serve_until_signal(running: RunningServer, grace: float) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, running.request_stop)
+    await running.wait_for_stop()
+    log.info("signal received: draining for up to %.1fs", grace)
+    await running.drain(grace)
+    log.info("stopped")
