@@ -1,0 +1,1 @@
+"""Fixtures that run real servers on free loopback ports. Never mocks."""

@@ -1,0 +1,74 @@
+"""Process helpers shared by the fixtures: free ports, waiting for readiness, clean teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` (and the process's exit) on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode} before it was ready")
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def grpc_serving(target: str, service: str = "", timeout: float = 0.5) -> bool:
+    with grpc.insecure_channel(target) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_grpc_serving(target: str, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                      service: str = "") -> None:
+    wait_until(lambda: grpc_serving(target, service), timeout, f"gRPC health of {target}", proc)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+    """SIGTERM (or ``sig``), wait, then SIGKILL; returns the exit code."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
