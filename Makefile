@@ -43,7 +43,7 @@ test-unit: setup ## fast tests only (no external processes)
 	$(UV) run --frozen pytest -q -m "not integration and not e2e"
 
 run: setup ## the whole suite locally with embedded backends behind Envoy (Ctrl-C stops it)
-	$(PY) -m gmco_router.stack $(RUN_ARGS)
+	$(PY) -m gmco_stack $(RUN_ARGS)
 
 bench: setup ## k6 benchmark of the local stack (see docs/benchmarks.md)
 	$(PY) bench/run_k6.py
