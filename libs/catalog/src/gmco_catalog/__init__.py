@@ -1,0 +1,1 @@
+"""The durable catalogue log: the source of truth that every shard replica tails."""
