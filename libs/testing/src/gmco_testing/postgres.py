@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from gmco_testing.procs import free_port, port_open, wait_until
 
@@ -90,7 +91,8 @@ class PostgresServer:
         return ["runuser", "-u", self._run_as, "--", *args]
 
     def _run(self, *args: str, timeout: float = 60.0) -> None:
-        proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout, cwd="/")
+        proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, timeout=timeout, cwd="/",
+                              check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(args[0]).name} failed ({proc.returncode}): {proc.stderr.strip()}"
                                f"{self._log_tail()}")
@@ -156,7 +158,8 @@ class PostgresServer:
 
     @staticmethod
     def _children(pid: int) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True,
+                             check=False)
         return [int(p) for p in out.stdout.split()]
 
     def cleanup(self) -> None:
@@ -176,7 +179,7 @@ class PostgresServer:
         return self.dsn_for(name)
 
     # ----------------------------------------------------------------------------------------------
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:

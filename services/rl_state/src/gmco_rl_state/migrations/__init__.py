@@ -1,0 +1,1 @@
+"""Versioned SQL migrations, one directory per dialect; see :mod:`gmco_rl_state.migrate`."""

@@ -1,0 +1,183 @@
+"""The RLStateService handlers: validation, then the store and the ranking policy."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from gmco.common.v1 import common_pb2
+from gmco.rl_state.v1 import rl_state_service_pb2 as pb
+from gmco.rl_state.v1 import rl_state_service_pb2_grpc
+from gmco_common.errors import InvalidArgument, Unavailable
+from gmco_common.vectors import decode_batch, decode_vector, encode_vector, normalize
+
+from gmco_rl_state import metrics
+from gmco_rl_state.config import Settings
+from gmco_rl_state.model import U64, Event, Learner, ModelConfig, StateRow
+from gmco_rl_state.policy import PolicyConfig, Ranker, Ranking
+from gmco_rl_state.store import StateStore
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RLStateService"].full_name
+MAX_ID_LENGTH = 256
+
+
+def _required_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(field, f"is {len(value)} characters long; at most {MAX_ID_LENGTH}")
+    return value
+
+
+def _optional_floats(values: Sequence[float], n: int, field: str) -> np.ndarray | None:
+    if not values:
+        return None
+    if len(values) != n:
+        raise InvalidArgument(field, f"has {len(values)} values; give none or one per candidate ({n})")
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise InvalidArgument(field, "contains NaN or Inf")
+    return arr
+
+
+def dedupe(events: Sequence[Event]) -> tuple[dict[str, list[Event]], int]:
+    """Events grouped by user in arrival order, first delivery of each event_id only; and the repeats."""
+    seen: set[str] = set()
+    groups: dict[str, list[Event]] = {}
+    for event in events:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            groups.setdefault(event.user_id, []).append(event)
+    return groups, len(events) - len(seen)
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    ranking: Ranking
+    media_ids: np.ndarray
+    excluded: int
+    version: int
+
+
+class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
+    def __init__(self, store: StateStore, learner: Learner, ranker: Ranker, rank_state_timeout: float) -> None:
+        self._store = store
+        self._learner = learner
+        self._ranker = ranker
+        self._rank_state_timeout = rank_state_timeout
+        self._media_dim = learner.config.media_dim
+
+    # --- GetUserState -------------------------------------------------------------------------------
+    async def GetUserState(self, request: pb.GetUserStateRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GetUserStateResponse:
+        user = _required_id(request.user_id, "user_id")
+        row = await self._store.get(user, None)
+        return pb.GetUserStateResponse(state=self._state_message(user, row))
+
+    def _state_message(self, user: str, row: StateRow | None) -> pb.UserState:
+        """Cold start (no row): zero vector, version 0, nothing seen, cold_start=true."""
+        if row is None:
+            state = self._learner.fresh(user)
+        else:
+            state = self._learner.decode(row)
+        vector = state.pref if state.pref is not None else np.zeros(self._media_dim, dtype=np.float32)
+        return pb.UserState(user_id=user, vector=encode_vector(vector, "float16"), version=state.version,
+                            seen_media_ids=state.seen.tolist(), cold_start=row is None,
+                            event_count=state.event_count)
+
+    # --- RecordFeedback -----------------------------------------------------------------------------
+    def _event(self, ev: pb.FeedbackEvent, field: str) -> Event:
+        event_id = _required_id(ev.event_id, f"{field}.event_id")
+        user = _required_id(ev.user_id, f"{field}.user_id")
+        if not math.isfinite(ev.reward) or not -1.0 <= ev.reward <= 1.0:
+            raise InvalidArgument(f"{field}.reward", f"is {ev.reward}; must be a number in [-1, 1]")
+        if not math.isfinite(ev.propensity) or not 0.0 <= ev.propensity <= 1.0:
+            raise InvalidArgument(f"{field}.propensity", f"is {ev.propensity}; must be in [0, 1] (0 = unknown)")
+        vector = None
+        if ev.HasField("media_vector"):
+            raw = decode_vector(ev.media_vector, f"{field}.media_vector", self._media_dim)
+            vector = normalize(raw)
+        return Event(event_id, user, ev.media_id, float(ev.reward), ev.timestamp_unix_ms, ev.context.surface,
+                     ev.context.region, ev.context.device, float(ev.propensity), vector)
+
+    async def RecordFeedback(self, request: pb.RecordFeedbackRequest,
+                             context: grpc.aio.ServicerContext) -> pb.RecordFeedbackResponse:
+        if not request.events:
+            raise InvalidArgument("events", "the batch is empty")
+        events = [self._event(ev, f"events[{i}]") for i, ev in enumerate(request.events)]
+        groups, repeats = dedupe(events)
+        outcomes = await self._store.record(groups, self._learner.apply)
+        applied = sum(o.applied for o in outcomes.values())
+        duplicates = repeats + sum(o.duplicates for o in outcomes.values())
+        metrics.EVENTS_APPLIED.inc(applied)
+        metrics.DUPLICATES_IGNORED.inc(duplicates)
+        return pb.RecordFeedbackResponse(
+            applied_count=applied, duplicate_count=duplicates,
+            user_versions=[pb.UserVersion(user_id=u, version=o.version) for u, o in outcomes.items()],
+        )
+
+    # --- Rank ---------------------------------------------------------------------------------------
+    async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        start = time.perf_counter()
+        user = _required_id(request.user_id, "user_id")
+        n = len(request.candidate_media_ids)
+        if n == 0:
+            raise InvalidArgument("candidate_media_ids", "no candidates to rank")
+        vectors = decode_batch(request.candidate_vectors, "candidate_vectors", self._media_dim)
+        if vectors.shape[0] != n:
+            raise InvalidArgument("candidate_vectors.count", f"is {vectors.shape[0]}; expected {n}, one per "
+                                  "candidate_media_ids")
+        if request.k == 0:
+            raise InvalidArgument("k", "must be > 0")
+        if request.k > n:
+            raise InvalidArgument("k", f"is {request.k}, more than the {n} candidates")
+        retrieval = _optional_floats(request.retrieval_scores, n, "retrieval_scores")
+        popularity = _optional_floats(request.popularities, n, "popularities")
+        degraded = False
+        try:
+            row = await self._store.get(user, self._rank_state_timeout)
+        except Unavailable:
+            row, degraded = None, True
+            metrics.RANK_DEGRADED.inc()
+        ids = np.asarray(request.candidate_media_ids, dtype=U64)
+        out = await asyncio.get_running_loop().run_in_executor(
+            None, self._rank, row, ids, vectors, request.k, request.context.surface, retrieval, popularity
+        )
+        ranking = out.ranking
+        items = [
+            common_pb2.ScoredItem(media_id=int(out.media_ids[i]), score=float(ranking.scores[pos]),
+                                  exploration=bool(ranking.exploration[pos]),
+                                  propensity=float(ranking.propensities[pos]))
+            for pos, i in enumerate(ranking.indices)
+        ]
+        metrics.RANK_SECONDS.labels(ranking.policy).observe(time.perf_counter() - start)
+        return pb.RankResponse(items=items, policy=ranking.policy, degraded=degraded, user_version=out.version,
+                               excluded_seen_count=out.excluded)
+
+    def _rank(self, row: StateRow | None, ids: np.ndarray, vectors: np.ndarray, k: int, surface: int,
+              retrieval: np.ndarray | None, popularity: np.ndarray | None) -> RankOutcome:
+        rng = np.random.default_rng()
+        if row is None:
+            return RankOutcome(self._ranker.rank_cold(len(ids), k, surface, retrieval, popularity, rng), ids, 0, 0)
+        state = self._learner.decode(row)
+        keep = np.flatnonzero(~np.isin(ids, state.seen))
+        ranking = self._ranker.rank_user(state, normalize(vectors[keep]), min(k, len(keep)), rng)
+        return RankOutcome(ranking, ids[keep], len(ids) - len(keep), state.version)
+
+
+def model_config(settings: Settings) -> ModelConfig:
+    return ModelConfig(settings.media_dim, settings.bandit_dim, settings.projection_seed, settings.ridge,
+                       settings.preference_rate, settings.seen_capacity)
+
+
+def build_servicer(settings: Settings, store: StateStore) -> RLStateServicer:
+    """The servicer with the learner and ranker the settings describe."""
+    learner = Learner(model_config(settings))
+    ranker = Ranker(learner, PolicyConfig(settings.policy, settings.prior_scale, settings.preference_weight,
+                                          settings.propensity_samples, settings.cold_start_temperature))
+    return RLStateServicer(store, learner, ranker, settings.rank_state_timeout_seconds)
