@@ -1,0 +1,93 @@
+"""Router settings, read from ``GMCO_ROUTER_*`` environment variables."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from gmco_common.config import ConfigError, ServerSettings, setting
+
+PREFIX = "GMCO_ROUTER_"
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+@dataclass(frozen=True)
+class Settings(ServerSettings):
+    port: int = setting(50050, help="gRPC port of the public RecommendationService; 0 picks a free port")
+    shards: str = setting(
+        "",
+        help="shard replicas: '<shard>=<host:port>|<host:port>,<shard>=...', e.g. "
+        "'0=127.0.0.1:7001|127.0.0.1:7011,1=127.0.0.1:7002' (or use SHARD_DNS)",
+    )
+    shard_dns: str = setting(
+        "",
+        help="instead of SHARDS: a host:port template with '{shard}', e.g. "
+        "'gmco-shard-{shard}.gmco-shard:50051'; every address it resolves to is a replica",
+    )
+    shard_count: int = setting(0, help="number of shards when SHARD_DNS is used", check=_non_negative,
+                               check_msg=">= 0")
+    dns_refresh_seconds: float = setting(10.0, help="how often SHARD_DNS is re-resolved", check=_positive,
+                                         check_msg="> 0")
+    slot_map_file: Path | None = setting(  # noqa: RUF009 - an immutable default
+        None, help="JSON slot map (SlotMap.to_json); default: an even map")
+    cache_target: str = setting("127.0.0.1:50052", help="host:port of the cache service")
+    ontology_target: str = setting("127.0.0.1:50053", help="host:port of the ontology service")
+    rl_state_target: str = setting("127.0.0.1:50054", help="host:port of the rl_state service")
+    max_k: int = setting(100, help="largest k a caller may ask for", check=_positive, check_msg="> 0")
+    max_batch: int = setting(64, help="largest RecommendBatch", check=_positive, check_msg="> 0")
+    overfetch: float = setting(4.0, help="each shard returns k' = ceil(k * OVERFETCH) candidates (>= 1)",
+                               check=lambda v: v >= 1, check_msg=">= 1")
+    min_candidates: int = setting(50, help="lower bound of k' so that ranking has room to explore",
+                                  check=_positive, check_msg="> 0")
+    shard_max_k: int = setting(1000, help="upper bound of k' (the shards' own maximum k)", check=_positive,
+                               check_msg="> 0")
+    excluded_seen_max: int = setting(200, help="most recently seen items put into the search filter",
+                                     check=_non_negative, check_msg=">= 0")
+    call_timeout_seconds: float = setting(
+        2.0, help="timeout of a downstream call when the caller sent no deadline", check=_positive,
+        check_msg="> 0")
+    cache_ttl_seconds: int = setting(300, help="TTL of cached recommendations", check=_positive, check_msg="> 0")
+    user_version_ttl_seconds: float = setting(
+        30.0, help="how long a user's state version learnt here is trusted for the cache key", check=_non_negative,
+        check_msg=">= 0")
+    filter_cache_ttl_seconds: float = setting(
+        30.0, help="how long a compiled filter is reused without asking the ontology", check=_non_negative,
+        check_msg=">= 0")
+    local_cache_entries: int = setting(100_000, help="size of each in-process LRU (versions, filters)",
+                                       check=_positive, check_msg="> 0")
+    health_interval_seconds: float = setting(1.0, help="gRPC health-check period per shard replica",
+                                             check=_positive, check_msg="> 0")
+    breaker_failures: int = setting(5, help="consecutive failures that open a replica's circuit",
+                                    check=_positive, check_msg="> 0")
+    breaker_cooldown_seconds: float = setting(2.0, help="how long an open circuit stays open before a probe",
+                                              check=_positive, check_msg="> 0")
+    hedge: bool = setting(True, help="hedge a shard call slower than its replica's recent p95")
+    hedge_min_delay_ms: float = setting(2.0, help="never hedge earlier than this", check=_non_negative,
+                                        check_msg=">= 0")
+    hedge_min_samples: int = setting(20, help="latency samples a replica needs before hedging applies",
+                                     check=_positive, check_msg="> 0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.shards) == bool(self.shard_dns):
+            raise ConfigError(f"set exactly one of {PREFIX}SHARDS and {PREFIX}SHARD_DNS")
+        if self.shard_dns:
+            if "{shard}" not in self.shard_dns:
+                raise ConfigError(f"{PREFIX}SHARD_DNS must contain '{{shard}}'")
+            if self.shard_count < 1:
+                raise ConfigError(f"{PREFIX}SHARD_COUNT must be >= 1 with {PREFIX}SHARD_DNS")
+        if self.slot_map_file is not None and not self.slot_map_file.is_file():
+            raise ConfigError(f"{PREFIX}SLOT_MAP_FILE={self.slot_map_file} does not exist")
+
+    @property
+    def router_id(self) -> str:
+        """The id answered in ``RecommendResponse.router_id``: INSTANCE_ID, else hostname:port."""
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"

@@ -1,0 +1,353 @@
+"""Shard replicas: where they are, whether they are healthy, and which one gets the next call.
+
+Each shard has a :class:`ReplicaSet`. A call goes to a healthy replica whose circuit is closed, the one
+with the fewest calls in flight (ties broken at random). A call slower than that replica's recent p95
+is hedged to a second replica and the first answer wins; a call that fails is retried once on another
+replica. A replica's circuit opens after ``breaker_failures`` consecutive failures and lets one probe
+through after ``breaker_cooldown``. Health comes from the standard gRPC health service, polled in the
+background by :class:`ShardPool`, which also re-resolves DNS when replicas come from DNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Self, TypeVar
+
+import grpc
+from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco_common.channels import ChannelOptions, make_channel
+from gmco_common.config import ConfigError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Gauge
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ShardCall = Callable[[shard_service_pb2_grpc.ShardServiceStub], Awaitable[T]]
+
+SHARD_SERVICE = "gmco.shard.v1.ShardService"
+
+HEDGED = Counter("gmco_router_hedged_calls_total", "Shard calls hedged to a second replica.", ["shard"])
+FAILOVERS = Counter("gmco_router_failover_calls_total", "Shard calls retried on another replica.", ["shard"])
+BREAKER_OPENED = Counter("gmco_router_breaker_opened_total", "Replica circuits opened.", ["shard"])
+REPLICA_HEALTHY = Gauge("gmco_router_replica_healthy", "1 when the replica's health check passes.",
+                        ["shard", "replica"])
+
+# Codes that say something about the replica (as opposed to the request or the caller).
+_REPLICA_FAULTS = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
+})
+
+
+class NoReplicaAvailable(Exception):
+    """Every replica of a shard is unhealthy or has an open circuit."""
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    breaker_failures: int = 5
+    breaker_cooldown: float = 2.0
+    hedge: bool = True
+    hedge_min_delay: float = 0.002
+    hedge_min_samples: int = 20
+    health_interval: float = 1.0
+    latency_window: int = 200
+
+
+class CircuitBreaker:
+    """Closed → open after N consecutive failures → one probe after the cooldown → closed or open again."""
+
+    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def available(self) -> bool:
+        """Whether a call may go through now (pure: does not claim the probe)."""
+        if self._opened_at is None:
+            return True
+        return not self._probing and self._clock() >= self._opened_at + self._cooldown
+
+    def on_call(self) -> None:
+        if self._opened_at is not None:
+            self._probing = True
+
+    def on_success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._probing = False
+
+    def on_failure(self) -> bool:
+        """Record a failure; True when this failure opened the circuit."""
+        self._failures += 1
+        was_open = self._opened_at is not None
+        if was_open or self._failures >= self._threshold:
+            self._opened_at = self._clock()
+            self._probing = False
+            return not was_open
+        return False
+
+    def on_abandoned(self) -> None:
+        """A call ended without a verdict (cancelled); free the probe slot."""
+        self._probing = False
+
+
+class LatencyWindow:
+    """The last ``size`` latencies of successful calls and their p95."""
+
+    def __init__(self, size: int) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self._sorted: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self._sorted = None
+
+    def p95(self) -> float:
+        if not self._samples:
+            return 0.0
+        if self._sorted is None:
+            self._sorted = sorted(self._samples)
+        return self._sorted[min(len(self._sorted) - 1, int(0.95 * len(self._sorted)))]
+
+
+@dataclass(eq=False)
+class Replica:
+    shard_id: int
+    target: str
+    channel: grpc.aio.Channel
+    policy: ReplicaPolicy
+    healthy: bool = True
+    in_flight: int = 0
+    breaker: CircuitBreaker = field(init=False)
+    latencies: LatencyWindow = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stub = shard_service_pb2_grpc.ShardServiceStub(self.channel)
+        self.breaker = CircuitBreaker(self.policy.breaker_failures, self.policy.breaker_cooldown)
+        self.latencies = LatencyWindow(self.policy.latency_window)
+
+    def selectable(self) -> bool:
+        return self.healthy and self.breaker.available()
+
+    def hedge_delay(self) -> float | None:
+        """Seconds after which a call to this replica is hedged; None when there is no basis yet."""
+        if not self.policy.hedge or len(self.latencies) < self.policy.hedge_min_samples:
+            return None
+        return max(self.latencies.p95(), self.policy.hedge_min_delay)
+
+    async def invoke(self, call: ShardCall[T]) -> T:
+        self.in_flight += 1
+        self.breaker.on_call()
+        start = time.perf_counter()
+        try:
+            result = await call(self.stub)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _REPLICA_FAULTS:
+                if self.breaker.on_failure():
+                    BREAKER_OPENED.labels(str(self.shard_id)).inc()
+                    log.warning("circuit opened for shard %s replica %s", self.shard_id, self.target)
+            else:
+                self.breaker.on_abandoned()
+            raise
+        except BaseException:
+            self.breaker.on_abandoned()
+            raise
+        finally:
+            self.in_flight -= 1
+        self.latencies.add(time.perf_counter() - start)
+        self.breaker.on_success()
+        return result
+
+
+class ReplicaSet:
+    """The replicas of one shard, with selection, failover and hedging."""
+
+    def __init__(self, shard_id: int, replicas: Iterable[Replica] = ()) -> None:
+        self.shard_id = shard_id
+        self.replicas: list[Replica] = list(replicas)
+
+    def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
+        """A selectable replica with the fewest calls in flight; None when there is none."""
+        skip = set(map(id, exclude))
+        candidates = [r for r in self.replicas if id(r) not in skip and r.selectable()]
+        if not candidates:
+            return None
+        fewest = min(r.in_flight for r in candidates)
+        return random.choice([r for r in candidates if r.in_flight == fewest])
+
+    async def call(self, call: ShardCall[T]) -> T:
+        """Run ``call`` on one replica; hedge it when slow, fail over once when it fails."""
+        primary = self.pick()
+        if primary is None:
+            raise NoReplicaAvailable(f"shard {self.shard_id}: no healthy replica")
+        first = asyncio.ensure_future(primary.invoke(call))
+        try:
+            done, _ = await asyncio.wait({first}, timeout=primary.hedge_delay())
+        except BaseException:
+            first.cancel()
+            raise
+        if done:
+            if first.exception() is None:
+                return first.result()
+            backup = self.pick(exclude=(primary,))
+            if backup is None:
+                return first.result()  # re-raises the failure
+            FAILOVERS.labels(str(self.shard_id)).inc()
+            return await backup.invoke(call)
+        backup = self.pick(exclude=(primary,))
+        if backup is None:
+            return await first
+        HEDGED.labels(str(self.shard_id)).inc()
+        return await _first_success([first, asyncio.ensure_future(backup.invoke(call))])
+
+
+async def _first_success(tasks: list[asyncio.Future[T]]) -> T:
+    """The result of the first task that succeeds; the last failure when all fail. Losers are cancelled."""
+    pending = set(tasks)
+    failure: BaseException | None = None
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    return task.result()
+                failure = task.exception()
+        assert failure is not None
+        raise failure
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+def parse_shard_spec(spec: str, var: str = "GMCO_ROUTER_SHARDS") -> dict[int, list[str]]:
+    """``'0=h:p|h:p,1=h:p'`` → ``{0: ['h:p', 'h:p'], 1: ['h:p']}``; shard ids must be 0..n-1."""
+    shards: dict[int, list[str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        sid, sep, targets = part.partition("=")
+        if not sep or not sid.strip().isdigit():
+            raise ConfigError(f"{var}: {part!r} is not '<shard>=<host:port>|<host:port>'")
+        replicas = [t.strip() for t in targets.split("|") if t.strip()]
+        if not replicas or any(":" not in t for t in replicas):
+            raise ConfigError(f"{var}: shard {sid} needs at least one host:port")
+        if int(sid) in shards:
+            raise ConfigError(f"{var}: shard {sid} is listed twice")
+        shards[int(sid)] = replicas
+    if sorted(shards) != list(range(len(shards))) or not shards:
+        raise ConfigError(f"{var}: shard ids must be 0..n-1 with none missing, got {sorted(shards)}")
+    return shards
+
+
+async def resolve_dns(template: str, shard_id: int) -> list[str]:
+    """Every address that ``template`` (with ``{shard}``) resolves to, as sorted host:port strings."""
+    host, _, port = template.format(shard=shard_id).rpartition(":")
+    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    return sorted({f"{info[4][0]}:{port}" for info in infos})
+
+
+class ShardPool:
+    """Every shard's replicas, kept current by background health checks (and DNS refreshes)."""
+
+    def __init__(self, targets: Mapping[int, list[str]], policy: ReplicaPolicy,
+                 channel_options: ChannelOptions, dns_template: str = "", dns_refresh: float = 10.0) -> None:
+        self._policy = policy
+        self._channel_options = channel_options
+        self._dns_template = dns_template
+        self._dns_refresh = dns_refresh
+        self.shards: dict[int, ReplicaSet] = {sid: ReplicaSet(sid) for sid in targets}
+        self._closing: set[asyncio.Future[None]] = set()
+        for sid, shard_targets in targets.items():
+            self.set_targets(sid, shard_targets)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def from_dns(cls, template: str, shard_count: int, policy: ReplicaPolicy, channel_options: ChannelOptions,
+                 refresh: float) -> ShardPool:
+        return cls({sid: [] for sid in range(shard_count)}, policy, channel_options, template, refresh)
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.shards)
+
+    def set_targets(self, shard_id: int, targets: Iterable[str]) -> None:
+        """Make ``targets`` the replicas of ``shard_id``, keeping the state of those already known."""
+        rset = self.shards[shard_id]
+        wanted = list(dict.fromkeys(targets))
+        known = {r.target: r for r in rset.replicas}
+        for gone in set(known) - set(wanted):  # only DNS refreshes remove replicas, inside the loop
+            self._closing.add(asyncio.ensure_future(known[gone].channel.close()))
+            REPLICA_HEALTHY.remove(str(shard_id), gone)
+        rset.replicas = [known.get(t) or self._new_replica(shard_id, t) for t in wanted]
+
+    def _new_replica(self, shard_id: int, target: str) -> Replica:
+        REPLICA_HEALTHY.labels(str(shard_id), target).set(1)
+        return Replica(shard_id, target, make_channel(target, self._channel_options), self._policy)
+
+    async def __aenter__(self) -> Self:
+        if self._dns_template:
+            await self._refresh_dns()
+            self._tasks.append(asyncio.create_task(self._every(self._dns_refresh, self._refresh_dns)))
+        await self.check_health()
+        self._tasks.append(asyncio.create_task(self._every(self._policy.health_interval, self.check_health)))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._closing, *(r.channel.close() for s in self.shards.values() for r in s.replicas))
+
+    async def _every(self, period: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await job()
+            except Exception:
+                log.exception("background job %s failed", getattr(job, "__name__", job))
+
+    async def _refresh_dns(self) -> None:
+        for sid in self.shards:
+            try:
+                targets = await resolve_dns(self._dns_template, sid)
+            except OSError as exc:
+                log.warning("DNS for shard %s failed (%s); keeping %d replicas", sid, exc,
+                            len(self.shards[sid].replicas))
+                continue
+            self.set_targets(sid, targets)
+
+    async def check_health(self) -> None:
+        replicas = [r for s in self.shards.values() for r in s.replicas]
+        await asyncio.gather(*(self._check(r) for r in replicas))
+
+    async def _check(self, replica: Replica) -> None:
+        timeout = min(self._policy.health_interval, 1.0)
+        try:
+            resp = await health_pb2_grpc.HealthStub(replica.channel).Check(
+                health_pb2.HealthCheckRequest(service=SHARD_SERVICE), timeout=timeout)
+            healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            healthy = False
+        if healthy != replica.healthy:
+            log.warning("shard %s replica %s is now %s", replica.shard_id, replica.target,
+                        "healthy" if healthy else "unhealthy")
+        replica.healthy = healthy
+        REPLICA_HEALTHY.labels(str(replica.shard_id), replica.target).set(int(healthy))
+

@@ -1,0 +1,107 @@
+"""The public RecommendationService: request validation, then the flow, feedback and catalogue writes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from gmco.common.v1 import common_pb2
+from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
+from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
+from gmco_common.errors import InvalidArgument, Unavailable
+
+from gmco_router.catalogue import Catalogue
+from gmco_router.recommend import PassedThrough, Recommender
+
+log = logging.getLogger(__name__)
+
+USER_HEADER = "x-user-id"
+_SURFACES = frozenset(common_pb2.Surface.values()) - {common_pb2.SURFACE_UNSPECIFIED}
+
+
+def metadata_user(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == USER_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return ""
+
+
+def validate(request: router_service_pb2.RecommendRequest, header_user: str, max_k: int,
+             prefix: str = "", strict_header: bool = True) -> str:
+    """The request's user id; raises INVALID_ARGUMENT naming the first bad field."""
+    user = request.user_id or header_user
+    if not user:
+        raise InvalidArgument(f"{prefix}user_id", f"missing: set user_id or the {USER_HEADER} metadata")
+    if strict_header and request.user_id and header_user and request.user_id != header_user:
+        raise InvalidArgument(f"{prefix}user_id", f"{request.user_id!r} does not match {USER_HEADER} {header_user!r}")
+    if request.k == 0:
+        raise InvalidArgument(f"{prefix}k", "must be >= 1")
+    if request.k > max_k:
+        raise InvalidArgument(f"{prefix}k", f"is {request.k}; the maximum is {max_k}")
+    if request.context.surface not in _SURFACES:
+        raise InvalidArgument(
+            f"{prefix}context.surface",
+            f"unknown value {request.context.surface}; use one of "
+            + ", ".join(common_pb2.Surface.Name(s) for s in sorted(_SURFACES)))
+    return user
+
+
+class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServicer):
+    def __init__(self, recommender: Recommender, catalogue: Catalogue,
+                 rl_state: rl_state_service_pb2_grpc.RLStateServiceStub, max_k: int, max_batch: int) -> None:
+        self._recommender = recommender
+        self._catalogue = catalogue
+        self._rl = rl_state
+        self._max_k = max_k
+        self._max_batch = max_batch
+
+    async def Recommend(self, request: router_service_pb2.RecommendRequest,
+                        context: grpc.aio.ServicerContext) -> router_service_pb2.RecommendResponse:
+        user = validate(request, metadata_user(context), self._max_k)
+        (response,) = await self._recommender.recommend([(user, request)], batched=False)
+        return response
+
+    async def RecommendBatch(self, request: router_service_pb2.RecommendBatchRequest,
+                             context: grpc.aio.ServicerContext) -> router_service_pb2.RecommendBatchResponse:
+        if not request.requests:
+            raise InvalidArgument("requests", "the batch is empty")
+        if len(request.requests) > self._max_batch:
+            raise InvalidArgument("requests", f"has {len(request.requests)} entries; the maximum is {self._max_batch}")
+        header = metadata_user(context)
+        users = [validate(r, header, self._max_k, f"requests[{i}].", strict_header=False)
+                 for i, r in enumerate(request.requests)]
+        responses = await self._recommender.recommend(list(zip(users, request.requests, strict=True)), batched=True)
+        return router_service_pb2.RecommendBatchResponse(responses=responses)
+
+    async def RecordFeedback(self, request: router_service_pb2.RecordFeedbackRequest,
+                             context: grpc.aio.ServicerContext) -> router_service_pb2.RecordFeedbackResponse:
+        if not request.events:
+            raise InvalidArgument("events", "the batch is empty")
+        events = request.events
+        missing = {e.media_id for e in events if not e.media_vector.dimension and e.media_id}
+        if missing:
+            vectors = await self._catalogue.get_media(missing)
+            for event in events:
+                item = vectors.get(event.media_id)
+                if not event.media_vector.dimension and item is not None:
+                    event.media_vector.CopyFrom(item.vector)
+        try:
+            resp = await self._rl.RecordFeedback(rl_state_service_pb2.RecordFeedbackRequest(events=events))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise PassedThrough(exc.details() or "rejected by rl_state") from None
+            raise Unavailable(f"rl_state answered {exc.code().name}; retry with the same event ids") from None
+        for uv in resp.user_versions:
+            self._recommender.note_version(uv.user_id, uv.version)
+        return router_service_pb2.RecordFeedbackResponse(
+            applied_count=resp.applied_count, duplicate_count=resp.duplicate_count, user_versions=resp.user_versions)
+
+    async def UpsertMedia(self, request: router_service_pb2.UpsertMediaRequest,
+                          context: grpc.aio.ServicerContext) -> router_service_pb2.UpsertMediaResponse:
+        count = await self._catalogue.upsert(request.items)
+        return router_service_pb2.UpsertMediaResponse(lsn=0, upserted_count=count)
+
+    async def DeleteMedia(self, request: router_service_pb2.DeleteMediaRequest,
+                          context: grpc.aio.ServicerContext) -> router_service_pb2.DeleteMediaResponse:
+        count = await self._catalogue.delete(request.media_ids)
+        return router_service_pb2.DeleteMediaResponse(lsn=0, deleted_count=count)

@@ -1,0 +1,207 @@
+"""Component tests: a real router server in front of fake dependency servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from gmco.common.v1 import common_pb2
+from gmco.rl_state.v1 import rl_state_service_pb2
+from gmco.router.v1 import router_service_pb2 as pb
+from gmco_common.slots import SlotMap
+from gmco_common.vectors import encode_vector
+
+CTX = common_pb2.RequestContext(surface=common_pb2.SURFACE_HOMEPAGE, region="US", device="smart_tv")
+
+
+def req(user: str = "u1", k: int = 5, **kw) -> pb.RecommendRequest:
+    return pb.RecommendRequest(user_id=user, context=kw.pop("context", CTX), k=k, **kw)
+
+
+async def test_miss_then_hit(h) -> None:
+    first = await h.stub.Recommend(req(), timeout=5)
+    assert len(first.items) == 5 and not first.cache_hit and not first.degraded
+    assert first.router_id == "router-test" and first.user_id == "u1" and first.policy == "fake"
+    stages = [t.stage for t in first.timings]
+    for stage in ("user_state", "cache_get", "constraints", "shard_search", "merge", "rank", "cache_put"):
+        assert stage in stages
+    assert {i.shard_id for i in first.items} <= {0, 1}
+    second = await h.stub.Recommend(req(), timeout=5)
+    assert second.cache_hit and [i.media_id for i in second.items] == [i.media_id for i in first.items]
+    # The version was learnt on the first call: the hit costs one cache round trip, no rl_state call.
+    assert h.rl.switch.calls["GetUserState"] == 1
+    assert not any(i.HasField("vector") for i in second.items)
+
+
+async def test_merge_is_the_global_top_k(h) -> None:
+    resp = await h.stub.Recommend(req(k=20, skip_cache=True), timeout=5)
+    scores = [i.score for i in resp.items]
+    assert scores == sorted(scores, reverse=True)
+    assert {i.shard_id for i in resp.items} == {0, 1}
+    ranked = h.rl.ranks[-1]
+    assert len(ranked.candidate_media_ids) == len(set(ranked.candidate_media_ids))
+    assert ranked.candidate_vectors.count == len(ranked.candidate_media_ids)
+    assert ranked.candidate_vectors.dimension == h.dim
+
+
+async def test_blocked_genre_and_seen_items_reach_the_shards(h) -> None:
+    h.rl.seen["u1"] = [7, 8, 9]
+    prefs = common_pb2.UserPreferences(blocked_genres=["genre:horror"])
+    resp = await h.stub.Recommend(req(k=30, preferences=prefs), timeout=5)
+    assert all(h.catalogue.genres[i.media_id] != h.genre_codes["genre:horror"] for i in resp.items)
+    sent = h.shards[0][0].searches[-1].filter
+    assert list(sent.blocked_genre_ids) == [h.genre_codes["genre:horror"]]
+    assert {7, 8, 9} <= set(sent.excluded_media_ids)
+    assert h.shards[0][0].searches[-1].include_vectors
+
+
+async def test_feedback_fills_vectors_and_makes_the_cache_stale(h) -> None:
+    before = await h.stub.Recommend(req(), timeout=5)
+    liked = before.items[0].media_id
+    event = rl_state_service_pb2.FeedbackEvent(event_id="e1", user_id="u1", media_id=liked, reward=1.0)
+    fb = await h.stub.RecordFeedback(pb.RecordFeedbackRequest(events=[event]), timeout=5)
+    assert fb.applied_count == 1 and fb.user_versions[0].version == 1
+    assert h.rl.feedback[-1].media_vector.dimension == h.dim  # filled from the owning shard's GetMedia
+    after = await h.stub.Recommend(req(), timeout=5)
+    assert not after.cache_hit and after.user_version == 1
+    assert liked not in {i.media_id for i in after.items}
+
+
+async def test_shard_down_is_degraded_and_named(h) -> None:
+    h.shards[1][0].switch.down = True
+    resp = await h.stub.Recommend(req(skip_cache=True), timeout=5)
+    assert resp.degraded and list(resp.degraded_components) == ["shard-1"]
+    assert resp.items and {i.shard_id for i in resp.items} == {0}
+    assert ("u1", "any") not in h.cache.store  # degraded answers are not cached
+    assert len(h.cache.store) == 0
+
+
+async def test_every_shard_down_is_unavailable(h) -> None:
+    for row in h.shards:
+        row[0].switch.down = True
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await h.stub.Recommend(req(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("component", ["cache", "ontology", "rl_state"])
+async def test_dependency_down_still_answers(h, component: str) -> None:
+    fake = {"cache": h.cache, "ontology": h.ontology, "rl_state": h.rl}[component]
+    fake.switch.down = True
+    resp = await h.stub.Recommend(req(), timeout=5)
+    assert resp.items and resp.degraded and list(resp.degraded_components) == [component]
+
+
+async def test_stale_filter_is_used_when_the_ontology_fails(h) -> None:
+    prefs = common_pb2.UserPreferences(blocked_genres=["genre:comedy"])
+    await h.stub.Recommend(req(preferences=prefs), timeout=5)
+    h.ontology.switch.down = True
+    resp = await h.stub.Recommend(req(user="u2", preferences=prefs), timeout=5)
+    assert h.shards[0][0].searches[-1].filter.blocked_genre_ids == [h.genre_codes["genre:comedy"]]
+    assert all(h.catalogue.genres[i.media_id] != h.genre_codes["genre:comedy"] for i in resp.items)
+
+
+@pytest.mark.parametrize(("request_", "metadata", "field"), [
+    (pb.RecommendRequest(context=CTX, k=5), (), "user_id"),
+    (pb.RecommendRequest(user_id="a", context=CTX, k=5), (("x-user-id", "b"),), "user_id"),
+    (pb.RecommendRequest(user_id="a", context=CTX, k=0), (), "k"),
+    (pb.RecommendRequest(user_id="a", context=CTX, k=101), (), "k"),
+    (pb.RecommendRequest(user_id="a", context=common_pb2.RequestContext(region="US"), k=5), (), "context.surface"),
+    (pb.RecommendRequest(user_id="a", context=common_pb2.RequestContext(surface=99, region="US"), k=5), (),
+     "context.surface"),
+    (pb.RecommendRequest(user_id="a", context=common_pb2.RequestContext(surface=1, region="XX"), k=5), (),
+     "context.region"),
+    (pb.RecommendRequest(user_id="a", context=CTX, k=5,
+                         preferences=common_pb2.UserPreferences(blocked_genres=["genre:nope"])), (),
+     "preferences.blocked_genres"),
+])
+async def test_bad_input_is_invalid_argument(h, request_, metadata, field: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await h.stub.Recommend(request_, metadata=metadata, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+
+
+async def test_user_id_from_metadata(h) -> None:
+    resp = await h.stub.Recommend(pb.RecommendRequest(context=CTX, k=3), metadata=(("x-user-id", "meta"),),
+                                  timeout=5)
+    assert resp.user_id == "meta" and len(resp.items) == 3
+
+
+async def test_deadline_is_propagated_and_calls_do_not_outlive_it(make_harness) -> None:
+    async with make_harness() as h:
+        await h.stub.Recommend(req(), timeout=0.8)
+        assert all(r is not None and r <= 0.8 for r in h.shards[0][0].switch.remaining)
+        for row in h.shards:
+            row[0].switch.delay = 5.0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.stub.Recommend(req(user="slow"), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The shards saw their calls cancelled at the caller's deadline, not after their 5 s.
+        for _ in range(40):
+            if all(row[0].switch.cancelled for row in h.shards):
+                break
+            await asyncio.sleep(0.05)
+        assert all(row[0].switch.cancelled >= 1 for row in h.shards)
+
+
+async def test_concurrent_identical_misses_compute_once(h) -> None:
+    for row in h.shards:
+        row[0].switch.delay = 0.2
+    answers = await asyncio.gather(*(h.stub.Recommend(req(user="same"), timeout=5) for _ in range(6)))
+    assert len({tuple(i.media_id for i in a.items) for a in answers}) == 1
+    assert h.shards[0][0].switch.calls["Search"] == 1
+    assert len(h.rl.ranks) == 1
+
+
+async def test_batch_is_one_search_per_shard(h) -> None:
+    batch = pb.RecommendBatchRequest(requests=[req(user=f"b{i}") for i in range(4)])
+    resp = await h.stub.RecommendBatch(batch, timeout=5)
+    assert [r.user_id for r in resp.responses] == ["b0", "b1", "b2", "b3"]
+    assert all(len(r.items) == 5 for r in resp.responses)
+    assert h.shards[0][0].switch.calls["Search"] == 1
+    assert h.shards[0][0].searches[0].queries.count == 4
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await h.stub.RecommendBatch(pb.RecommendBatchRequest(requests=[req(), req(k=0)]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "requests[1].k" in err.value.details()
+
+
+async def test_writes_go_to_every_replica_of_the_owning_shard(make_harness) -> None:
+    async with make_harness(replicas=(2, 2)) as h:
+        ids = [1001, 1002, 1003, 1004, 1005, 1006]
+        items = [common_pb2.MediaItem(media_id=m, vector=encode_vector(h.catalogue.vectors[1])) for m in ids]
+        resp = await h.stub.UpsertMedia(pb.UpsertMediaRequest(items=items), timeout=5)
+        assert resp.upserted_count == len(ids) and resp.lsn == 0
+        slots = SlotMap.even(2)
+        for sid, row in enumerate(h.shards):
+            expected = sorted(m for m in ids if slots.shard_of(m) == sid)
+            assert all(sorted(replica.upserted) == expected for replica in row)
+        deleted = await h.stub.DeleteMedia(pb.DeleteMediaRequest(media_ids=ids[:2]), timeout=5)
+        assert deleted.deleted_count == 2
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.stub.UpsertMedia(pb.UpsertMediaRequest(items=items[:1] * 2), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "media_id" in err.value.details()
+        h.shards[0][1].switch.down = True
+        h.shards[1][1].switch.down = True
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.stub.UpsertMedia(pb.UpsertMediaRequest(items=items), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_failed_replica_is_passed_over(make_harness) -> None:
+    async with make_harness(replicas=(2, 1)) as h:
+        h.shards[0][0].switch.down = True
+        for i in range(10):
+            resp = await h.stub.Recommend(req(user=f"r{i}"), timeout=5)
+            assert not resp.degraded
+        # Failed calls fail over; after BREAKER_FAILURES of them the circuit keeps replica 0 out
+        # (each failed call is seen twice by the server: the channel retries UNAVAILABLE once).
+        assert h.shards[0][0].switch.calls.get("Search", 0) <= 2 * h.settings.breaker_failures
+        assert h.shards[0][1].switch.calls["Search"] == 10
+        await h.shard_servers[0][0].set_serving(False)
+        h.shards[0][0].switch.down = False
+        await asyncio.sleep(0.5)  # a health round marks it unhealthy
+        before = h.shards[0][0].switch.calls.get("Search", 0)
+        await h.stub.Recommend(req(user="after"), timeout=5)
+        assert h.shards[0][0].switch.calls.get("Search", 0) == before

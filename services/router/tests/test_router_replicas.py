@@ -1,0 +1,199 @@
+"""Unit tests: circuit breaker, replica selection, hedging, failover, shard spec, local caches, merge."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from gmco.common.v1 import common_pb2
+from gmco.shard.v1 import shard_service_pb2
+from gmco_common.config import ConfigError
+from gmco_router.local import SingleFlight, TtlLru
+from gmco_router.recommend import context_key, merge
+from gmco_router.replicas import (
+    CircuitBreaker,
+    LatencyWindow,
+    Replica,
+    ReplicaPolicy,
+    ReplicaSet,
+    parse_shard_spec,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_probes_and_closes() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failures=3, cooldown=2.0, clock=clock)
+    assert not b.on_failure() and not b.on_failure() and b.available()
+    assert b.on_failure() and b.is_open and not b.available()
+    clock.now += 2.0
+    assert b.available()
+    b.on_call()  # the probe
+    assert not b.available()  # only one probe at a time
+    b.on_failure()
+    assert b.is_open and not b.available()
+    clock.now += 2.0
+    b.on_call()
+    b.on_success()
+    assert not b.is_open and b.available()
+
+
+def test_success_resets_consecutive_failures() -> None:
+    b = CircuitBreaker(failures=2, cooldown=1.0)
+    b.on_failure()
+    b.on_success()
+    b.on_failure()
+    assert not b.is_open
+
+
+def test_latency_window_p95() -> None:
+    w = LatencyWindow(100)
+    for i in range(100):
+        w.add(i / 1000)
+    assert w.p95() == pytest.approx(0.095)
+
+
+def _replicas(n: int, policy: ReplicaPolicy | None = None) -> list[Replica]:
+    return [Replica(0, f"r{i}", grpc.aio.insecure_channel(f"127.0.0.1:{1 + i}"), policy or ReplicaPolicy())
+            for i in range(n)]
+
+
+async def test_pick_prefers_healthy_then_fewest_in_flight() -> None:
+    r0, r1, r2 = _replicas(3)
+    rset = ReplicaSet(0, [r0, r1, r2])
+    r0.in_flight, r1.in_flight, r2.in_flight = 3, 1, 2
+    assert rset.pick() is r1
+    r1.healthy = False
+    assert rset.pick() is r2
+    for _ in range(5):
+        r2.breaker.on_failure()
+    assert rset.pick() is r0
+    assert rset.pick(exclude=[r0]) is None
+
+
+async def _by_replica(rset: ReplicaSet, behaviour: dict[str, object], log: list[str]):
+    """A call whose behaviour depends on which replica's stub it is given."""
+    names = {id(r.stub): r.target for r in rset.replicas}
+
+    async def call(stub) -> str:
+        name = names[id(stub)]
+        log.append(name)
+        action = behaviour[name]
+        if isinstance(action, float):
+            await asyncio.sleep(action)
+            return name
+        raise action  # type: ignore[misc]
+
+    return call
+
+
+def _unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+
+
+async def test_a_slow_call_is_hedged_to_the_other_replica() -> None:
+    policy = ReplicaPolicy(hedge_min_samples=5, hedge_min_delay=0.001)
+    r0, r1 = _replicas(2, policy)
+    for r in (r0, r1):
+        for _ in range(10):
+            r.latencies.add(0.01)
+    rset = ReplicaSet(0, [r0, r1])
+    log: list[str] = []
+    call = await _by_replica(rset, {"r0": 2.0, "r1": 0.0}, log)
+    r1.in_flight = 1  # make r0 the first choice; r1 is still the only backup
+    result = await asyncio.wait_for(rset.call(call), timeout=1.0)
+    r1.in_flight -= 1
+    assert result == "r1" and log == ["r0", "r1"]
+    await asyncio.sleep(0)
+    assert r0.in_flight == 0  # the loser was cancelled
+
+
+async def test_no_hedge_without_latency_history() -> None:
+    r0, r1 = _replicas(2)
+    rset = ReplicaSet(0, [r0, r1])
+    log: list[str] = []
+    call = await _by_replica(rset, {"r0": 0.05, "r1": 0.05}, log)
+    await rset.call(call)
+    assert len(log) == 1
+
+
+async def test_a_failed_call_fails_over_once() -> None:
+    r0, r1 = _replicas(2)
+    rset = ReplicaSet(0, [r0, r1])
+    log: list[str] = []
+    call = await _by_replica(rset, {"r0": _unavailable(), "r1": _unavailable()}, log)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await rset.call(call)
+    assert sorted(log) == ["r0", "r1"]
+    log.clear()
+    call = await _by_replica(rset, {"r0": _unavailable(), "r1": 0.0}, log)
+    r1.in_flight = 1
+    r0.breaker.on_success()
+    picked_first = rset.pick()
+    r1.in_flight = 0
+    assert picked_first is r0
+    assert await rset.call(call) in ("r0", "r1")
+
+
+def test_shard_spec() -> None:
+    assert parse_shard_spec("0=a:1|b:2, 1=c:3") == {0: ["a:1", "b:2"], 1: ["c:3"]}
+    for bad in ("", "1=a:1", "0=a:1,0=b:2", "0=", "x=a:1", "0=nohostport"):
+        with pytest.raises(ConfigError, match="GMCO_ROUTER_SHARDS"):
+            parse_shard_spec(bad)
+
+
+def test_ttl_lru() -> None:
+    clock = Clock()
+    lru: TtlLru[str, int] = TtlLru(2, ttl=5.0, clock=clock)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1
+    lru.put("c", 3)  # evicts b, the least recently used
+    assert lru.get("b") is None and len(lru) == 2
+    clock.now += 6
+    assert lru.get("a") is None and lru.get_stale("a") == 1
+
+
+async def test_single_flight() -> None:
+    flights: SingleFlight[str, int] = SingleFlight()
+    assert flights.join("k") is None
+    flights.lead("k")
+    follower = flights.join("k")
+    assert follower is not None
+    flights.land("k", result=7)
+    assert await follower == 7 and flights.join("k") is None
+    flights.lead("k")
+    failed = flights.join("k")
+    flights.land("k", error=RuntimeError("x"))
+    with pytest.raises(RuntimeError):
+        await failed  # type: ignore[misc]
+
+
+def test_context_key_ignores_preference_order() -> None:
+    ctx = common_pb2.RequestContext(surface=1, region="US")
+    a = context_key(ctx, common_pb2.UserPreferences(blocked_genres=["x", "y"]))
+    b = context_key(ctx, common_pb2.UserPreferences(blocked_genres=["y", "x", "x"]))
+    c = context_key(common_pb2.RequestContext(surface=2, region="US"), common_pb2.UserPreferences())
+    assert a == b != c
+
+
+def test_merge_dedupes_and_sorts() -> None:
+    def item(media_id: int, score: float) -> common_pb2.ScoredItem:
+        return common_pb2.ScoredItem(media_id=media_id, score=score, vector=common_pb2.Vector(dimension=1))
+
+    def answer(*items: common_pb2.ScoredItem) -> shard_service_pb2.SearchResponse:
+        return shard_service_pb2.SearchResponse(results=[shard_service_pb2.QueryResult(items=items)])
+
+    answers = {0: answer(item(1, 0.9), item(2, 0.5)), 1: answer(item(3, 0.7), item(1, 0.9)), 2: None}
+    merged = merge(answers, 0, 10)
+    assert [i.media_id for i in merged] == [1, 3, 2]
+    assert [i.shard_id for i in merged] == [0, 1, 0]
+    assert len(merge(answers, 0, 2)) == 2
