@@ -25,8 +25,10 @@ _db_names = itertools.count()
 
 
 def make_settings(backend: str, tmp_path: Path, dsn: str | None = None, **overrides: object) -> Settings:
-    return Settings(port=0, backend=backend, postgres_dsn=dsn, sqlite_path=tmp_path / "rl.sqlite3",
-                    media_dim=MEDIA_DIM, bandit_dim=16, db_timeout_seconds=1.0, **overrides)  # type: ignore[arg-type]
+    values: dict[str, object] = {"port": 0, "backend": backend, "postgres_dsn": dsn,
+                                 "sqlite_path": tmp_path / "rl.sqlite3", "media_dim": MEDIA_DIM, "bandit_dim": 16,
+                                 "db_timeout_seconds": 1.0}
+    return Settings(**{**values, **overrides})  # type: ignore[arg-type]
 
 
 def unit_vectors(n: int, seed: int = 0, dim: int = MEDIA_DIM) -> np.ndarray:
