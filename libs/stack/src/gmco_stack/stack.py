@@ -1,0 +1,270 @@
+"""The local stack: every GMC-O service as a subprocess on loopback, behind a real Envoy.
+
+:class:`Stack` starts shards, cache, ontology, rl_state, routers and Envoy in dependency order, waits
+until each is healthy, and stops them in reverse order. ``make run``, ``make bench`` and the e2e tests
+use it. Children inherit the caller's environment, so any ``GMCO_<SVC>_*`` variable (a real backend,
+say) passes through; the variables the stack owns (ports, shard ids, paths) are set last and win.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+from gmco_testing.procs import free_port, grpc_serving, stop_process, wait_until
+
+from gmco_stack.envoy import REPO_ROOT, EnvoyParams, load_template, render_envoy_config
+
+log = logging.getLogger(__name__)
+
+ENVOY_BIN = Path(sys.executable).parent / "envoy"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    items: int = 100_000
+    dim: int = 1024
+    shards: int = 2
+    replicas: int = 1
+    routers: int = 2
+    index_backend: str = "hnsw"
+    run_dir: Path = REPO_ROOT / ".run"
+    # Fixed ports from this base (make run prints stable addresses); None = free ports (tests).
+    base_port: int | None = 7000
+    envoy_port: int = 8080
+    envoy_admin_port: int = 9901
+    seed: int = 7
+    log_level: str = "WARNING"
+    start_timeout: float = 900.0
+    # Extra variables for every child, e.g. {"GMCO_CACHE_BACKEND": "redis_cluster"}.
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data" / f"catalogue-{self.items}x{self.dim}-s{self.seed}"
+
+
+@dataclass
+class Service:
+    """One child process: how to start it and how to tell that it is ready."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    health_service: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True)
+
+    def ready(self) -> bool:
+        return grpc_serving(self.target, self.health_service)
+
+    def wait_ready(self, timeout: float) -> None:
+        try:
+            wait_until(self.ready, timeout, f"{self.name} on {self.target}", self.proc, interval=0.1)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}\n--- last lines of {self.log_path} ---\n{self.log_tail()}") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
+
+    def kill(self) -> None:
+        if self.running():
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Stack:
+    """Start with :meth:`start` (or ``with Stack(cfg) as stack``); ``stack.envoy_target`` is the entry."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.services: dict[str, Service] = {}
+        self._build()
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def _port(self, fixed: int) -> int:
+        return free_port() if self.config.base_port is None else fixed
+
+    def _env(self, prefix: str, **values: object) -> dict[str, str]:
+        env = {**os.environ, **self.config.env}
+        env.setdefault(f"{prefix}LOG_LEVEL", self.config.log_level)
+        env.update({f"{prefix}{k.upper()}": str(v) for k, v in values.items()})
+        return env
+
+    def _add(self, name: str, module: str, prefix: str, port: int, health: str, **values: object) -> Service:
+        svc = Service(name, [sys.executable, "-m", module], self._env(prefix, port=port, instance_id=name, **values),
+                      port, health, self.config.run_dir / "logs" / f"{name}.log")
+        self.services[name] = svc
+        return svc
+
+    def _build(self) -> None:
+        cfg, run, base = self.config, self.config.run_dir, self.config.base_port or 0
+        self._add("ontology", "gmco_ontology", "GMCO_ONTOLOGY_", self._port(base + 301),
+                  "gmco.ontology.v1.OntologyService")
+        self._add("rl_state", "gmco_rl_state", "GMCO_RL_STATE_", self._port(base + 401),
+                  "gmco.rl_state.v1.RLStateService", media_dim=cfg.dim, sqlite_path=run / "rl_state.sqlite3")
+        self._add("cache", "gmco_cache", "GMCO_CACHE_", self._port(base + 201), "gmco.cache.v1.CacheService")
+        shard_targets: dict[int, list[str]] = {}
+        for sid in range(cfg.shards):
+            for rep in range(cfg.replicas):
+                svc = self._add(
+                    f"shard-{sid}" + (f"-r{rep}" if cfg.replicas > 1 else ""), "gmco_shard", "GMCO_SHARD_",
+                    self._port(base + 1 + sid + 10 * rep), "gmco.shard.v1.ShardService",
+                    shard_id=sid, shard_count=cfg.shards, replica_id=rep, dim=cfg.dim,
+                    index_backend=cfg.index_backend, data_dir=cfg.data_dir,
+                    snapshot_dir=run / "snapshots" / f"{cfg.data_dir.name}-{cfg.index_backend}-shard{sid}-r{rep}",
+                )
+                shard_targets.setdefault(sid, []).append(svc.target)
+        spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
+        for i in range(cfg.routers):
+            self._add(f"router-{i}", "gmco_router", "GMCO_ROUTER_", self._port(base + 101 + i),
+                      "gmco.router.v1.RecommendationService", shards=spec,
+                      cache_target=self.services["cache"].target, ontology_target=self.services["ontology"].target,
+                      rl_state_target=self.services["rl_state"].target)
+        self.envoy_port = self._port(cfg.envoy_port)
+        self.envoy_admin_port = self._port(cfg.envoy_admin_port)
+        self.envoy_config_path = run / "envoy.yaml"
+        params = EnvoyParams(self.envoy_port, self.envoy_admin_port,
+                             tuple(("127.0.0.1", s.port) for s in self.routers))
+        self.envoy_config = render_envoy_config(load_template(), params)
+        self.services["envoy"] = Service(
+            "envoy", [str(ENVOY_BIN), "-c", str(self.envoy_config_path), "--log-level", "warn",
+                      "--disable-hot-restart", "--concurrency", "2"],
+            dict(os.environ), self.envoy_port, "gmco.router.v1.RecommendationService",
+            run / "logs" / "envoy.log")
+
+    @property
+    def routers(self) -> list[Service]:
+        return [s for n, s in self.services.items() if n.startswith("router-")]
+
+    @property
+    def shard_services(self) -> list[Service]:
+        return [s for n, s in self.services.items() if n.startswith("shard-")]
+
+    @property
+    def envoy_target(self) -> str:
+        return f"127.0.0.1:{self.envoy_port}"
+
+    def pids(self) -> dict[str, int]:
+        return {name: svc.pid for name, svc in self.services.items() if svc.pid is not None}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        from gmco_stack.catalogue import ensure_catalogue
+
+        cfg = self.config
+        for stale in (cfg.run_dir / "logs").glob("*.log"):
+            stale.unlink()
+        ensure_catalogue(cfg.data_dir, cfg.items, cfg.dim, cfg.seed)
+        self.envoy_config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.envoy_config_path.write_text(self.envoy_config)
+        # Children run in their own sessions (Ctrl-C reaches only the launcher, which stops them in
+        # order); should the launcher exit without stop(), this still stops them.
+        atexit.register(self.stop)
+        try:
+            self._start_group(["ontology", "rl_state", "cache", *(s.name for s in self.shard_services)])
+            self._start_group([s.name for s in self.routers])
+            self._start_group(["envoy"], check=self._envoy_ready)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_group(self, names: list[str], check=None) -> None:
+        for name in names:
+            self.services[name].start()
+        timeout = self.config.start_timeout
+        with ThreadPoolExecutor(len(names)) as pool:
+            waits = [pool.submit(self._wait, self.services[n], timeout, check) for n in names]
+            for w in waits:
+                w.result()
+
+    def _wait(self, svc: Service, timeout: float, check=None) -> None:
+        svc.wait_ready(timeout)
+        if check is not None:
+            wait_until(check, timeout, f"{svc.name} sees every router healthy", svc.proc, interval=0.1)
+
+    def _envoy_ready(self) -> bool:
+        """Envoy's admin reports every router endpoint healthy (so the ring holds them all)."""
+        return self.healthy_routers() == len(self.routers)
+
+    def healthy_routers(self) -> int:
+        url = f"http://127.0.0.1:{self.envoy_admin_port}/clusters"
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            text = resp.read().decode()
+        return sum(1 for line in text.splitlines()
+                   if line.startswith("routers::") and "::health_flags::healthy" in line)
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or killed service again and wait until it is healthy (Envoy too, for routers)."""
+        svc = self.services[name]
+        svc.stop()
+        svc.start()
+        svc.wait_ready(self.config.start_timeout)
+        if name.startswith("router-"):
+            wait_until(self._envoy_ready, 30, "Envoy sees the restarted router healthy", interval=0.1)
+
+    def stop(self) -> None:
+        """Stop everything, the entry first: Envoy, routers, then the services behind them."""
+        order = ["envoy", *(s.name for s in self.routers)]
+        for group in (order, [n for n in self.services if n not in order]):
+            with ThreadPoolExecutor(max(1, len(group))) as pool:
+                list(pool.map(lambda n: self.services[n].stop(), group))
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not received:
+        time.sleep(0.2)
