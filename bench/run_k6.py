@@ -1,0 +1,233 @@
+"""``make bench``: k6 against the local stack behind Envoy; writes JSON, a PNG and docs/benchmarks.md.
+
+Phases, each a separate k6 run with its own summary:
+  warm      closed loop over HIT_USERS users, filling the cache (not reported)
+  hit       the same users at a fixed arrival rate: the cache-hit path
+  hit_max   the same users, closed loop: the most the hit path sustains
+  miss      every request skips the cache (Zipf over 1M users) at a fixed rate: the full miss path
+  miss_max  the miss path, closed loop
+  zipf      realistic traffic (Zipf(1.1) over 1M users, no skip) after a warm-up of the same traffic:
+            the steady-state hit ratio
+  mixed     recommend + feedback + batch calls, closed loop
+CPU per process is read from /proc/<pid>/stat before and after each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gmco_stack.stack import Stack, StackConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Local stack (k6)"
+K6 = ROOT / ".venv" / "bin" / "k6"
+SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Phase:
+    name: str
+    env: dict[str, str]
+    reported: bool = True
+    summary: dict = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+    exit_code: int = 0
+
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+
+
+def run_phase(stack: Stack, phase: Phase, common: dict[str, str]) -> None:
+    summary_path = RESULTS / f"k6_{phase.name}.json"
+    env = {**common, **phase.env, "TARGET": stack.envoy_target}
+    cmd = [str(K6), "run", "--quiet", "--summary-export", str(summary_path)]
+    for k, v in env.items():
+        cmd += ["-e", f"{k}={v}"]
+    cmd.append(str(SCRIPT))
+    pids = stack.pids()
+    before = {name: cpu_ticks(pid) for name, pid in pids.items()}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    k6_before = cpu_ticks(proc.pid)
+    k6_ticks = k6_before
+    while proc.poll() is None:
+        k6_ticks = max(k6_ticks, cpu_ticks(proc.pid))
+        time.sleep(0.5)
+    phase.wall = time.monotonic() - start
+    phase.exit_code = proc.returncode
+    out = proc.stdout.read() if proc.stdout else ""
+    phase.cpu = {name: (cpu_ticks(pid) - before[name]) / CLK_TCK / phase.wall for name, pid in pids.items()}
+    phase.cpu["k6"] = (k6_ticks - k6_before) / CLK_TCK / phase.wall
+    phase.summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if not phase.summary:
+        raise RuntimeError(f"k6 phase {phase.name} wrote no summary:\n{out[-3000:]}")
+    print(f"  {phase.name}: {describe(phase)}", flush=True)
+
+
+def metric(phase: Phase, name: str, stat: str) -> float:
+    return float(phase.summary["metrics"].get(name, {}).get(stat, 0.0))
+
+
+def describe(phase: Phase) -> str:
+    return (f"{metric(phase, 'grpc_reqs', 'rate'):.0f} req/s, p50 {metric(phase, 'grpc_req_duration', 'med'):.2f} ms, "
+            f"p99 {metric(phase, 'grpc_req_duration', 'p(99)'):.2f} ms, hit ratio {metric(phase, 'cache_hit', 'value'):.3f}, "
+            f"checks failed {metric(phase, 'checks', 'fails'):.0f}, dropped {metric(phase, 'dropped_iterations', 'count'):.0f}")
+
+
+def phases(args: argparse.Namespace) -> list[Phase]:
+    d = args.duration
+    hit_users = str(args.hit_users)
+    return [
+        Phase("warm", {"USERS": hit_users, "VUS": "16", "DURATION": args.warm}, reported=False),
+        Phase("hit", {"USERS": hit_users, "RATE": str(args.hit_rate), "VUS": "64", "DURATION": d,
+                      "P99_MS": "10"}),
+        Phase("hit_max", {"USERS": hit_users, "VUS": "32", "DURATION": d, "P99_MS": "10"}),
+        Phase("miss", {"SKIP_CACHE": "1", "RATE": str(args.miss_rate), "VUS": "64", "DURATION": d, "P99_MS": "50"}),
+        Phase("miss_max", {"SKIP_CACHE": "1", "VUS": "16", "DURATION": d, "P99_MS": "50"}),
+        Phase("zipf_warm", {"VUS": "16", "DURATION": args.warm}, reported=False),
+        Phase("zipf", {"VUS": "16", "DURATION": d}),
+        Phase("mixed", {"SCENARIO": "mixed", "VUS": "16", "DURATION": d}),
+    ]
+
+
+def plot(results: list[Phase], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [p.name for p in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(names))
+    for offset, stat, label in ((-0.2, "med", "p50"), (0.2, "p(99)", "p99")):
+        ax1.bar([i + offset for i in x], [metric(p, "grpc_req_duration", stat) for p in results], 0.4, label=label)
+    ax1.set_xticks(list(x), names)
+    ax1.set_ylabel("latency through Envoy (ms)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.set_title("Recommend latency by phase")
+    ax2.bar(names, [metric(p, "grpc_reqs", "rate") for p in results], color="tab:green")
+    ax2.set_ylabel("requests / s")
+    ax2.set_title("Throughput by phase")
+    fig.suptitle("GMC-O local stack, k6 through Envoy (shared 2-core machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, started: str) -> str:
+    by = {p.name: p for p in results}
+    rows = []
+    for p in results:
+        rows.append(f"| {p.name} | {metric(p, 'grpc_reqs', 'rate'):.0f} | {metric(p, 'grpc_req_duration', 'med'):.2f} | "
+                    f"{metric(p, 'grpc_req_duration', 'p(99)'):.2f} | {metric(p, 'cache_hit', 'value'):.3f} | "
+                    f"{metric(p, 'checks', 'fails'):.0f} | {metric(p, 'dropped_iterations', 'count'):.0f} |")
+    procs = sorted({n for p in results for n in p.cpu})
+    cpu_rows = [f"| {n} | " + " | ".join(f"{p.cpu.get(n, 0.0):.2f}" for p in results) + " |" for n in procs]
+    hit, miss = by["hit"], by["miss"]
+    verdict = []
+    for label, p, rate, p99 in (("hit path", hit, args.hit_rate, 10.0), ("miss path", miss, args.miss_rate, 50.0)):
+        got_rate, got_p99 = metric(p, "grpc_reqs", "rate"), metric(p, "grpc_req_duration", "p(99)")
+        ok = got_rate >= 0.98 * rate and got_p99 <= p99
+        verdict.append(f"- {label}: target ≥ {rate} req/s with p99 ≤ {p99:g} ms; measured {got_rate:.0f} req/s, "
+                       f"p99 {got_p99:.2f} ms — {'met' if ok else 'missed'}.")
+    return "\n".join([
+        SECTION,
+        "",
+        (f"Measured {started} on a shared, busy 2-core machine ({platform.processor() or platform.machine()}, "
+         f"{os.cpu_count()} CPUs) with other helpers' jobs running, so treat the figures as a lower bound."),
+        (f"Command: `make bench` (= `python bench/run_k6.py --items {args.items} --dim {args.dim} "
+         f"--duration {args.duration}`). Stack: {stack.config.shards} shards ({stack.config.index_backend}), "
+         f"{stack.config.routers} routers, cache/ontology/rl_state with embedded backends, Envoy "
+         f"(RING_HASH on x-user-id); catalogue {args.items:,} x {args.dim} FP16; k = 10. k6, Envoy and every "
+         "service share the same 2 cores."),
+        "",
+        ("Phases (each its own k6 run, through Envoy): `hit` = users u1..u"
+         f"{args.hit_users} after a warm-up, at a fixed arrival rate ({args.hit_rate}/s) — the cache-hit path; "
+         f"`miss` = `skip_cache`, Zipf(1.1) over 1M users at {args.miss_rate}/s — the full miss path; `*_max` = "
+         "the same traffic in a closed loop (most it sustains); `zipf` = realistic traffic (Zipf(1.1) over 1M "
+         "users, 3 surfaces) after a warm-up of the same traffic, whose hit ratio is the steady-state one; "
+         "`mixed` = 80% Recommend, 15% RecordFeedback, 5% RecommendBatch(3)."),
+        "",
+        "| phase | req/s | p50 ms | p99 ms | hit ratio | failed checks | dropped iterations |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Targets:",
+        *verdict,
+        f"- steady-state hit ratio (zipf phase): {metric(by['zipf'], 'cache_hit', 'value'):.3f}.",
+        "",
+        "CPU per process (cores used, averaged over each phase; 2.00 = both cores):",
+        "",
+        "| process | " + " | ".join(p.name for p in results) + " |",
+        "|---|" + "---|" * len(results),
+        *cpu_rows,
+        "",
+        ("Raw k6 summaries: `bench/results/k6_<phase>.json`; all phases with CPU: "
+         "`bench/results/k6_local_stack.json`; plot: `bench/results/k6_local_stack.png`."),
+        "",
+    ])
+
+
+def write_section(text: str) -> None:
+    doc = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _m: text + "\n", doc)
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--duration", default="30s", help="length of each reported phase")
+    p.add_argument("--warm", default="20s", help="length of each warm-up")
+    p.add_argument("--hit-users", type=int, default=2000)
+    p.add_argument("--hit-rate", type=int, default=1500)
+    p.add_argument("--miss-rate", type=int, default=300)
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    config = StackConfig(items=args.items, dim=args.dim, base_port=None)
+    print(f"bench: starting the stack ({args.items:,} x {args.dim}) ...", flush=True)
+    with Stack(config) as stack:
+        print(f"bench: stack up behind {stack.envoy_target}; running k6 phases", flush=True)
+        done = []
+        for phase in phases(args):
+            run_phase(stack, phase, {"K": "10"})
+            done.append(phase)
+    reported = [ph for ph in done if ph.reported]
+    (RESULTS / "k6_local_stack.json").write_text(json.dumps({
+        "started": started, "items": args.items, "dim": args.dim, "duration": args.duration,
+        "phases": [{"name": ph.name, "wall_seconds": ph.wall, "k6_exit_code": ph.exit_code, "cpu_cores": ph.cpu,
+                    "metrics": ph.summary.get("metrics", {})} for ph in done],
+    }, indent=2))
+    plot(reported, RESULTS / "k6_local_stack.png")
+    if not args.no_doc:
+        write_section(doc_section(args, reported, stack, started))
+    print("bench: wrote bench/results/k6_local_stack.{json,png}" + ("" if args.no_doc else " and docs/benchmarks.md"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

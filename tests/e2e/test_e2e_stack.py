@@ -1,0 +1,162 @@
+"""End-to-end: the whole suite as subprocesses behind the real Envoy (one stack for the session).
+
+The tests that kill a process come last and bring it back, so the order of this file matters.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import time
+
+import grpc
+import pytest
+from gmco.common.v1 import common_pb2
+from gmco.ontology.v1 import ontology_service_pb2, ontology_service_pb2_grpc
+from gmco.rl_state.v1 import rl_state_service_pb2
+from gmco.router.v1 import router_service_pb2 as pb
+from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_common.slots import SlotMap
+from gmco_stack.envoy import REPO_ROOT
+from gmco_stack.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+K6_BIN = REPO_ROOT / ".venv" / "bin" / "k6"
+REGION, DEVICE = "US", "smart_tv"
+
+
+def ctx(surface: int = common_pb2.SURFACE_HOMEPAGE, region: str = REGION) -> common_pb2.RequestContext:
+    return common_pb2.RequestContext(surface=surface, region=region, device=DEVICE)
+
+
+def recommend(envoy, user: str, k: int = 10, **kw) -> pb.RecommendResponse:
+    request = pb.RecommendRequest(user_id=user, context=kw.pop("context", ctx()), k=k, **kw)
+    return envoy.Recommend(request, metadata=[("x-user-id", user)], timeout=5)
+
+
+def media(stack: Stack, ids: list[int]) -> dict[int, common_pb2.MediaItem]:
+    """Items with attributes, read straight from the shards that own them."""
+    slots = SlotMap.even(stack.config.shards)
+    found: dict[int, common_pb2.MediaItem] = {}
+    for svc in stack.shard_services:
+        sid = int(svc.name.split("-")[1])
+        mine = [m for m in ids if slots.shard_of(m) == sid]
+        if not mine:
+            continue
+        with grpc.insecure_channel(svc.target) as ch:
+            resp = shard_service_pb2_grpc.ShardServiceStub(ch).GetMedia(
+                shard_service_pb2.GetMediaRequest(media_ids=mine), timeout=5)
+        found.update({i.media_id: i for i in resp.items})
+    return found
+
+
+def test_a_user_sticks_to_one_router_and_users_spread(envoy) -> None:
+    seen: dict[str, set[str]] = collections.defaultdict(set)
+    for i in range(24):
+        user = f"sticky-{i}"
+        for _ in range(3):
+            seen[user].add(recommend(envoy, user).router_id)
+    assert all(len(routers) == 1 for routers in seen.values()), seen
+    assert len(set().union(*seen.values())) == 2
+
+
+def test_a_blocked_genre_never_appears(envoy, stack: Stack) -> None:
+    user = "genre-fan"
+    plain = recommend(envoy, user, k=50, skip_cache=True)
+    items = media(stack, [i.media_id for i in plain.items])
+    counts = collections.Counter(g for item in items.values() for g in item.attributes.genre_ids)
+    assert counts, "the unfiltered answer has no genres to block"
+    top_code = counts.most_common(1)[0][0]
+    with grpc.insecure_channel(stack.services["ontology"].target) as ch:
+        ontology = ontology_service_pb2_grpc.OntologyServiceStub(ch)
+        graph = ontology.ExportGraph(ontology_service_pb2.ExportGraphRequest(), timeout=5)
+        name = next(n.id for n in graph.nodes if n.kind == ontology_service_pb2.NODE_KIND_GENRE
+                    and n.code == top_code)
+        prefs = common_pb2.UserPreferences(blocked_genres=[name])
+        blocked = set(ontology.ResolveConstraints(ontology_service_pb2.ResolveConstraintsRequest(
+            context=ctx(), preferences=prefs), timeout=5).filter.blocked_genre_ids)
+    assert top_code in blocked
+    for surface in (common_pb2.SURFACE_HOMEPAGE, common_pb2.SURFACE_SEARCH_RESULTS):
+        filtered = recommend(envoy, user, k=50, preferences=prefs, context=ctx(surface))
+        assert filtered.items and not filtered.degraded
+        genres = {g for item in media(stack, [i.media_id for i in filtered.items]).values()
+                  for g in item.attributes.genre_ids}
+        assert not genres & blocked
+
+
+def test_feedback_changes_the_next_answer_and_makes_the_cache_stale(envoy) -> None:
+    user = "learner"
+    first = recommend(envoy, user)
+    assert recommend(envoy, user).cache_hit
+    events = [rl_state_service_pb2.FeedbackEvent(event_id=f"e2e-{user}-{n}", user_id=user, media_id=item.media_id,
+                                                 reward=1.0, timestamp_unix_ms=int(time.time() * 1000))
+              for n, item in enumerate(first.items[:3])]
+    fb = envoy.RecordFeedback(pb.RecordFeedbackRequest(events=events), metadata=[("x-user-id", user)], timeout=5)
+    assert fb.applied_count == 3
+    (version,) = fb.user_versions
+    after = recommend(envoy, user)
+    assert not after.cache_hit
+    assert after.user_version == version.version > first.user_version
+    assert [i.media_id for i in after.items] != [i.media_id for i in first.items]
+    assert not {i.media_id for i in first.items[:3]} & {i.media_id for i in after.items}
+    # A replayed event is applied once.
+    again = envoy.RecordFeedback(pb.RecordFeedbackRequest(events=events[:1]), metadata=[("x-user-id", user)],
+                                 timeout=5)
+    assert again.duplicate_count == 1 and again.applied_count == 0
+
+
+@pytest.mark.parametrize(("request_", "metadata", "field"), [
+    (pb.RecommendRequest(context=ctx(), k=10), [], "user_id"),
+    (pb.RecommendRequest(user_id="bad", context=ctx(), k=0), [("x-user-id", "bad")], "k"),
+    (pb.RecommendRequest(user_id="bad", context=common_pb2.RequestContext(region=REGION, device=DEVICE), k=10),
+     [("x-user-id", "bad")], "context.surface"),
+    (pb.RecommendRequest(user_id="bad", context=ctx(region="ZZ-unknown"), k=10), [("x-user-id", "bad")],
+     "region"),
+])
+def test_bad_input_is_invalid_argument_through_envoy(envoy, request_, metadata, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        envoy.Recommend(request_, metadata=metadata, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+
+
+def test_k6_smoke_passes_its_checks(stack: Stack, tmp_path) -> None:
+    summary = tmp_path / "k6-summary.json"
+    result = subprocess.run(
+        [str(K6_BIN), "run", "--quiet", "--summary-export", str(summary),
+         "-e", f"TARGET={stack.envoy_target}", "-e", "DURATION=10s", "-e", "VUS=4", "-e", "USERS=2000",
+         "-e", "SCENARIO=mixed", "-e", "P99_MS=2000", "-e", f"REGION={REGION}", "-e", f"DEVICE={DEVICE}",
+         str(REPO_ROOT / "bench" / "k6" / "recommend.js")],
+        check=False, capture_output=True, text=True, timeout=90, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads(summary.read_text())["metrics"]
+    assert metrics["checks"]["fails"] == 0 and metrics["checks"]["passes"] > 0
+
+
+def test_a_killed_shard_gives_degraded_answers_naming_it(envoy, stack: Stack) -> None:
+    victim = stack.services["shard-1"]
+    victim.kill()
+    try:
+        resp = recommend(envoy, "after-shard-loss", skip_cache=True)
+        assert resp.degraded and "shard-1" in resp.degraded_components
+        assert resp.items and all(i.shard_id == 0 for i in resp.items)
+    finally:
+        stack.restart("shard-1")
+    assert not recommend(envoy, "after-shard-back", skip_cache=True).degraded
+
+
+def test_a_killed_router_is_routed_around(envoy, stack: Stack) -> None:
+    users = [f"failover-{i}" for i in range(30)]
+    homes = {u: recommend(envoy, u).router_id for u in users}
+    victim = stack.services["router-0"]
+    victim.kill()
+    try:
+        for u in users:  # right after the kill: Envoy retries on another router
+            assert recommend(envoy, u).items
+        for u in users:
+            assert recommend(envoy, u).router_id != "router-0"
+        assert any(home == "router-0" for home in homes.values())
+    finally:
+        stack.restart("router-0")
