@@ -1,0 +1,90 @@
+"""Helpers for the cache tests: a real cache server (grpc.aio, port 0) and a plain channel to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from gmco.cache.v1 import cache_service_pb2 as pb
+from gmco.cache.v1 import cache_service_pb2_grpc
+from gmco.common.v1 import common_pb2
+from gmco_cache.backend import Backend, open_backend
+from gmco_cache.cache import Cache, Policy, breaker_for
+from gmco_cache.config import Settings
+from gmco_cache.servicer import SERVICE_NAME, CacheServicer
+from gmco_common.server import Registration, start_server
+from prometheus_client import REGISTRY
+
+
+@dataclass
+class Service:
+    stub: cache_service_pb2_grpc.CacheServiceStub
+    backend: Backend
+    settings: Settings
+    port: int
+
+
+def make_settings(**overrides: Any) -> Settings:
+    return Settings(port=0, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Service]:
+    """The real service wiring of ``__main__`` on a free port; a channel without retries, so that every
+    error the service returns reaches the test."""
+    async with open_backend(settings) as backend:
+        cache = Cache(backend, Policy.from_settings(settings), breaker_for(settings))
+        running = await start_server(settings, [Registration(
+            cache_service_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer(cache, settings), SERVICE_NAME)])
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                yield Service(cache_service_pb2_grpc.CacheServiceStub(channel), backend, settings, running.port)
+        finally:
+            await running.server.stop(0)
+
+
+def recs(*media_ids: int) -> pb.RecommendationList:
+    return pb.RecommendationList(items=[common_pb2.ScoredItem(media_id=m, score=1.0 / (i + 1))
+                                        for i, m in enumerate(media_ids)], computed_at_unix_ms=1)
+
+
+def rec_key(user: str, context: str = "ctx", version: int = 1) -> pb.CacheKey:
+    return pb.CacheKey(keyspace=pb.KEYSPACE_RECOMMENDATIONS, user_id=user, context_hash=context,
+                       user_version=version)
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def with_settings(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)
+
+
+async def recomputations_under_stampede(stub: cache_service_pb2_grpc.CacheServiceStub, user: str,
+                                        callers: int = 20) -> int:
+    """``callers`` concurrent requests miss one key with lock_on_miss; the lock holder recomputes (50 ms)
+    and puts, the others must end with the value. Returns how many recomputed."""
+    request = pb.GetRecommendationsRequest(user_id=user, context_hash="c", user_version=1, lock_on_miss=True)
+    computations = 0
+
+    async def caller() -> list[int]:
+        nonlocal computations
+        answer = await stub.GetRecommendations(request)
+        if answer.hit:
+            return [i.media_id for i in answer.recommendations.items]
+        assert answer.lock_acquired and answer.lock_token and not answer.bypassed
+        computations += 1
+        await asyncio.sleep(0.05)  # the recomputation
+        await stub.PutRecommendations(pb.PutRecommendationsRequest(
+            user_id=user, context_hash="c", user_version=1, recommendations=recs(42)))
+        return [42]
+
+    results = await asyncio.gather(*(caller() for _ in range(callers)))
+    assert results == [[42]] * callers
+    return computations
