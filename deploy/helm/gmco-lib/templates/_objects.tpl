@@ -167,6 +167,10 @@ spec:
       path: {{ dig "path" "/metrics" .Values.metrics }}
       interval: {{ .Values.metrics.serviceMonitor.interval }}
       scrapeTimeout: {{ .Values.metrics.serviceMonitor.scrapeTimeout }}
+      relabelings:
+        # A shard pod's series carry its shard id (dashboards and alerts group by it).
+        - sourceLabels: [__meta_kubernetes_pod_label_gmco_io_shard]
+          targetLabel: shard
 {{- end }}
 {{- end -}}
 
