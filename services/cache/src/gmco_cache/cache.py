@@ -74,7 +74,8 @@ class RecLookup:
 def breaker_for(settings: Settings) -> CircuitBreaker:
     def changed(state: State) -> None:
         BREAKER_STATE.set(state.value)
-        log.warning("cache circuit breaker is now %s", state.name.lower())
+        log.log(logging.WARNING if state is State.OPEN else logging.INFO, "cache circuit breaker is now %s",
+                state.name.lower())
 
     BREAKER_STATE.set(State.CLOSED.value)
     return CircuitBreaker(settings.breaker_failures, settings.breaker_open_seconds, on_change=changed)

@@ -155,7 +155,8 @@ class RedisClusterBackend(_RedisCommon):
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         def queue(pipe: ClusterPipeline, indices: list[int]) -> int:
-            pipe.mget([keys[i] for i in indices])
+            # Cluster pipelines block the mget() helper (it could span slots); these keys share one slot.
+            pipe.execute_command("MGET", *(keys[i] for i in indices))
             return 1
 
         served, error = await self._pipelined(keys, queue)
