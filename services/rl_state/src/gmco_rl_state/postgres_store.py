@@ -1,13 +1,14 @@
 """PostgreSQL store: psycopg 3 with ``psycopg_pool.AsyncConnectionPool``.
 
-A feedback batch costs one round trip to read every touched user's state and which of the batch's
-event ids are already logged (pipelined), then one statement per user, in autocommit (so one implicit
-transaction), that inserts the user's new events with ``ON CONFLICT (event_id) DO NOTHING`` and
-writes the new state only if the stored version is still the one the update was computed from
-(optimistic concurrency). If another writer got there first -- the version moved or an event id was
-inserted meanwhile -- ``rl_state_assert_applied`` raises ``serialization_failure``, the statement and
-its inserts roll back, and tenacity retries that user with fresh state. Broken connections (a restarted
-server) are retried the same way; a server that stays down becomes UNAVAILABLE.
+A feedback batch costs two round trips whatever its size: one pipelined read of every touched user's
+state and of which of the batch's event ids are logged already, then one statement (autocommit, so
+one transaction) that writes each user's new state only if the stored version is still the one the
+update was computed from (optimistic concurrency on the user's row) and logs the events of the users
+it wrote with ``INSERT ... ON CONFLICT (event_id) DO NOTHING``. Users that lost a race to another
+writer are read again and retried (tenacity, jittered backoff) without redoing the others. Users are
+written in sorted order so that concurrent batches lock rows in one order; deadlocks and serialisation
+failures are retried too. Broken connections (a restarted server) are retried the same way; a server
+that stays down becomes UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -47,35 +48,48 @@ SELECT user_id, version, event_count, pref, bandit_a, bandit_b, seen
 FROM user_state WHERE user_id = ANY(%s)
 """
 _READ_KNOWN = "SELECT event_id FROM feedback_event WHERE event_id = ANY(%s)"
+# Writes each user's new state if its version is still the one the update was computed from, then
+# logs the events of the users it wrote. Returns the users written; the others lost a race and are
+# retried. If an event of a written user was logged meanwhile (an event id reused across users),
+# rl_state_assert_applied rolls the whole statement back.
 _WRITE = """
-WITH ins AS (
-    INSERT INTO feedback_event
-        (event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector)
-    SELECT e.event_id, %(user_id)s, e.media_id, e.reward, e.ts, e.surface, e.region, e.device,
-           e.propensity, e.has_vector
-    FROM unnest(%(event_ids)s::text[], %(media_ids)s::bigint[], %(rewards)s::real[], %(ts)s::bigint[],
-                %(surfaces)s::smallint[], %(regions)s::text[], %(devices)s::text[],
-                %(propensities)s::real[], %(has_vectors)s::boolean[])
-         AS e(event_id, media_id, reward, ts, surface, region, device, propensity, has_vector)
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING 1
-), st AS (
+WITH st AS (
     INSERT INTO user_state AS s (user_id, version, event_count, pref, bandit_a, bandit_b, seen)
-    VALUES (%(user_id)s, %(version)s, %(event_count)s, %(pref)s, %(bandit_a)s, %(bandit_b)s, %(seen)s)
+    SELECT * FROM unnest(%(user_ids)b::text[], %(versions)b::bigint[], %(event_counts)b::bigint[],
+                         %(prefs)b::bytea[], %(bandit_as)b::bytea[], %(bandit_bs)b::bytea[], %(seens)b::bytea[])
     ON CONFLICT (user_id) DO UPDATE
         SET version = EXCLUDED.version, event_count = EXCLUDED.event_count, pref = EXCLUDED.pref,
             bandit_a = EXCLUDED.bandit_a, bandit_b = EXCLUDED.bandit_b, seen = EXCLUDED.seen,
             updated_at = now()
-        WHERE s.version = %(expected)s
+        WHERE s.version = EXCLUDED.version - 1
+    RETURNING s.user_id
+), events AS (
+    SELECT * FROM unnest(%(event_ids)b::text[], %(event_users)b::text[], %(media_ids)b::bigint[],
+                         %(rewards)b::real[], %(ts)b::bigint[], %(surfaces)b::smallint[], %(regions)b::text[],
+                         %(devices)b::text[], %(propensities)b::real[], %(has_vectors)b::boolean[])
+        AS e(event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector)
+    WHERE e.user_id IN (SELECT user_id FROM st)
+), ins AS (
+    INSERT INTO feedback_event
+        (event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector)
+    SELECT * FROM events
+    ON CONFLICT (event_id) DO NOTHING
     RETURNING 1
 )
-SELECT rl_state_assert_applied((SELECT count(*) FROM ins) = %(n)s AND (SELECT count(*) FROM st) = 1)
+SELECT user_id FROM st
+WHERE rl_state_assert_applied((SELECT count(*) FROM ins) = (SELECT count(*) FROM events))
 """
 
 
+class _LostRace(Exception):
+    """Some users' versions moved while their update was computed; those users are retried."""
+
+
 def _transient(exc: BaseException) -> bool:
-    """Worth retrying now: serialisation failures, deadlocks and broken connections, not a pool timeout."""
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(exc, PoolTimeout)
+    """Worth retrying now: lost races, serialisation failures, deadlocks, broken connections; not a pool
+    timeout (that already waited)."""
+    return isinstance(exc, _LostRace) or (isinstance(exc, psycopg.OperationalError)
+                                          and not isinstance(exc, PoolTimeout))
 
 
 def describe_dsn(dsn: str) -> str:
@@ -89,7 +103,6 @@ class PostgresStore:
                  timeout: float = 2.0) -> None:
         self._dsn = dsn
         self._fingerprint = fingerprint
-        self._max_size = max_size
         self._timeout = timeout
         self._pool = AsyncConnectionPool(
             dsn, min_size=min_size, max_size=max_size, timeout=timeout, open=False, name="rl_state",
@@ -133,7 +146,7 @@ class PostgresStore:
             async for attempt in retrying:
                 with attempt:
                     return await op()
-        except psycopg.errors.TransactionRollback as exc:
+        except (_LostRace, psycopg.errors.TransactionRollback) as exc:
             raise Unavailable("too much contention on one user's state; retry") from exc
         except psycopg.OperationalError as exc:
             log.warning("PostgreSQL unavailable: %s", exc)
@@ -181,44 +194,39 @@ class PostgresStore:
             return rows, {r[0] for r in await known.fetchall()}
 
     async def record(self, groups: Mapping[str, Sequence[Event]], apply: ApplyFn) -> dict[str, UserOutcome]:
-        ids = [e.event_id for events in groups.values() for e in events]
-        rows, known = await self._run(lambda: self._read(list(groups), ids))
-        limit = asyncio.Semaphore(self._max_size)
+        outcomes: dict[str, UserOutcome] = {}
+        pending = sorted(groups)  # one lock order for every writer: fewer deadlocks
 
-        async def one(user: str) -> tuple[str, UserOutcome]:
-            async with limit:
-                return user, await self._record_user(user, groups[user], rows.get(user), known, apply)
-
-        results = await asyncio.gather(*(one(u) for u in groups), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return dict(results)  # type: ignore[arg-type]
-
-    async def _record_user(self, user: str, events: Sequence[Event], row: StateRow | None, known: set[str],
-                           apply: ApplyFn) -> UserOutcome:
-        prefetched = True
-
-        async def attempt() -> UserOutcome:
-            nonlocal prefetched, row, known
-            if not prefetched:  # a retry: somebody else wrote; start again from what is stored now
-                rows, known = await self._read([user], [e.event_id for e in events])
-                row = rows.get(user)
-            prefetched = False
-            new = [e for e in events if e.event_id not in known]
-            current = 0 if row is None else row.version
-            if not new:
-                return UserOutcome(current, 0, len(events))
-            updated = await asyncio.get_running_loop().run_in_executor(None, apply, row, user, new)
-            await self._write(updated, current, new)
-            return UserOutcome(updated.version, len(new), len(events) - len(new))
+        async def attempt() -> dict[str, UserOutcome]:
+            nonlocal pending
+            rows, known = await self._read(pending, [e.event_id for u in pending for e in groups[u]])
+            new = {u: [e for e in groups[u] if e.event_id not in known] for u in pending}
+            for u in pending:
+                if not new[u]:
+                    outcomes[u] = UserOutcome(rows[u].version if u in rows else 0, 0, len(groups[u]))
+            pending = [u for u in pending if new[u]]
+            if not pending:
+                return outcomes
+            updated = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [apply(rows.get(u), u, new[u]) for u in pending]
+            )
+            written = await self._write(updated, [e for u in pending for e in new[u]])
+            for row in updated:
+                if row.user_id in written:
+                    events = groups[row.user_id]
+                    outcomes[row.user_id] = UserOutcome(row.version, len(new[row.user_id]),
+                                                        len(events) - len(new[row.user_id]))
+            pending = [u for u in pending if u not in written]
+            if pending:
+                raise _LostRace(f"{len(pending)} users changed concurrently")
+            return outcomes
 
         return await self._run(attempt)
 
-    async def _write(self, row: StateRow, expected: int, events: Sequence[Event]) -> None:
+    async def _write(self, rows: Sequence[StateRow], events: Sequence[Event]) -> set[str]:
         params = {
-            "user_id": row.user_id,
             "event_ids": [e.event_id for e in events],
+            "event_users": [e.user_id for e in events],
             "media_ids": [to_int64(e.media_id) for e in events],
             "rewards": [e.reward for e in events],
             "ts": [e.timestamp_ms for e in events],
@@ -227,14 +235,16 @@ class PostgresStore:
             "devices": [e.device for e in events],
             "propensities": [e.propensity for e in events],
             "has_vectors": [e.vector is not None for e in events],
-            "version": row.version,
-            "event_count": row.event_count,
-            "pref": row.pref,
-            "bandit_a": row.bandit_a,
-            "bandit_b": row.bandit_b,
-            "seen": row.seen,
-            "expected": expected,
-            "n": len(events),
+            "user_ids": [r.user_id for r in rows],
+            "versions": [r.version for r in rows],
+            "event_counts": [r.event_count for r in rows],
+            "prefs": [r.pref for r in rows],
+            "bandit_as": [r.bandit_a for r in rows],
+            "bandit_bs": [r.bandit_b for r in rows],
+            "seens": [r.seen for r in rows],
+            "n_events": len(events),
+            "n_users": len(rows),
         }
         async with self._connection() as conn:
-            await conn.execute(_WRITE, params)
+            cur = await conn.execute(_WRITE, params)
+            return {user for (user,) in await cur.fetchall()}

@@ -1,8 +1,8 @@
 """SQLite store, the embedded default: blocking ``sqlite3`` on one dedicated thread, WAL mode.
 
-One thread owns the connection, so writes are serialised by construction; each user's events are
-applied in one ``BEGIN IMMEDIATE`` transaction that logs the new events (``ON CONFLICT (event_id) DO
-NOTHING``) and writes the new state together. ``synchronous=FULL``: an acknowledged event survives
+One thread owns the connection, so writes are serialised by construction; a batch is one
+``BEGIN IMMEDIATE`` transaction that logs the new events (``ON CONFLICT (event_id) DO NOTHING``) and
+writes every touched user's new state together. ``synchronous=FULL``: an acknowledged event survives
 a power cut.
 """
 
@@ -116,34 +116,35 @@ class SqliteStore:
         row = self._db.execute(_READ_STATE, (user_id,)).fetchone()
         return None if row is None else StateRow(*row)
 
-    def _record_user(self, user: str, events: Sequence[Event], apply: ApplyFn) -> UserOutcome:
+    def _record(self, groups: Mapping[str, Sequence[Event]], apply: ApplyFn) -> dict[str, UserOutcome]:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            ids = [e.event_id for e in events]
-            marks = ",".join("?" * len(ids))
-            known = {r[0] for r in db.execute(f"SELECT event_id FROM feedback_event WHERE event_id IN ({marks})", ids)}
-            row = self._get(user)
-            new = [e for e in events if e.event_id not in known]
-            if not new:
-                db.execute("ROLLBACK")
-                return UserOutcome(0 if row is None else row.version, 0, len(events))
-            updated = apply(row, user, new)
-            db.executemany(_INSERT_EVENT, [
-                (e.event_id, user, to_int64(e.media_id), e.reward, e.timestamp_ms, e.surface, e.region, e.device,
-                 e.propensity, e.vector is not None) for e in new
-            ])
-            db.execute(_UPSERT_STATE, (user, updated.version, updated.event_count, updated.pref, updated.bandit_a,
-                                       updated.bandit_b, updated.seen))
+            outcomes = {user: self._record_user(user, events, apply) for user, events in groups.items()}
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return UserOutcome(updated.version, len(new), len(events) - len(new))
+        return outcomes
 
-    def _record(self, groups: Mapping[str, Sequence[Event]], apply: ApplyFn) -> dict[str, UserOutcome]:
-        return {user: self._record_user(user, events, apply) for user, events in groups.items()}
+    def _record_user(self, user: str, events: Sequence[Event], apply: ApplyFn) -> UserOutcome:
+        db = self._db
+        ids = [e.event_id for e in events]
+        marks = ",".join("?" * len(ids))
+        known = {r[0] for r in db.execute(f"SELECT event_id FROM feedback_event WHERE event_id IN ({marks})", ids)}
+        row = self._get(user)
+        new = [e for e in events if e.event_id not in known]
+        if not new:
+            return UserOutcome(0 if row is None else row.version, 0, len(events))
+        updated = apply(row, user, new)
+        db.executemany(_INSERT_EVENT, [
+            (e.event_id, user, to_int64(e.media_id), e.reward, e.timestamp_ms, e.surface, e.region, e.device,
+             e.propensity, e.vector is not None) for e in new
+        ])
+        db.execute(_UPSERT_STATE, (user, updated.version, updated.event_count, updated.pref, updated.bandit_a,
+                                   updated.bandit_b, updated.seen))
+        return UserOutcome(updated.version, len(new), len(events) - len(new))
 
     # --- the store interface ------------------------------------------------------------------------
     async def get(self, user_id: str, timeout: float | None) -> StateRow | None:

@@ -32,7 +32,7 @@ class StateStore(Protocol):
         """The user's row, or None for a user without state. Raises Unavailable."""
 
     async def record(self, groups: Mapping[str, Sequence[Event]], apply: ApplyFn) -> dict[str, UserOutcome]:
-        """Apply each user's events exactly once per event_id, atomically per user. Raises Unavailable."""
+        """Apply each event exactly once per event_id; a batch commits as one transaction. Raises Unavailable."""
 
 
 def to_int64(media_id: int) -> int:
