@@ -139,6 +139,19 @@ async def test_concurrent_batches_for_one_user_serialise(service: Service) -> No
     assert state.version == 10 and state.event_count == 40
 
 
+async def test_event_id_reused_for_two_users_is_applied_once(service: Service) -> None:
+    vec = unit_vectors(1)[0]
+
+    async def send(user: str) -> pb.RecordFeedbackResponse:
+        return await service.stub.RecordFeedback(pb.RecordFeedbackRequest(events=[event("shared", user, 1, 1.0, vec)]))
+
+    a, b = await asyncio.gather(send("jo"), send("kim"))
+    assert a.applied_count + b.applied_count == 1 and a.duplicate_count + b.duplicate_count == 1
+    counts = [(await service.stub.GetUserState(pb.GetUserStateRequest(user_id=u))).state.event_count
+              for u in ("jo", "kim")]
+    assert sorted(counts) == [0, 1]
+
+
 async def test_replay_twice_concurrently_equals_once(settings: Settings, tmp_path_factory, request) -> None:
     """The whole log sent twice at once leaves the same state as sending it once."""
     rng = np.random.default_rng(11)

@@ -138,7 +138,7 @@ class PostgresStore:
         """Run ``op`` with retries on transient errors; what stays broken becomes Unavailable."""
         retrying = AsyncRetrying(
             retry=retry_if_exception(_transient),
-            stop=stop_after_attempt(10) | stop_after_delay(2 * self._timeout),
+            stop=stop_after_attempt(20) | stop_after_delay(2 * self._timeout),
             wait=wait_random_exponential(multiplier=0.005, max=0.25),
             reraise=True,
         )
