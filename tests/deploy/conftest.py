@@ -59,7 +59,7 @@ class Chart:
         return self.path / "charts" / name
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.helm), *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run([str(self.helm), *args], check=False, capture_output=True, text=True, timeout=120)
 
     def _template_args(self, chart: Path | None, values: Iterable[Path], sets: Iterable[str],
                        api_versions: Iterable[str]) -> list[str]:

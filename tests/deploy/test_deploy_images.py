@@ -91,7 +91,7 @@ def test_dockerfile_structure(service):
     module, func = target.split(":")
     source = directory / "src" / Path(*module.split(".")).with_suffix(".py")
     assert source.is_file(), f"{target}: {source} does not exist"
-    assert re.search(rf"^def {func}\(", source.read_text(), re.M), f"{source} has no {func}()"
+    assert re.search(rf"^def {func}\(", source.read_text(), re.MULTILINE), f"{source} has no {func}()"
 
     (expose,) = final.all("EXPOSE")
     assert {int(p) for p in expose.split()} == {SERVICES[service][1], 9090}

@@ -39,7 +39,8 @@ def test_subchart_schema_rejects_bad_values_alone(chart):
 
 def test_schemas_are_generated_from_values_schema_py(chart):
     script = chart.root / "deploy" / "helm" / "values_schema.py"
-    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(script), "--check"], check=False, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
 
 
