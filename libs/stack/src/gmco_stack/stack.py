@@ -93,7 +93,13 @@ class Service:
         except (TimeoutError, RuntimeError) as exc:
             raise RuntimeError(f"{exc}\n--- last lines of {self.log_path} ---\n{self.log_tail()}") from None
 
+    def terminate(self) -> None:
+        if self.running():
+            assert self.proc is not None
+            self.proc.terminate()
+
     def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a graceful drain), then SIGKILL after ``timeout``."""
         if self.proc is not None:
             stop_process(self.proc, timeout)
 
@@ -245,10 +251,13 @@ class Stack:
 
     def stop(self) -> None:
         """Stop everything, the entry first: Envoy, routers, then the services behind them."""
-        order = ["envoy", *(s.name for s in self.routers)]
-        for group in (order, [n for n in self.services if n not in order]):
-            with ThreadPoolExecutor(max(1, len(group))) as pool:
-                list(pool.map(lambda n: self.services[n].stop(), group))
+        atexit.unregister(self.stop)
+        front = ["envoy", *(s.name for s in self.routers)]
+        for group in (front, [n for n in self.services if n not in front]):
+            for name in group:  # signal the whole group, then wait: the drains overlap
+                self.services[name].terminate()
+            for name in group:
+                self.services[name].stop()
 
     def __enter__(self) -> Self:
         return self.start()
