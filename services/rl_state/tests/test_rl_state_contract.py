@@ -221,6 +221,15 @@ async def test_bad_feedback_is_invalid_argument(service: Service, case: str) -> 
     assert state.cold_start  # nothing of a rejected batch was applied
 
 
+async def test_bad_vector_in_a_batch_names_its_event(service: Service) -> None:
+    good, bad = unit_vectors(1)[0], np.full(MEDIA_DIM, np.nan)
+    request = pb.RecordFeedbackRequest(events=[event("a", "u", 1, 1.0, good), event("b", "u", 2, 1.0, bad)])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.RecordFeedback(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("events[1].media_vector")
+
+
 _VECS = unit_vectors(3)
 BAD_RANK = {
     "k larger than candidates": (rank_request("u", [1, 2, 3], _VECS, 4), "k"),

@@ -91,25 +91,45 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
                             event_count=state.event_count)
 
     # --- RecordFeedback -----------------------------------------------------------------------------
-    def _event(self, ev: pb.FeedbackEvent, field: str) -> Event:
+    def _event(self, ev: pb.FeedbackEvent, field: str, vector: np.ndarray | None) -> Event:
         event_id = _required_id(ev.event_id, f"{field}.event_id")
         user = _required_id(ev.user_id, f"{field}.user_id")
         if not math.isfinite(ev.reward) or not -1.0 <= ev.reward <= 1.0:
             raise InvalidArgument(f"{field}.reward", f"is {ev.reward}; must be a number in [-1, 1]")
         if not math.isfinite(ev.propensity) or not 0.0 <= ev.propensity <= 1.0:
             raise InvalidArgument(f"{field}.propensity", f"is {ev.propensity}; must be in [0, 1] (0 = unknown)")
-        vector = None
-        if ev.HasField("media_vector"):
-            raw = decode_vector(ev.media_vector, f"{field}.media_vector", self._media_dim)
-            vector = normalize(raw)
         return Event(event_id, user, ev.media_id, float(ev.reward), ev.timestamp_unix_ms, ev.context.surface,
                      ev.context.region, ev.context.device, float(ev.propensity), vector)
+
+    def _event_vectors(self, events: Sequence[pb.FeedbackEvent]) -> list[np.ndarray | None]:
+        """Each event's unit media vector (or None), decoded as one batch when the vectors allow it."""
+        present = [i for i, ev in enumerate(events) if ev.HasField("media_vector")]
+        out: list[np.ndarray | None] = [None] * len(events)
+        if not present:
+            return out
+        first = events[present[0]].media_vector
+        rows = None
+        if all(events[i].media_vector.dtype == first.dtype and len(events[i].media_vector.data) == len(first.data)
+               for i in present):
+            batch = common_pb2.VectorBatch(data=b"".join(events[i].media_vector.data for i in present),
+                                           dtype=first.dtype, dimension=first.dimension, count=len(present))
+            try:
+                rows = decode_batch(batch, "events.media_vector", self._media_dim)
+            except InvalidArgument:
+                rows = None  # decode one by one below, so the error names the event
+        if rows is None:
+            rows = np.stack([decode_vector(events[i].media_vector, f"events[{i}].media_vector", self._media_dim)
+                             .astype(np.float32) for i in present])
+        for i, row in zip(present, normalize(rows), strict=True):
+            out[i] = row
+        return out
 
     async def RecordFeedback(self, request: pb.RecordFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> pb.RecordFeedbackResponse:
         if not request.events:
             raise InvalidArgument("events", "the batch is empty")
-        events = [self._event(ev, f"events[{i}]") for i, ev in enumerate(request.events)]
+        vectors = self._event_vectors(request.events)
+        events = [self._event(ev, f"events[{i}]", vectors[i]) for i, ev in enumerate(request.events)]
         groups, repeats = dedupe(events)
         outcomes = await self._store.record(groups, self._learner.apply)
         applied = sum(o.applied for o in outcomes.values())
