@@ -1,0 +1,88 @@
+"""gmco-shard: one slice of the catalogue's embeddings and its ANN index. ``--help`` lists settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_catalog.log import open_log
+from gmco_catalog.tailer import LogTailer
+from gmco_common.config import ConfigError, describe_settings
+from gmco_common.logging import configure_logging
+from gmco_common.server import Registration, serve_until_signal, start_server
+from gmco_shard import config
+from gmco_shard.index.base import IndexParams, backend_class
+from gmco_shard.loader import initial_load, slot_map
+from gmco_shard.servicer import ShardServicer
+from gmco_shard.snapshot import save_snapshot
+from gmco_shard.store import ShardStore
+
+log = logging.getLogger("gmco_shard")
+SERVICE = shard_service_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
+
+
+async def _every(seconds: float, fn) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await fn()
+
+
+async def run(settings: config.ShardSettings) -> None:
+    backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
+    params = IndexParams(settings.metric, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
+    store = ShardStore(settings.dim, settings.index_backend, params, settings.exact_fraction)
+    slots = slot_map(settings).slots_for(settings.shard_id)
+    async with contextlib.AsyncExitStack() as stack:
+        catalog = await stack.enter_async_context(open_log(settings.catalog_dsn)) if settings.catalog_dsn else None
+        tailer = None
+        servicer = ShardServicer(store, settings, slots)
+        running = await start_server(settings, [Registration(
+            shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)])
+        await running.set_serving(False)  # not ready until loaded
+        log.info("loaded %s", await asyncio.to_thread(initial_load, store, settings, slots))
+        tasks = []
+        if catalog is not None:
+            tailer = LogTailer(catalog, slots, _applier(store), store.applied_lsn)
+            servicer.tailer = tailer
+            tasks.append(asyncio.create_task(tailer.run()))
+        if settings.snapshot_dir is not None and settings.snapshot_interval_seconds > 0:
+            tasks.append(asyncio.create_task(_every(settings.snapshot_interval_seconds, lambda: asyncio.to_thread(
+                save_snapshot, store, settings.snapshot_dir))))
+        async def refresh() -> None:
+            servicer.refresh_metrics()
+
+        tasks.append(asyncio.create_task(_every(1.0, refresh)))
+        await running.set_serving(True)
+        try:
+            await serve_until_signal(running, settings.grace_seconds)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+def _applier(store: ShardStore):
+    from gmco_shard.apply import apply_entries
+
+    async def apply(entries, scanned_lsn):
+        await asyncio.to_thread(apply_entries, store, entries, scanned_lsn)
+
+    return apply
+
+
+def main() -> None:
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(__doc__ + "\n\nEnvironment:\n" + describe_settings(config.ShardSettings, config.PREFIX))
+        return
+    try:
+        settings = config.load()
+    except ConfigError as exc:
+        sys.exit(f"gmco-shard: {exc}")
+    configure_logging("shard", settings.log_level, settings.log_format)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shard settings, read from GMCO_SHARD_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
+from gmco_shard.index.base import BACKENDS
+
+PREFIX = "GMCO_SHARD_"
+
+
+def _pos(v: float) -> bool:
+    return v > 0
+
+
+@dataclass(frozen=True)
+class ShardSettings(ServerSettings):
+    shard_id: int = setting(0, help="which shard this is (owns the slots the slot map gives it)",
+                            check=lambda v: v >= 0, check_msg=">= 0")
+    shard_count: int = setting(1, help="shards in the even slot map", check=lambda v: 1 <= v <= 4096,
+                               check_msg="1..4096")
+    slot_map_file: Path | None = setting(None, help="JSON slot map (overrides the even map; see gmco_common.slots)")
+    replica_id: int = setting(0, help="replica number within the shard (logs, stats)", check=lambda v: v >= 0,
+                              check_msg=">= 0")
+    dim: int = setting(1024, help="embedding dimension", check=_pos, check_msg="must be > 0")
+    metric: str = setting("ip", help="similarity", choices=("ip", "l2"))
+    index_backend: str = setting("hnsw", help="sealed-segment index", choices=tuple(BACKENDS))
+    hnsw_m: int = setting(32, help="HNSW graph degree M", check=_pos, check_msg="must be > 0")
+    hnsw_ef_construction: int = setting(200, help="HNSW efConstruction", check=_pos, check_msg="must be > 0")
+    hnsw_ef_search: int = setting(128, help="HNSW efSearch default", check=_pos, check_msg="must be > 0")
+    exact_fraction: float = setting(0.02, help="search exactly when at most this fraction of rows passes the filter",
+                                    check=lambda v: 0 <= v <= 1, check_msg="0..1")
+    max_k: int = setting(1000, help="largest k a Search may ask for", check=_pos, check_msg="must be > 0")
+    max_batch: int = setting(4096, help="largest query batch", check=_pos, check_msg="must be > 0")
+    max_get: int = setting(10000, help="largest GetMedia id list", check=_pos, check_msg="must be > 0")
+    data_dir: Path | None = setting(None, help="datagen catalogue to load this shard's slots from at start")
+    snapshot_dir: Path | None = setting(None, help="snapshots: loaded at start when present, written periodically")
+    snapshot_interval_seconds: float = setting(300.0, help="seconds between snapshots (0 = only on request)",
+                                               check=lambda v: v >= 0, check_msg=">= 0")
+    compact_growing_rows: int = setting(50_000, help="compact when the growing segment reaches this many rows",
+                                        check=_pos, check_msg="must be > 0")
+    catalog_dsn: str | None = setting(None, help="catalogue log to tail (postgresql://... or a SQLite path)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shard_id >= self.shard_count and self.slot_map_file is None:
+            raise ConfigError(f"{PREFIX}SHARD_ID={self.shard_id} must be < {PREFIX}SHARD_COUNT={self.shard_count}")
+        if self.data_dir is not None and not (self.data_dir / "meta.json").is_file():
+            raise ConfigError(f"{PREFIX}DATA_DIR={self.data_dir} is not a catalogue directory (no meta.json); "
+                              "create one with `python -m gmco_common.datagen --out DIR`")
+
+
+def load() -> ShardSettings:
+    return load_settings(ShardSettings, PREFIX)

@@ -1,0 +1,62 @@
+"""Start-up state: this shard's slots, and its rows from a snapshot or a datagen catalogue."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gmco_common.datagen import load_catalogue
+from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
+from gmco_shard.config import ShardSettings
+from gmco_shard.filters import MAX_GENRES, empty_columns
+from gmco_shard.snapshot import load_snapshot, snapshot_exists
+from gmco_shard.store import ShardStore
+
+log = logging.getLogger(__name__)
+_CHUNK = 50_000
+
+
+def slot_map(settings: ShardSettings) -> SlotMap:
+    if settings.slot_map_file is not None:
+        return SlotMap.from_json(Path(settings.slot_map_file).read_text())
+    return SlotMap.even(settings.shard_count)
+
+
+def load_catalogue_slots(store: ShardStore, data_dir: Path, owned: np.ndarray, progress: bool = True) -> int:
+    """Load the rows of ``data_dir`` whose slot is owned (bool mask over the 4096 slots); build the index."""
+    cat = load_catalogue(data_dir)
+    if cat.dim != store.dim:
+        raise ValueError(f"catalogue {data_dir} has dimension {cat.dim}; the shard expects {store.dim}")
+    keep_parts = []
+    for start in tqdm(range(0, len(cat), _CHUNK), desc=f"select slots from {data_dir.name}", unit="chunk",
+                      disable=not progress):
+        ids = np.asarray(cat.media_ids[start:start + _CHUNK])
+        keep_parts.append(start + np.flatnonzero(owned[slots_of(ids.tolist())]))
+    rows = np.concatenate(keep_parts) if keep_parts else np.empty(0, np.int64)
+    cols = empty_columns(len(rows))
+    cols.media_ids[:] = cat.media_ids[rows]
+    genres = np.asarray(cat.genre_ids[rows])
+    cols.genre_ids[:, : min(genres.shape[1], MAX_GENRES)] = genres[:, :MAX_GENRES]
+    cols.rating[:] = cat.rating[rows]
+    cols.region_mask[:] = cat.region_mask[rows]
+    cols.format_mask[:] = cat.format_mask[rows]
+    cols.release_year[:] = cat.release_year[rows]
+    cols.popularity[:] = cat.popularity[rows]
+    store.bulk_load(np.asarray(cat.vectors[rows]), cols, progress=progress)
+    return len(rows)
+
+
+def initial_load(store: ShardStore, settings: ShardSettings, slots: list[int]) -> str:
+    """Fill ``store`` at start: a snapshot wins over the catalogue; returns what was loaded."""
+    if settings.snapshot_dir is not None and snapshot_exists(settings.snapshot_dir):
+        lsn = load_snapshot(store, settings.snapshot_dir)
+        return f"snapshot at lsn {lsn} ({store.stats()['item_count']} items)"
+    if settings.data_dir is not None:
+        owned = np.zeros(NUM_SLOTS, bool)
+        owned[slots] = True
+        n = load_catalogue_slots(store, settings.data_dir, owned)
+        return f"{n} items from {settings.data_dir}"
+    return "empty"

@@ -1,0 +1,180 @@
+"""ShardService: batched filtered search, writes, stats, compaction and snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+
+from gmco.common.v1 import common_pb2
+from gmco.shard.v1 import shard_service_pb2 as pb
+from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco_catalog.tailer import LogTailer
+from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from gmco_common.vectors import decode_batch, decode_vector, encode_vector
+from gmco_shard import metrics
+from gmco_shard.config import ShardSettings
+from gmco_shard.filters import check_attributes, read_attributes
+from gmco_shard.snapshot import save_snapshot
+from gmco_shard.store import ShardStore
+
+_METRIC_NAMES = {common_pb2.METRIC_INNER_PRODUCT: "ip", common_pb2.METRIC_L2: "l2"}
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _decode_item_vector(vec: common_pb2.Vector, field: str, dim: int) -> np.ndarray:
+    arr = decode_vector(vec, field, dim)
+    if arr.dtype != np.float16 and np.abs(arr).max(initial=0) > _FP16_MAX:
+        raise InvalidArgument(field, "has values beyond the float16 range (storage is FP16)")
+    return arr.astype(np.float16, copy=False)
+
+
+class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
+    def __init__(self, store: ShardStore, settings: ShardSettings, slots: list[int],
+                 tailer: LogTailer | None = None) -> None:
+        self._store = store
+        self._settings = settings
+        self._slots = slots
+        self.tailer = tailer
+        self._compaction: asyncio.Task | None = None
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check_metric(self, metric: int) -> None:
+        if metric == common_pb2.METRIC_UNSPECIFIED:
+            return
+        name = _METRIC_NAMES.get(metric)
+        if name is None:
+            raise InvalidArgument("metric", f"unknown metric {metric}; use METRIC_INNER_PRODUCT or METRIC_L2")
+        if name != self._store.params.metric:
+            raise InvalidArgument("metric", f"this shard's index is built for {self._store.params.metric}, not {name}")
+
+    async def _await_lsn(self, min_lsn: int, context: grpc.aio.ServicerContext) -> None:
+        if min_lsn <= self._store.applied_lsn:
+            return
+        remaining = context.time_remaining()
+        if self.tailer is not None and await self.tailer.wait_for(min_lsn, remaining):
+            return
+        deadline = time.monotonic() + (remaining if remaining is not None else 0.0)
+        while self._store.applied_lsn < min_lsn and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._store.applied_lsn < min_lsn:
+            raise Unavailable(f"replica has applied lsn {self._store.applied_lsn}, behind min_lsn {min_lsn}; "
+                              "try another replica or retry")
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        s = self._settings
+        queries = decode_batch(request.queries, "queries", s.dim)
+        if queries.shape[0] > s.max_batch:
+            raise InvalidArgument("queries.count", f"is {queries.shape[0]}; at most {s.max_batch} per call")
+        if not 1 <= request.k <= s.max_k:
+            raise InvalidArgument("k", f"must be in 1..{s.max_k}, got {request.k}")
+        self._check_metric(request.metric)
+        await self._await_lsn(request.min_lsn, context)
+        flt = request.filter if request.HasField("filter") else None
+        start = time.perf_counter()
+        res = await asyncio.to_thread(self._store.search, queries, request.k, flt, request.params.ef,
+                                      request.params.exact)
+        metrics.SEARCH_SECONDS.labels("exact" if res.exact else "index").observe(time.perf_counter() - start)
+        t = res.table
+        out = pb.SearchResponse(shard_id=s.shard_id, applied_lsn=self._store.applied_lsn, allowed_count=res.allowed,
+                                exact=res.exact)
+        for qi in range(res.scores.shape[0]):
+            result = out.results.add()
+            for score, mid, row in zip(res.scores[qi], res.media_ids[qi], res.rows[qi], strict=True):
+                if row < 0:
+                    break
+                item = result.items.add(media_id=int(mid), score=float(score), shard_id=s.shard_id)
+                if request.include_vectors:
+                    item.vector.CopyFrom(encode_vector(t.vectors[row]))
+                if request.include_attributes:
+                    item.attributes.CopyFrom(read_attributes(t.cols, int(row)))
+        return out
+
+    async def Upsert(self, request: pb.UpsertRequest, context: grpc.aio.ServicerContext) -> pb.UpsertResponse:
+        if not request.items:
+            raise InvalidArgument("items", "the batch is empty")
+        ids = np.empty(len(request.items), np.uint64)
+        vectors = np.empty((len(request.items), self._settings.dim), np.float16)
+        seen: dict[int, int] = {}
+        for i, item in enumerate(request.items):
+            if item.media_id in seen:
+                raise InvalidArgument(f"items[{i}].media_id", f"{item.media_id} repeats items[{seen[item.media_id]}]")
+            seen[item.media_id] = i
+            ids[i] = item.media_id
+            vectors[i] = _decode_item_vector(item.vector, f"items[{i}].vector", self._settings.dim)
+            check_attributes(item.attributes, f"items[{i}].attributes")
+        count = await asyncio.to_thread(self._store.upsert, ids, vectors, [it.attributes for it in request.items],
+                                        request.lsn)
+        self._maybe_compact()
+        return pb.UpsertResponse(upserted_count=count, applied_lsn=self._store.applied_lsn)
+
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        if not request.media_ids:
+            raise InvalidArgument("media_ids", "the list is empty")
+        deleted = self._store.delete(np.asarray(request.media_ids, np.uint64), request.lsn)
+        return pb.DeleteResponse(deleted_count=deleted, not_found_count=len(request.media_ids) - deleted,
+                                 applied_lsn=self._store.applied_lsn)
+
+    async def GetMedia(self, request: pb.GetMediaRequest, context: grpc.aio.ServicerContext) -> pb.GetMediaResponse:
+        if not request.media_ids:
+            raise InvalidArgument("media_ids", "the list is empty")
+        if len(request.media_ids) > self._settings.max_get:
+            raise InvalidArgument("media_ids", f"has {len(request.media_ids)} ids; at most {self._settings.max_get}")
+        out = pb.GetMediaResponse()
+        for mid, got in zip(request.media_ids, self._store.get(list(request.media_ids)), strict=True):
+            if got is None:
+                out.missing_media_ids.append(mid)
+                continue
+            item = out.items.add(media_id=mid, attributes=got[2])
+            if request.include_vectors:
+                item.vector.CopyFrom(encode_vector(got[1]))
+        return out
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
+        st = self._store.stats()
+        lag_entries = self.tailer.lag_entries if self.tailer else 0
+        lag_seconds = self.tailer.lag_seconds if self.tailer else 0.0
+        return pb.GetStatsResponse(
+            shard_id=self._settings.shard_id, shard_count=self._settings.shard_count,
+            replica_id=self._settings.replica_id, dimension=self._settings.dim,
+            index_backend=self._store.backend, applied_lsn=self._store.applied_lsn,
+            lag_entries=lag_entries, lag_seconds=lag_seconds, compacting=self._store.compacting,
+            slots=self._slots, **st,
+        )
+
+    async def Compact(self, request: pb.CompactRequest, context: grpc.aio.ServicerContext) -> pb.CompactResponse:
+        running = self._compaction is not None and not self._compaction.done()
+        if running and not request.wait:
+            raise FailedPrecondition("a compaction is already running; call again with wait=true to wait for it")
+        if not running:
+            self._compaction = asyncio.create_task(asyncio.to_thread(self._store.compact))
+        if request.wait:
+            await asyncio.shield(self._compaction)
+        t = self._store.table
+        return pb.CompactResponse(started=not running, index_generation=t.generation, sealed_count=t.sealed)
+
+    async def Snapshot(self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext) -> pb.SnapshotResponse:
+        if self._settings.snapshot_dir is None:
+            raise FailedPrecondition("no snapshot directory: set GMCO_SHARD_SNAPSHOT_DIR")
+        path, size = await asyncio.to_thread(save_snapshot, self._store, self._settings.snapshot_dir)
+        return pb.SnapshotResponse(path=str(path), applied_lsn=self._store.applied_lsn, bytes=size)
+
+    # -- background -----------------------------------------------------------------------------
+    def _maybe_compact(self) -> None:
+        t = self._store.table
+        if t.n - t.sealed >= self._settings.compact_growing_rows and (
+                self._compaction is None or self._compaction.done()):
+            self._compaction = asyncio.create_task(asyncio.to_thread(self._store.compact))
+
+    def refresh_metrics(self) -> None:
+        st = self._store.stats()
+        metrics.ITEMS.set(st["item_count"])
+        metrics.INDEX_BYTES.set(st["index_bytes"])
+        metrics.VECTOR_BYTES.set(st["vector_bytes"])
+        metrics.APPLIED_LSN.set(self._store.applied_lsn)
+        if self.tailer is not None:
+            metrics.LAG_ENTRIES.set(self.tailer.lag_entries)
+            metrics.LAG_SECONDS.set(self.tailer.lag_seconds)
