@@ -91,6 +91,21 @@ def columns_from_items(items: Sequence[common_pb2.MediaItem]) -> AttributeColumn
     return cols
 
 
+def columns_from_catalogue(cat, rows: np.ndarray | None = None) -> AttributeColumns:
+    """Columns for rows of a :class:`gmco_common.datagen.Catalogue` (all rows by default)."""
+    idx = np.arange(len(cat)) if rows is None else rows
+    cols = empty_columns(len(idx))
+    cols.media_ids[:] = cat.media_ids[idx]
+    genres = np.asarray(cat.genre_ids[idx])
+    cols.genre_ids[:, : min(genres.shape[1], MAX_GENRES)] = genres[:, :MAX_GENRES]
+    cols.rating[:] = cat.rating[idx]
+    cols.region_mask[:] = cat.region_mask[idx]
+    cols.format_mask[:] = cat.format_mask[idx]
+    cols.release_year[:] = cat.release_year[idx]
+    cols.popularity[:] = cat.popularity[idx]
+    return cols
+
+
 def is_trivial(f: common_pb2.Filter | None) -> bool:
     return f is None or f.ByteSize() == 0
 

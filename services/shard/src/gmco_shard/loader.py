@@ -11,7 +11,7 @@ from tqdm import tqdm
 from gmco_common.datagen import load_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
 from gmco_shard.config import ShardSettings
-from gmco_shard.filters import MAX_GENRES, empty_columns
+from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.snapshot import load_snapshot, snapshot_exists
 from gmco_shard.store import ShardStore
 
@@ -36,16 +36,7 @@ def load_catalogue_slots(store: ShardStore, data_dir: Path, owned: np.ndarray, p
         ids = np.asarray(cat.media_ids[start:start + _CHUNK])
         keep_parts.append(start + np.flatnonzero(owned[slots_of(ids.tolist())]))
     rows = np.concatenate(keep_parts) if keep_parts else np.empty(0, np.int64)
-    cols = empty_columns(len(rows))
-    cols.media_ids[:] = cat.media_ids[rows]
-    genres = np.asarray(cat.genre_ids[rows])
-    cols.genre_ids[:, : min(genres.shape[1], MAX_GENRES)] = genres[:, :MAX_GENRES]
-    cols.rating[:] = cat.rating[rows]
-    cols.region_mask[:] = cat.region_mask[rows]
-    cols.format_mask[:] = cat.format_mask[rows]
-    cols.release_year[:] = cat.release_year[rows]
-    cols.popularity[:] = cat.popularity[rows]
-    store.bulk_load(np.asarray(cat.vectors[rows]), cols, progress=progress)
+    store.bulk_load(np.asarray(cat.vectors[rows]), columns_from_catalogue(cat, rows), progress=progress)
     return len(rows)
 
 

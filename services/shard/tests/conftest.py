@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from gmco_common.datagen import Catalogue, generate_catalogue
+from gmco_shard.filters import columns_from_catalogue
+from gmco_shard.index.base import IndexParams
+from gmco_shard.store import ShardStore
+
+DIM = 32
+
+
+@pytest.fixture(scope="session")
+def small_catalogue() -> Catalogue:
+    return generate_catalogue(3000, dim=DIM, n_clusters=12, seed=11)
+
+
+@pytest.fixture
+def make_store(small_catalogue) -> Callable[..., ShardStore]:
+    def make(backend: str = "exact", **kw) -> ShardStore:
+        store = ShardStore(DIM, backend, IndexParams(hnsw_m=16, hnsw_ef_construction=80, hnsw_ef_search=64), **kw)
+        store.bulk_load(np.asarray(small_catalogue.vectors), columns_from_catalogue(small_catalogue))
+        return store
+
+    return make
