@@ -1,0 +1,252 @@
+"""Component tests: a real grpc.aio ShardService on port 0, driven through a real channel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gmco.common.v1 import common_pb2
+from gmco.shard.v1 import shard_service_pb2 as pb
+from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco_common.datagen import generate_queries, save_catalogue
+from gmco_common.server import Registration, start_server
+from gmco_common.vectors import encode_batch, encode_vector
+from gmco_shard.config import ShardSettings
+from gmco_shard.servicer import ShardServicer
+from gmco_testing.procs import free_port, wait_grpc_serving
+
+DIM = 32
+SERVICE = "gmco.shard.v1.ShardService"
+
+
+async def _serve(store, **kw):
+    settings = ShardSettings(port=0, dim=DIM, max_k=50, max_batch=64, max_message_bytes=256 * 1024,
+                             index_backend=store.backend, **kw)
+    servicer = ShardServicer(store, settings, slots=[1, 2, 3])
+    running = await start_server(settings, [Registration(
+        shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)])
+    return running
+
+
+@pytest.fixture
+async def shard(make_store):
+    running = await _serve(make_store("hnsw"))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}",
+                                        options=[("grpc.max_send_message_length", 1 << 22)])
+    yield shard_service_pb2_grpc.ShardServiceStub(channel), channel
+    await channel.close()
+    await running.server.stop(0)
+
+
+async def _code(coro) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await coro
+    return err.value.code(), err.value.details()
+
+
+def _item(mid: int, vec: np.ndarray, **attrs) -> common_pb2.MediaItem:
+    return common_pb2.MediaItem(media_id=mid, vector=encode_vector(vec), attributes=common_pb2.MediaAttributes(**attrs))
+
+
+async def test_search_upsert_delete_get_stats(shard, small_catalogue) -> None:
+    stub, _ = shard
+    q = generate_queries(small_catalogue, 4)
+    resp = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5, include_vectors=True,
+                                              include_attributes=True))
+    assert len(resp.results) == 4 and all(len(r.items) == 5 for r in resp.results)
+    top = resp.results[0].items[0]
+    assert top.vector.dimension == DIM and top.attributes.region_mask > 0
+    assert [i.score for i in resp.results[0].items] == sorted([i.score for i in resp.results[0].items], reverse=True)
+    up = await stub.Upsert(pb.UpsertRequest(items=[_item(10**9, q[0], genre_ids=[4])], lsn=7))
+    assert up.upserted_count == 1 and up.applied_lsn == 7
+    resp = await stub.Search(pb.SearchRequest(queries=encode_batch(q[:1]), k=1))
+    assert resp.results[0].items[0].media_id == 10**9
+    got = await stub.GetMedia(pb.GetMediaRequest(media_ids=[10**9, 123456789], include_vectors=True))
+    assert [i.media_id for i in got.items] == [10**9] and list(got.missing_media_ids) == [123456789]
+    assert list(got.items[0].attributes.genre_ids) == [4]
+    d = await stub.Delete(pb.DeleteRequest(media_ids=[10**9, 123456789]))
+    assert (d.deleted_count, d.not_found_count) == (1, 1)
+    stats = await stub.GetStats(pb.GetStatsRequest())
+    assert stats.item_count == len(small_catalogue) and stats.tombstone_count == 1 and list(stats.slots) == [1, 2, 3]
+    c = await stub.Compact(pb.CompactRequest(wait=True))
+    assert c.index_generation == 1
+    assert (await stub.GetStats(pb.GetStatsRequest())).tombstone_count == 0
+    code, _ = await _code(stub.Snapshot(pb.SnapshotRequest()))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_filtered_search_returns_only_allowed(shard, small_catalogue) -> None:
+    stub, _ = shard
+    q = generate_queries(small_catalogue, 3)
+    f = common_pb2.Filter(max_rating=1, format_mask=0b11)
+    resp = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=10, filter=f, include_attributes=True))
+    for r in resp.results:
+        for it in r.items:
+            assert it.attributes.rating <= 1 and it.attributes.format_mask & 0b11
+    assert resp.allowed_count < len(small_catalogue)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda r: r.queries.ClearField("data"), "queries.data"),
+    (lambda r: setattr(r.queries, "dimension", DIM * 2), "queries.dimension"),
+    (lambda r: setattr(r.queries, "count", 0), "queries.count"),
+    (lambda r: setattr(r.queries, "dtype", 7), "queries.dtype"),
+    (lambda r: setattr(r, "k", 0), "k"),
+    (lambda r: setattr(r, "k", 51), "k"),
+    (lambda r: setattr(r, "metric", 9), "metric"),
+    (lambda r: setattr(r, "metric", common_pb2.METRIC_L2), "metric"),
+])
+async def test_search_bad_input_names_the_field(shard, mutate, field) -> None:
+    stub, _ = shard
+    req = pb.SearchRequest(queries=encode_batch(np.ones((2, DIM), np.float32)), k=5)
+    mutate(req)
+    code, details = await _code(stub.Search(req))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+
+
+async def test_nan_batch_limit_and_upsert_errors(shard) -> None:
+    stub, _ = shard
+    bad = np.ones((1, DIM), np.float32)
+    bad[0, 3] = np.inf
+    code, details = await _code(stub.Search(pb.SearchRequest(queries=encode_batch(bad, "float32"), k=1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "NaN or Inf" in details
+    code, details = await _code(stub.Search(pb.SearchRequest(queries=encode_batch(np.ones((65, DIM))), k=1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "queries.count" in details
+    v = np.ones(DIM, np.float32)
+    code, details = await _code(stub.Upsert(pb.UpsertRequest(items=[_item(1, v), _item(1, v)])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("items[1].media_id")
+    code, details = await _code(stub.Upsert(pb.UpsertRequest()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("items")
+    big = encode_vector(np.full(DIM, 1e6, np.float32), "float32")
+    code, details = await _code(stub.Upsert(pb.UpsertRequest(items=[common_pb2.MediaItem(media_id=3, vector=big)])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "float16 range" in details
+    code, details = await _code(stub.Upsert(pb.UpsertRequest(items=[_item(4, v, genre_ids=list(range(9)))])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "genre_ids" in details
+    code, _ = await _code(stub.Delete(pb.DeleteRequest()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_oversized_message_is_resource_exhausted(shard) -> None:
+    stub, _ = shard
+    huge = encode_batch(np.ones((3000, DIM), np.float32), "float32")  # 384 KiB > the 256 KiB limit
+    code, _ = await _code(stub.Search(pb.SearchRequest(queries=huge, k=1)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_min_lsn_not_reached_is_unavailable(shard) -> None:
+    stub, _ = shard
+    req = pb.SearchRequest(queries=encode_batch(np.ones((1, DIM))), k=1, min_lsn=100)
+    code, details = await _code(stub.Search(req, timeout=0.3))
+    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    await stub.Upsert(pb.UpsertRequest(items=[_item(5, np.ones(DIM, np.float32))], lsn=100))
+    assert (await stub.Search(req, timeout=2)).applied_lsn == 100
+
+
+async def test_health_and_reflection(shard) -> None:
+    _, channel = shard
+    health = health_pb2_grpc.HealthStub(channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))).status == 1
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    names = []
+    async for resp in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+        names = [s.name for s in resp.list_services_response.service]
+    assert SERVICE in names and "grpc.health.v1.Health" in names
+
+
+async def test_auth_on(make_store) -> None:
+    running = await _serve(make_store(), auth_token="t0k")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
+            code, _ = await _code(stub.GetStats(pb.GetStatsRequest()))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            ok = await stub.GetStats(pb.GetStatsRequest(), metadata=[("authorization", "Bearer t0k")])
+            assert ok.dimension == DIM
+            health = health_pb2_grpc.HealthStub(ch)  # probes need no token
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == 1
+    finally:
+        await running.server.stop(0)
+
+
+_vectors = st.builds(
+    lambda dtype, dim, count, data, k, metric: pb.SearchRequest(
+        queries=common_pb2.VectorBatch(data=data, dtype=dtype, dimension=dim, count=count), k=k, metric=metric),
+    dtype=st.integers(0, 3), dim=st.sampled_from([0, 1, DIM, DIM + 1]), count=st.integers(0, 3),
+    data=st.one_of(st.binary(max_size=300), st.just(np.ones(DIM, np.float16).tobytes()),
+                   st.just(np.full(DIM * 2, np.nan, np.float16).tobytes())),
+    k=st.integers(0, 60), metric=st.integers(0, 4),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(req=_vectors)
+async def test_property_search_never_internal(shard, req) -> None:
+    stub, _ = shard
+    try:
+        await stub.Search(req)
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), exc.details()
+
+
+_items = st.lists(st.builds(
+    lambda mid, dtype, dim, data, genres, pop: common_pb2.MediaItem(
+        media_id=mid, vector=common_pb2.Vector(data=data, dtype=dtype, dimension=dim),
+        attributes=common_pb2.MediaAttributes(genre_ids=genres, popularity=pop)),
+    mid=st.integers(0, 5), dtype=st.integers(0, 3), dim=st.sampled_from([0, DIM, 3]),
+    data=st.one_of(st.binary(max_size=200), st.just(np.ones(DIM, np.float16).tobytes()),
+                   st.just(np.ones(DIM, np.float32).tobytes())),
+    genres=st.lists(st.integers(0, 2**32 - 1), max_size=10),
+    pop=st.floats(allow_nan=True, allow_infinity=True, width=32)), max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=_items)
+async def test_property_upsert_never_internal(shard, items) -> None:
+    stub, _ = shard
+    try:
+        await stub.Upsert(pb.UpsertRequest(items=items))
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+    # The server is still healthy after whatever it was sent.
+    assert (await stub.GetStats(pb.GetStatsRequest())).dimension == DIM
+
+
+def test_sigterm_drains_in_flight_calls(small_catalogue, tmp_path) -> None:
+    """A real `python -m gmco_shard` process finishes in-flight calls after SIGTERM, then exits 0."""
+    save_catalogue(small_catalogue, tmp_path / "cat")
+    port = free_port()
+    env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(DIM),
+           "GMCO_SHARD_INDEX_BACKEND": "exact", "GMCO_SHARD_DATA_DIR": str(tmp_path / "cat"),
+           "GMCO_SHARD_GRACE_SECONDS": "10"}
+    proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env, stderr=subprocess.PIPE)
+    try:
+        wait_grpc_serving(f"127.0.0.1:{port}", timeout=60, proc=proc, service=SERVICE)
+
+        async def drive() -> list:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = shard_service_pb2_grpc.ShardServiceStub(ch)
+                await stub.GetStats(pb.GetStatsRequest())  # connected before the calls under test
+                q = encode_batch(np.repeat(generate_queries(small_catalogue, 1), 64, 0))
+                calls = [stub.Search(pb.SearchRequest(queries=q, k=50, params=pb.SearchParams(exact=True)))
+                         for _ in range(8)]
+                await asyncio.sleep(0.05)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(drive())
+        assert all(isinstance(r, pb.SearchResponse) for r in results), [r for r in results if isinstance(r, Exception)]
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
