@@ -56,8 +56,14 @@ class RunningServer:
         await self._stopping.wait()
 
     async def drain(self, grace: float) -> None:
-        """Stop taking new work: report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds."""
+        """Stop taking new work: report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds.
+
+        Calls that reached the transport just before the signal are still dispatched during a short
+        settle period (at most half the grace) before the server stops accepting; load balancers see
+        NOT_SERVING meanwhile and send new calls elsewhere.
+        """
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(min(1.0, grace / 2))
         await self.server.stop(grace)
 
 
