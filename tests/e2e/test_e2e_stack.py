@@ -20,6 +20,7 @@ from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_common.slots import SlotMap
 from gmco_stack.envoy import REPO_ROOT
 from gmco_stack.stack import Stack
+from gmco_testing.procs import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -130,9 +131,10 @@ def test_k6_smoke_passes_its_checks(stack: Stack, tmp_path) -> None:
          "-e", "SCENARIO=mixed", "-e", "P99_MS=2000", "-e", f"REGION={REGION}", "-e", f"DEVICE={DEVICE}",
          str(REPO_ROOT / "bench" / "k6" / "recommend.js")],
         check=False, capture_output=True, text=True, timeout=90, cwd=REPO_ROOT)
+    # k6 exits non-zero when a threshold fails: checks rate > 99% and the (generous, smoke) p99.
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = json.loads(summary.read_text())["metrics"]
-    assert metrics["checks"]["fails"] == 0 and metrics["checks"]["passes"] > 0
+    checks = json.loads(summary.read_text())["metrics"]["checks"]
+    assert checks["passes"] > 100 and checks["fails"] <= 0.01 * checks["passes"]
 
 
 def test_a_killed_shard_gives_degraded_answers_naming_it(envoy, stack: Stack) -> None:
@@ -144,7 +146,9 @@ def test_a_killed_shard_gives_degraded_answers_naming_it(envoy, stack: Stack) ->
         assert resp.items and all(i.shard_id == 0 for i in resp.items)
     finally:
         stack.restart("shard-1")
-    assert not recommend(envoy, "after-shard-back", skip_cache=True).degraded
+    # The routers' next health round brings the replica back.
+    wait_until(lambda: not recommend(envoy, "after-shard-back", skip_cache=True).degraded, 15,
+               "answers no longer degraded after the shard came back")
 
 
 def test_a_killed_router_is_routed_around(envoy, stack: Stack) -> None:
