@@ -1,0 +1,198 @@
+"""make bench-shard: exact vs HNSW on the 100,000 x 1024 FP16 clustered reference.
+
+Reports build time, recall@10 against exact ground truth, QPS at batch 1 and 32 in-process and
+through the gRPC service on loopback (a separate server process loading a snapshot), filtered recall
+and QPS at 10% and 1% selectivity, and the measured exact-vs-index crossover that sets
+GMCO_SHARD_EXACT_FRACTION. Writes bench/results/bench_shard.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import plot_path, qps, write_json  # noqa: E402
+
+from gmco.common.v1 import common_pb2  # noqa: E402
+from gmco.shard.v1 import shard_service_pb2 as pb  # noqa: E402
+from gmco.shard.v1 import shard_service_pb2_grpc  # noqa: E402
+from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries  # noqa: E402
+from gmco_common.vectors import encode_batch  # noqa: E402
+from gmco_shard.filters import columns_from_catalogue, evaluate_filter  # noqa: E402
+from gmco_shard.index.base import IndexParams  # noqa: E402
+from gmco_shard.index.exact import exact_search  # noqa: E402
+from gmco_shard.snapshot import save_snapshot  # noqa: E402
+from gmco_shard.store import ShardStore  # noqa: E402
+from gmco_testing.procs import free_port, stop_process, wait_grpc_serving  # noqa: E402
+
+K = 10
+
+
+def recall(rows: np.ndarray, gt: np.ndarray) -> float:
+    hits = [len(set(r[r >= 0].tolist()) & set(g[g >= 0].tolist())) / max(1, min(K, int((g >= 0).sum())))
+            for r, g in zip(rows, gt, strict=True)]
+    return float(np.mean(hits))
+
+
+def genre_filter(cat, target: float) -> common_pb2.Filter:
+    """Allowed genres chosen greedily (least common first) until about ``target`` of items pass."""
+    counts = np.bincount(cat.genre_ids[:, 0], minlength=100)
+    chosen, total = [], 0
+    for g in np.argsort(counts):
+        if counts[g] == 0:
+            continue
+        if total + counts[g] > target * len(cat) * 1.15 and chosen:
+            continue
+        chosen.append(int(g))
+        total += counts[g]
+        if total >= target * len(cat):
+            break
+    return common_pb2.Filter(allowed_genre_ids=chosen)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef-construction", type=int, default=100)
+    ap.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each timed run (3 runs, median)")
+    a = ap.parse_args()
+
+    t0 = time.perf_counter()
+    cat = generate_catalogue(a.items, a.dim, seed=0, progress=True)
+    queries = generate_queries(cat, a.queries, seed=5)
+    gt = exact_ground_truth(cat.vectors, queries, K)
+    print(f"data + ground truth in {time.perf_counter() - t0:.1f}s")
+    cols = columns_from_catalogue(cat)
+    out: dict = {"items": a.items, "dim": a.dim, "k": K, "queries": a.queries, "backends": {}}
+
+    for backend in ("exact", "hnsw"):
+        params = IndexParams(hnsw_m=a.hnsw_m, hnsw_ef_construction=a.ef_construction, hnsw_ef_search=64)
+        store = ShardStore(a.dim, backend, params)
+        t = time.perf_counter()
+        store.bulk_load(np.asarray(cat.vectors), cols, progress=True)
+        build = time.perf_counter() - t
+        res: dict = {"build_seconds": build, "sweep": []}
+        efs = a.ef if backend == "hnsw" else [0]
+        for ef in efs:
+            r = recall(store.search(queries, K, ef=ef).rows, gt)
+            b1 = qps(lambda: store.search(queries[:1], K, ef=ef), 1, a.seconds)
+            b32 = qps(lambda: store.search(queries[:32], K, ef=ef), 32, a.seconds)
+            res["sweep"].append({"ef": ef, "recall_at_10": r, "qps_b1": b1["qps"], "qps_b32": b32["qps"],
+                                 "p50_ms_b1": b1["p50_ms"], "p99_ms_b1": b1["p99_ms"]})
+            print(f"{backend} ef={ef} recall@10={r:.3f} qps b1={b1['qps']:.0f} b32={b32['qps']:.0f}")
+        ok = [s for s in res["sweep"] if s["recall_at_10"] >= 0.95]
+        chosen = min(ok, key=lambda s: s["ef"]) if ok else res["sweep"][-1]
+        res["chosen_ef"] = chosen["ef"]
+        # Filtered search at 10% and 1% selectivity.
+        res["filtered"] = {}
+        for target in (0.10, 0.01):
+            f = genre_filter(cat, target)
+            allow = evaluate_filter(cols, f)
+            fgt = exact_ground_truth(cat.vectors, queries, K, allow)
+            sr = store.search(queries, K, f, ef=chosen["ef"])
+            fb1 = qps(lambda f=f: store.search(queries[:1], K, f, ef=chosen["ef"]), 1, a.seconds)
+            fb32 = qps(lambda f=f: store.search(queries[:32], K, f, ef=chosen["ef"]), 32, a.seconds)
+            res["filtered"][f"{target:.0%}"] = {"allowed_fraction": float(allow.mean()), "exact_path": sr.exact,
+                                               "recall_at_10": recall(sr.rows, fgt), "qps_b1": fb1["qps"],
+                                               "qps_b32": fb32["qps"]}
+            print(f"{backend} filter {allow.mean():.3f}: {res['filtered'][f'{target:.0%}']}")
+        # Through gRPC: a separate server process loads a snapshot of this store.
+        res["grpc"] = grpc_qps(store, a, queries, chosen["ef"])
+        res["grpc_ratio_b1"] = res["grpc"]["qps_b1"] / chosen["qps_b1"]
+        res["grpc_ratio_b32"] = res["grpc"]["qps_b32"] / chosen["qps_b32"]
+        print(f"{backend} grpc {res['grpc']} ratios b1={res['grpc_ratio_b1']:.2f} b32={res['grpc_ratio_b32']:.2f}")
+        if backend == "hnsw":
+            out["crossover"] = crossover(store, cat, cols, queries, chosen["ef"], a.seconds)
+        out["backends"][backend] = res
+        del store
+
+    path = write_json("bench_shard", out)
+    plot(out)
+    print(f"wrote {path}")
+
+
+def crossover(store: ShardStore, cat, cols, queries, ef: int, seconds: float) -> list[dict]:
+    """QPS of index pre-filtering vs exact search over allowed rows, by allowed fraction (batch 32)."""
+    rows = []
+    for target in (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
+        f = genre_filter(cat, target)
+        allow = evaluate_filter(cols, f)
+        allowed_rows = np.flatnonzero(allow)
+        q = queries[:32]
+        ex = qps(lambda: exact_search(store.table.vectors, q, K, "ip", allowed_rows), 32, seconds / 2, 2)
+        ix = qps(lambda: store.table.index.search(q, K, allow, ef), 32, seconds / 2, 2)
+        rows.append({"allowed_fraction": float(allow.mean()), "exact_qps": ex["qps"], "index_qps": ix["qps"]})
+        print(f"crossover {allow.mean():.4f}: exact {ex['qps']:.0f} vs index {ix['qps']:.0f}")
+    return rows
+
+
+def grpc_qps(store: ShardStore, a, queries: np.ndarray, ef: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_snapshot(store, Path(tmp))
+        port = free_port()
+        env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(a.dim),
+               "GMCO_SHARD_INDEX_BACKEND": store.backend, "GMCO_SHARD_SNAPSHOT_DIR": tmp,
+               "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0", "GMCO_SHARD_HNSW_M": str(a.hnsw_m),
+               "GMCO_SHARD_LOG_LEVEL": "WARNING"}
+        proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
+        try:
+            wait_grpc_serving(f"127.0.0.1:{port}", timeout=600, proc=proc, service="gmco.shard.v1.ShardService")
+            return asyncio.run(_drive(port, queries, ef, a.seconds))
+        finally:
+            stop_process(proc)
+
+
+async def _drive(port: int, queries: np.ndarray, ef: int, seconds: float) -> dict:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = shard_service_pb2_grpc.ShardServiceStub(ch)
+        out = {}
+        for batch in (1, 32):
+            req = pb.SearchRequest(queries=encode_batch(queries[:batch]), k=K, params=pb.SearchParams(ef=ef))
+            await stub.Search(req)
+            runs = []
+            for _ in range(3):
+                calls, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    await stub.Search(req)
+                    calls += 1
+                runs.append(calls * batch / (time.perf_counter() - start))
+            out[f"qps_b{batch}"] = float(np.median(runs))
+        return out
+
+
+def plot(out: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, res in out["backends"].items():
+        rec = [s["recall_at_10"] for s in res["sweep"]]
+        axes[0].plot(rec, [s["qps_b1"] for s in res["sweep"]], "o-", label=f"{name} batch 1")
+        axes[0].plot(rec, [s["qps_b32"] for s in res["sweep"]], "s--", label=f"{name} batch 32")
+    axes[0].set(xlabel="recall@10", ylabel="queries/s (in-process)", yscale="log", title="QPS vs recall")
+    axes[0].legend()
+    cx = out.get("crossover", [])
+    axes[1].plot([c["allowed_fraction"] for c in cx], [c["exact_qps"] for c in cx], "o-", label="exact over allowed")
+    axes[1].plot([c["allowed_fraction"] for c in cx], [c["index_qps"] for c in cx], "s-", label="HNSW pre-filter")
+    axes[1].set(xlabel="allowed fraction", ylabel="queries/s (batch 32)", xscale="log", yscale="log",
+                title="filtered search: exact vs index")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(plot_path("bench_shard"))
+
+
+if __name__ == "__main__":
+    main()
