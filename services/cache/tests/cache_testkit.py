@@ -78,7 +78,7 @@ async def recomputations_under_stampede(stub: cache_service_pb2_grpc.CacheServic
         answer = await stub.GetRecommendations(request)
         if answer.hit:
             return [i.media_id for i in answer.recommendations.items]
-        assert answer.lock_acquired and answer.lock_token and not answer.bypassed
+        assert answer.lock_acquired and answer.lock_token and not answer.bypassed, f"neither hit nor lock: {answer}"
         computations += 1
         await asyncio.sleep(0.05)  # the recomputation
         await stub.PutRecommendations(pb.PutRecommendationsRequest(
@@ -86,5 +86,5 @@ async def recomputations_under_stampede(stub: cache_service_pb2_grpc.CacheServic
         return [42]
 
     results = await asyncio.gather(*(caller() for _ in range(callers)))
-    assert results == [[42]] * callers
+    assert results == [[42]] * callers, results
     return computations

@@ -20,8 +20,8 @@ from redis.crc import key_slot
 
 pytestmark = pytest.mark.integration
 
-# Generous per-call timeout: these tests check behaviour on a busy machine, not speed.
-PATIENT = {"op_timeout_seconds": 1.0}
+# Generous timeouts: these tests check behaviour on a busy machine, not speed.
+PATIENT = {"op_timeout_seconds": 1.0, "lock_wait_seconds": 10.0}
 
 
 @pytest.fixture
@@ -120,7 +120,11 @@ async def test_fill_lock_is_set_nx_in_the_users_slot(cluster_service: Service, r
     assert await raw.get(lock) == first.lock_token.encode()
     assert 0 < await raw.pttl(lock) <= cluster_service.settings.lock_ttl_ms
     assert key_slot(lock.encode()) == key_slot(b"rec:v2:{lock-user}:c:1")
-    await stub.PutRecommendations(put("lock-user", recs(9)))  # the put releases the lock
+    await stub.PutRecommendations(put("lock-user", recs(9)))  # the lock is left to expire
+    again = await stub.GetRecommendations(get("lock-user", lock_on_miss=True))
+    assert again.hit and not again.lock_acquired
+    assert (await stub.ReleaseLock(pb.ReleaseLockRequest(user_id="lock-user", context_hash="c", user_version=1,
+                                                         lock_token=first.lock_token))).released
     assert await raw.exists(lock) == 0
     assert await recomputations_under_stampede(stub, "stampede-user") == 1
 

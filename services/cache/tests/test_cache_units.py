@@ -109,7 +109,7 @@ class Broken:
         await self._fail()
         return []
 
-    async def set_many(self, items, delete=()) -> None:
+    async def set_many(self, items) -> None:
         await self._fail()
 
     async def set_if_absent(self, key, value, ttl_ms) -> bool:

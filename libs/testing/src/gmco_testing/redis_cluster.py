@@ -81,7 +81,21 @@ class RedisNode:
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start and wait for PING; a port taken since it was picked is replaced by a fresh one."""
+        for attempt in range(attempts):
+            try:
+                self._start_once()
+                return
+            except RuntimeError:
+                self.stop()
+                if attempt == attempts - 1 or "Address already in use" not in self.log_tail():
+                    raise
+                self.port = free_port()
+                self.extra_config = tuple(f"cluster-port {free_port()}" if c.startswith("cluster-port ") else c
+                                          for c in self.extra_config)
+
+    def _start_once(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         config = [
             f"port {self.port}", f"bind {HOST}", "protected-mode no", f"dir {self.directory}",
@@ -206,7 +220,19 @@ class RedisCluster(_Servers):
         self.node_timeout_ms = node_timeout_ms
         self.ready_timeout = ready_timeout
 
-    def start(self) -> None:
+    def start(self, attempts: int = 2) -> None:
+        """Start the nodes, create the cluster and wait for it; on a failure, once more from scratch."""
+        for attempt in range(attempts):
+            try:
+                self._start_once()
+                return
+            except (RuntimeError, TimeoutError):
+                for node in self.nodes:
+                    node.stop()
+                if attempt == attempts - 1:
+                    raise
+
+    def _start_once(self) -> None:
         config = ("cluster-enabled yes", "cluster-config-file nodes.conf",
                   f"cluster-node-timeout {self.node_timeout_ms}",
                   # Keep serving the slots that are still covered while a master is down.

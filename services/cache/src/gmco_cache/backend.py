@@ -31,8 +31,8 @@ class Backend(Protocol):
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values in key order; None for a missing key."""
 
-    async def set_many(self, items: Sequence[tuple[str, bytes, int]], delete: Sequence[str] = ()) -> None:
-        """Store (key, value, ttl_ms) items and delete ``delete`` keys (fill locks made moot)."""
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
+        """Store (key, value, ttl_ms) items."""
 
     async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         """SET NX PX: True when the key was absent and is now ``value``."""

@@ -135,15 +135,15 @@ class Cache:
             REQUESTS.labels(keyspace.value, "get", result).inc(n)
         return Lookup(values, bypassed)
 
-    async def put(self, entries: Sequence[tuple[Key, bytes]], ttl_seconds: int = 0,
-                  release_locks: bool = False) -> Stored:
-        """Store entries with ``ttl_seconds`` (0: each keyspace's default); ``release_locks`` also drops
-        the fill locks of the keys, whose values are now there."""
+    async def put(self, entries: Sequence[tuple[Key, bytes]], ttl_seconds: int = 0) -> Stored:
+        """Store entries with ``ttl_seconds`` (0: each keyspace's default).
+
+        A fill lock is left to expire rather than deleted here: a caller that missed just before this put
+        would otherwise find no lock, take it and recompute a value that is already there."""
         ttl = self._policy.ttl_seconds
         items = [(k.redis_key, v, 1000 * (ttl_seconds or ttl[k.keyspace])) for k, v in entries]
-        unlock = [k.lock_key for k, _ in entries] if release_locks else []
         try:
-            await self._call("put", lambda: self._backend.set_many(items, unlock))
+            await self._call("put", lambda: self._backend.set_many(items))
             stored = [True] * len(entries)
         except PartialFailure as exc:
             stored = exc.values

@@ -84,11 +84,9 @@ class MemoryBackend:
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [self._store.get(k) for k in keys]
 
-    async def set_many(self, items: Sequence[tuple[str, bytes, int]], delete: Sequence[str] = ()) -> None:
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
         for key, value, ttl_ms in items:
             self._store.set(key, value, ttl_ms / 1000)
-        for key in delete:
-            self._store.delete(key)
 
     async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         if self._store.get(key) is not None:

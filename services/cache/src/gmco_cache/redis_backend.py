@@ -71,12 +71,10 @@ class RedisNodeBackend(_RedisCommon):
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return list(await self._client.mget(keys))
 
-    async def set_many(self, items: Sequence[tuple[str, bytes, int]], delete: Sequence[str] = ()) -> None:
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for key, value, ttl_ms in items:
             pipe.set(key, value, px=ttl_ms)
-        if delete:
-            pipe.delete(*delete)
         await pipe.execute()
 
     def failed(self) -> None:
@@ -168,26 +166,19 @@ class RedisClusterBackend(_RedisCommon):
             raise PartialFailure(values, error)
         return values
 
-    async def set_many(self, items: Sequence[tuple[str, bytes, int]], delete: Sequence[str] = ()) -> None:
-        keys = [key for key, _, _ in items] + list(delete)
-
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
         def queue(pipe: ClusterPipeline, indices: list[int]) -> int:
-            dels = [keys[i] for i in indices if i >= len(items)]
             for i in indices:
-                if i < len(items):
-                    key, value, ttl_ms = items[i]
-                    pipe.set(key, value, px=ttl_ms)
-            if dels:
-                pipe.delete(*dels)
-            return len(indices) - len(dels) + bool(dels)
+                key, value, ttl_ms = items[i]
+                pipe.set(key, value, px=ttl_ms)
+            return len(indices)
 
-        served, error = await self._pipelined(keys, queue)
+        served, error = await self._pipelined([key for key, _, _ in items], queue)
         if error is not None:
             stored = [False] * len(items)
             for indices, _ in served:
                 for i in indices:
-                    if i < len(items):
-                        stored[i] = True
+                    stored[i] = True
             raise PartialFailure(stored, error)
 
     # -- failover ----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class CacheServicer:
                                  context: grpc.aio.ServicerContext) -> pb.PutRecommendationsResponse:
         key = recommendations_key(request.user_id, request.context_hash, request.user_version)
         value = check_value(request.recommendations.SerializeToString(), "recommendations", self._max_value_bytes)
-        stored = await self._cache.put([(key, value)], request.ttl_seconds, release_locks=True)
+        stored = await self._cache.put([(key, value)], request.ttl_seconds)
         return pb.PutRecommendationsResponse(stored=stored.count == 1, bypassed=stored.bypassed)
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext) -> pb.BatchGetResponse:
