@@ -56,7 +56,7 @@ class Settings(ServerSettings):
         check_msg="> 0")
     cache_ttl_seconds: int = setting(300, help="TTL of cached recommendations", check=_positive, check_msg="> 0")
     user_version_ttl_seconds: float = setting(
-        30.0, help="how long a user's state version learnt here is trusted for the cache key", check=_non_negative,
+        60.0, help="how long a user's state version learnt here is trusted for the cache key", check=_non_negative,
         check_msg=">= 0")
     filter_cache_ttl_seconds: float = setting(
         30.0, help="how long a compiled filter is reused without asking the ontology", check=_non_negative,
