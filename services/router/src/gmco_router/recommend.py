@@ -151,6 +151,8 @@ def context_key(context: common_pb2.RequestContext, preferences: common_pb2.User
 
 async def run_all(*aws: Awaitable[Any]) -> list[Any]:
     """``gather`` that cancels the others when one fails, so no work outlives a failed request."""
+    if len(aws) == 1:  # the common single-request case: no task to create
+        return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return await asyncio.gather(*tasks)
