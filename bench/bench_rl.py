@@ -190,12 +190,12 @@ async def ingest(target: str, cat: Catalogue, batch: int, users_per_batch: int, 
     vectors = [encode_vector(v) for v in cat.vectors[:1000]]
     ids = cat.media_ids[:1000]
     per_user = batch // users_per_batch
-    done = 0
+    done = retries = 0
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
 
     async def client(c: int, stub: rl_state_service_pb2_grpc.RLStateServiceStub) -> None:
-        nonlocal done
+        nonlocal done, retries
         n = 0
         rng = np.random.default_rng(c)
         while time.perf_counter() < stop_at:
@@ -204,8 +204,17 @@ async def ingest(target: str, cat: Catalogue, batch: int, users_per_batch: int, 
                                        media_id=int(ids[j]), reward=float(i % 2), timestamp_unix_ms=n,
                                        context=HOMEPAGE, media_vector=vectors[j])
                       for i, j in enumerate(rng.integers(0, len(vectors), batch))]
+            request = pb.RecordFeedbackRequest(events=events)
             start = time.perf_counter()
-            resp = await stub.RecordFeedback(pb.RecordFeedbackRequest(events=events), timeout=30)
+            while True:  # what a client does with UNAVAILABLE: back off, resend (the events are idempotent)
+                try:
+                    resp = await stub.RecordFeedback(request, timeout=30)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    retries += 1
+                    await asyncio.sleep(0.05)
             latencies.append(time.perf_counter() - start)
             done += resp.applied_count
             n += 1
@@ -216,7 +225,7 @@ async def ingest(target: str, cat: Catalogue, batch: int, users_per_batch: int, 
         await asyncio.gather(*(client(c, stub) for c in range(clients)))
     elapsed = time.perf_counter() - started
     return {"batch": batch, "users_per_batch": users_per_batch, "clients": clients, "seconds": elapsed,
-            "events": done, "events_per_second": done / elapsed,
+            "events": done, "events_per_second": done / elapsed, "unavailable_retries": retries,
             "batch_latency_p50_ms": 1000 * float(np.percentile(latencies, 50)),
             "batch_latency_p99_ms": 1000 * float(np.percentile(latencies, 99))}
 

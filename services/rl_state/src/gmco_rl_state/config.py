@@ -36,7 +36,7 @@ class Settings(ServerSettings):
         choices=("thompson", "greedy"),
     )
     prior_scale: float = setting(
-        0.5, help="Thompson sampling: posterior scale v (more = more exploration)", check=_positive,
+        0.05, help="Thompson sampling: posterior scale v (more = more exploration)", check=_positive,
         check_msg="> 0",
     )
     ridge: float = setting(1.0, help="bandit ridge prior lambda", check=_positive, check_msg="> 0")
