@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+import grpc
+from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_testing.procs import free_port, grpc_serving, stop_process, wait_until
 
 from gmco_stack.envoy import REPO_ROOT, EnvoyParams, load_template, render_envoy_config
@@ -146,17 +148,23 @@ class Stack:
         self._add("ontology", "gmco_ontology", "GMCO_ONTOLOGY_", self._port(base + 301),
                   "gmco.ontology.v1.OntologyService")
         self._add("rl_state", "gmco_rl_state", "GMCO_RL_STATE_", self._port(base + 401),
-                  "gmco.rl_state.v1.RLStateService", media_dim=cfg.dim, sqlite_path=run / "rl_state.sqlite3")
+                  "gmco.rl_state.v1.RLStateService", media_dim=cfg.dim,
+                  # user state is tied to the embedding space, so one database per catalogue
+                  sqlite_path=run / f"rl_state-{cfg.data_dir.name}.sqlite3")
         self._add("cache", "gmco_cache", "GMCO_CACHE_", self._port(base + 201), "gmco.cache.v1.CacheService")
         shard_targets: dict[int, list[str]] = {}
+        self.snapshot_dirs: dict[str, Path] = {}
         for sid in range(cfg.shards):
             for rep in range(cfg.replicas):
+                name = f"shard-{sid}" + (f"-r{rep}" if cfg.replicas > 1 else "")
+                snapshots = run / "snapshots" / f"{cfg.data_dir.name}-{cfg.index_backend}-shard{sid}-r{rep}"
+                self.snapshot_dirs[name] = snapshots
                 svc = self._add(
-                    f"shard-{sid}" + (f"-r{rep}" if cfg.replicas > 1 else ""), "gmco_shard", "GMCO_SHARD_",
+                    name, "gmco_shard", "GMCO_SHARD_",
                     self._port(base + 1 + sid + 10 * rep), "gmco.shard.v1.ShardService",
                     shard_id=sid, shard_count=cfg.shards, replica_id=rep, dim=cfg.dim,
                     index_backend=cfg.index_backend, data_dir=cfg.data_dir,
-                    snapshot_dir=run / "snapshots" / f"{cfg.data_dir.name}-{cfg.index_backend}-shard{sid}-r{rep}",
+                    snapshot_dir=snapshots,
                 )
                 shard_targets.setdefault(sid, []).append(svc.target)
         spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
@@ -208,6 +216,7 @@ class Stack:
         atexit.register(self.stop)
         try:
             self._start_group(["ontology", "rl_state", "cache", *(s.name for s in self.shard_services)])
+            self._snapshot_new_shards()
             self._start_group([s.name for s in self.routers])
             self._start_group(["envoy"], check=self._envoy_ready)
         except BaseException:
@@ -223,6 +232,17 @@ class Stack:
             waits = [pool.submit(self._wait, self.services[n], timeout, check) for n in names]
             for w in waits:
                 w.result()
+
+    def _snapshot_new_shards(self) -> None:
+        """Ask a shard that built its index from the catalogue to snapshot it now, so that the next
+        start loads the snapshot instead of building again (the shard's own timer waits minutes)."""
+        for svc in self.shard_services:
+            directory = self.snapshot_dirs[svc.name]
+            if directory.is_dir() and any(directory.iterdir()):
+                continue
+            with grpc.insecure_channel(svc.target) as channel:
+                shard_service_pb2_grpc.ShardServiceStub(channel).Snapshot(
+                    shard_service_pb2.SnapshotRequest(), timeout=self.config.start_timeout)
 
     def _wait(self, svc: Service, timeout: float, check=None) -> None:
         svc.wait_ready(timeout)
