@@ -45,17 +45,21 @@ def recall(rows: np.ndarray, gt: np.ndarray) -> float:
 
 
 def genre_filter(cat, target: float) -> common_pb2.Filter:
-    """Allowed genres chosen greedily (least common first) until about ``target`` of items pass."""
-    counts = np.bincount(cat.genre_ids[:, 0], minlength=100)
-    chosen, total = [], 0
-    for g in np.argsort(counts):
-        if counts[g] == 0:
-            continue
-        if total + counts[g] > target * len(cat) * 1.15 and chosen:
+    """Allowed genres chosen greedily (rarest first, counting every genre column) to reach ~``target``."""
+    n_genres = int(cat.genre_ids.max()) + 1
+    member = np.zeros((len(cat), n_genres), bool)
+    for col in range(cat.genre_ids.shape[1]):
+        has = cat.genre_ids[:, col] >= 0
+        member[np.flatnonzero(has), cat.genre_ids[has, col]] = True
+    chosen: list[int] = []
+    allowed = np.zeros(len(cat), bool)
+    for g in np.argsort(member.sum(0)):
+        trial = allowed | member[:, g]
+        if trial.mean() > target * 1.25 and chosen:
             continue
         chosen.append(int(g))
-        total += counts[g]
-        if total >= target * len(cat):
+        allowed = trial
+        if allowed.mean() >= target * 0.9:
             break
     return common_pb2.Filter(allowed_genre_ids=chosen)
 
