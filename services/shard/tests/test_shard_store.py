@@ -176,3 +176,21 @@ def test_registry_names_what_to_install() -> None:
         create_index("annoy", 8, IndexParams())
     with pytest.raises(ConfigError, match="unknown metric"):
         create_index("exact", 8, IndexParams(metric="cosine"))
+
+
+def test_compaction_drops_slots_no_longer_owned(make_store, small_catalogue) -> None:
+    """After resharding moves slots away, the next compaction lets go of their rows."""
+    from gmco_common.slots import slots_of
+
+    store = make_store()
+    ids = small_catalogue.media_ids
+    slots = slots_of(ids.tolist())
+    owned = np.ones(NUM_SLOTS, bool)
+    owned[np.unique(slots)[:100]] = False  # these slots moved to another shard
+    store.owned_slots = owned
+    store.compact()
+    kept = store.table.cols.media_ids[: store.table.n]
+    assert owned[slots_of(kept.tolist())].all()
+    assert len(kept) == int(owned[slots].sum()) < len(ids)
+    moved = int(ids[~owned[slots]][0])
+    assert store.get([moved]) == [None]

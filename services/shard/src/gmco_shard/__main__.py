@@ -7,11 +7,14 @@ import contextlib
 import logging
 import sys
 
+import numpy as np
+
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_catalog.log import open_log
 from gmco_catalog.tailer import LogTailer
 from gmco_common.config import ConfigError, describe_settings
 from gmco_common.logging import configure_logging
+from gmco_common.slots import NUM_SLOTS
 from gmco_common.server import Registration, serve_until_signal, start_server
 from gmco_shard import config
 from gmco_shard.index.base import IndexParams, backend_class
@@ -35,6 +38,8 @@ async def run(settings: config.ShardSettings) -> None:
     params = IndexParams(settings.metric, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
     store = ShardStore(settings.dim, settings.index_backend, params, settings.exact_fraction)
     slots = slot_map(settings).slots_for(settings.shard_id)
+    store.owned_slots = np.zeros(NUM_SLOTS, bool)
+    store.owned_slots[slots] = True
     async with contextlib.AsyncExitStack() as stack:
         catalog = await stack.enter_async_context(open_log(settings.catalog_dsn)) if settings.catalog_dsn else None
         tailer = None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from gmco.common.v1 import common_pb2
+from gmco_common.slots import slots_of
 from gmco_shard.filters import (AttributeColumns, empty_columns, evaluate_filter, is_trivial, read_attributes,
                                 write_attributes)
 from gmco_shard.index.base import IndexParams, VectorIndex, create_index, topk
@@ -65,6 +66,9 @@ class ShardStore:
         self.table = self._new_table(capacity)
         self.applied_lsn = 0
         self.compacting = False
+        # Slots this shard owns (bool over the 4096 slots); compaction drops rows of other slots,
+        # which is how a shard lets go of slots moved away by resharding. None = keep everything.
+        self.owned_slots: np.ndarray | None = None
 
     # -- construction -------------------------------------------------------------------------
     def _new_table(self, capacity: int, index: VectorIndex | None = None, generation: int = 0) -> Table:
@@ -184,7 +188,10 @@ class ShardStore:
                 with self._lock:
                     old = self.table
                     n0 = old.n
-                    keep = np.flatnonzero(old.alive[:n0])
+                    live = old.alive[:n0].copy()
+                    if self.owned_slots is not None:
+                        live &= self.owned_slots[slots_of(old.cols.media_ids[:n0].tolist())]
+                    keep = np.flatnonzero(live)
                     new = self._new_table(max(len(keep) + len(keep) // 4, 1024), generation=old.generation + 1)
                     new.vectors[: len(keep)] = old.vectors[keep]
                     for name in new.cols.__dataclass_fields__:
