@@ -17,7 +17,7 @@ from gmco_common.logging import configure_logging
 from gmco_common.slots import NUM_SLOTS
 from gmco_common.server import Registration, serve_until_signal, start_server
 from gmco_shard import config
-from gmco_shard.index.base import IndexParams, backend_class
+from gmco_shard.index.base import backend_class
 from gmco_shard.loader import initial_load, slot_map
 from gmco_shard.servicer import ShardServicer
 from gmco_shard.snapshot import save_snapshot
@@ -35,8 +35,7 @@ async def _every(seconds: float, fn) -> None:
 
 async def run(settings: config.ShardSettings) -> None:
     backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
-    params = IndexParams(settings.metric, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
-    store = ShardStore(settings.dim, settings.index_backend, params, settings.exact_fraction)
+    store = ShardStore(settings.dim, settings.index_backend, settings.index_params(), settings.exact_fraction)
     slots = slot_map(settings).slots_for(settings.shard_id)
     store.owned_slots = np.zeros(NUM_SLOTS, bool)
     store.owned_slots[slots] = True

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
-from gmco_shard.index.base import BACKENDS
+from gmco_shard.index.base import BACKENDS, IndexParams
 
 PREFIX = "GMCO_SHARD_"
+# The milvus backend's choices (validated here and again by gmco_shard.index.milvus for direct use).
+MILVUS_INDEX_TYPES = ("HNSW", "HNSW_SQ", "GPU_CAGRA", "IVF_FLAT", "IVF_SQ8", "GPU_IVF_FLAT", "FLAT", "AUTOINDEX")
+MILVUS_CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
+MILVUS_VECTOR_TYPES = ("auto", "float16", "float32")
 
 
 def _pos(v: float) -> bool:
@@ -42,6 +46,22 @@ class ShardSettings(ServerSettings):
     compact_growing_rows: int = setting(50_000, help="compact when the growing segment reaches this many rows",
                                         check=_pos, check_msg="must be > 0")
     catalog_dsn: str | None = setting(None, help="catalogue log to tail (postgresql://... or a SQLite path)")
+    milvus_uri: str | None = setting(None, help="milvus backend: a Milvus URI (http://host:19530) or a Milvus Lite "
+                                     "file path ending in .db")
+    milvus_token: str | None = setting(None, help="milvus backend: token (user:password or API key) of a remote Milvus")
+    milvus_collection: str | None = setting(None, help="milvus backend: collection name prefix (default "
+                                            "gmco_shard_<SHARD_ID>_r<REPLICA_ID>)")
+    milvus_index_type: str = setting("HNSW", help="milvus backend: index type (GPU_CAGRA on a GPU Milvus)",
+                                     choices=MILVUS_INDEX_TYPES)
+    milvus_index_params: str | None = setting(None, help="milvus backend: JSON build parameters merged over the "
+                                              "defaults (HNSW: M and efConstruction from GMCO_SHARD_HNSW_*)")
+    milvus_consistency: str = setting("Bounded", help="milvus backend: search consistency level (the sealed "
+                                      "collection is written once, then only read)", choices=MILVUS_CONSISTENCY_LEVELS)
+    milvus_vector_type: str = setting("auto", help="milvus backend: stored vector type (auto: float32 on Milvus "
+                                      "Lite, which has no FP16 vectors; float16 on a Milvus server)",
+                                      choices=MILVUS_VECTOR_TYPES)
+    milvus_timeout_seconds: float = setting(30.0, help="milvus backend: timeout of one Milvus call",
+                                            check=_pos, check_msg="must be > 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +70,16 @@ class ShardSettings(ServerSettings):
         if self.data_dir is not None and not (self.data_dir / "meta.json").is_file():
             raise ConfigError(f"{PREFIX}DATA_DIR={self.data_dir} is not a catalogue directory (no meta.json); "
                               "create one with `python -m gmco_common.datagen --out DIR`")
+        if self.index_backend == "milvus" and not self.milvus_uri:
+            raise ConfigError(f"{PREFIX}INDEX_BACKEND=milvus needs {PREFIX}MILVUS_URI: a Milvus URI "
+                              "(http://host:19530) or a Milvus Lite file path ending in .db")
+
+    def index_params(self) -> IndexParams:
+        """The index backend's parameters; the milvus_* settings travel in ``extra``."""
+        extra = {f.name: str(getattr(self, f.name)) for f in fields(self)
+                 if f.name.startswith("milvus_") and getattr(self, f.name) is not None}
+        extra["milvus_collection"] = self.milvus_collection or f"gmco_shard_{self.shard_id}_r{self.replica_id}"
+        return IndexParams(self.metric, self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search, extra=extra)
 
 
 def load() -> ShardSettings:

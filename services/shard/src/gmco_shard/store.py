@@ -6,6 +6,10 @@ are covered by the sealed index; rows ``[sealed, n)`` form the growing segment. 
 replacing upsert clears the row's ``alive`` bit (a tombstone). Compaction copies the live rows into a
 fresh table, builds its index off the lock, then carries over what changed meanwhile and swaps the
 new table in with one reference assignment, so a search always sees a whole index.
+
+Filtered searches evaluate the ``Filter`` in numpy into an allow mask (it also counts the allowed rows and
+picks exact search when few pass). An index that takes a mask gets the mask; a
+:class:`~gmco_shard.index.base.FilteringIndex` (Milvus) gets the ``Filter`` and the sealed tombstones instead.
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ import numpy as np
 
 from gmco.common.v1 import common_pb2
 from gmco_common.slots import slots_of
-from gmco_shard.filters import (AttributeColumns, empty_columns, evaluate_filter, is_trivial, read_attributes,
-                                write_attributes)
-from gmco_shard.index.base import IndexParams, VectorIndex, create_index, topk
+
+from gmco_shard.filters import (
+    AttributeColumns,
+    empty_columns,
+    evaluate_filter,
+    is_trivial,
+    read_attributes,
+    write_attributes,
+)
+from gmco_shard.index.base import FilteringIndex, IndexParams, VectorIndex, create_index, topk
 from gmco_shard.index.exact import exact_search
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,15 @@ class SearchResult:
     table: Table
     allowed: int
     exact: bool
+
+
+def _build_sealed(table: Table, progress: bool) -> None:
+    """Build ``table``'s index over its sealed rows; a FilteringIndex also gets their attribute columns."""
+    vectors = table.vectors[: table.sealed]
+    if isinstance(table.index, FilteringIndex):
+        table.index.build_with_columns(vectors, table.cols.head(table.sealed), progress=progress)
+    else:
+        table.index.build(vectors, progress=progress)
 
 
 class ShardStore:
@@ -85,7 +105,7 @@ class ShardStore:
             getattr(table.cols, name)[:n] = getattr(cols, name)
         table.alive[:n] = True
         table.n = table.sealed = n
-        table.index.build(table.vectors[:n], progress=progress)
+        _build_sealed(table, progress)
         with self._lock:
             self.table = table
             self._ids = {int(m): r for r, m in enumerate(table.cols.media_ids[:n])}
@@ -171,7 +191,11 @@ class ShardStore:
             s1, r1 = exact_search(t.vectors, q, k, metric, np.flatnonzero(sealed_allow))
         else:
             pre = None if sealed_allowed == sealed else sealed_allow
-            s1, r1 = t.index.search(q, k, pre, ef)
+            if pre is not None and isinstance(t.index, FilteringIndex):
+                # The backend filters natively: the Filter itself, plus the tombstones it cannot know about.
+                s1, r1 = t.index.search_filter(q, k, flt, np.flatnonzero(~t.alive[:sealed]), ef)
+            else:
+                s1, r1 = t.index.search(q, k, pre, ef)
         growing = np.flatnonzero(allow[sealed:]) + sealed
         if growing.size:
             s2, r2 = exact_search(t.vectors, q, k, metric, growing)
@@ -199,7 +223,7 @@ class ShardStore:
                     new.alive[: len(keep)] = True
                     new.n = new.sealed = len(keep)
                 # The expensive part runs without the lock: writes and searches go on against `old`.
-                new.index.build(new.vectors[: new.n], progress=progress)
+                _build_sealed(new, progress)
                 with self._lock:
                     cur = self.table
                     remap = np.full(n0, -1, np.int64)

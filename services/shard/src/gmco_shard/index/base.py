@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError
+from gmco_shard.filters import AttributeColumns
 
 METRICS = ("ip", "l2")
 
@@ -60,6 +62,26 @@ class VectorIndex(ABC):
     @abstractmethod
     def nbytes(self) -> int: ...
 
+
+
+class FilteringIndex(VectorIndex):
+    """Optional capability: a backend that keeps the attribute columns and evaluates a ``Filter`` itself.
+
+    For a backend that cannot take a row bitmap (Milvus takes a boolean expression), the store builds it
+    with the sealed rows' columns and, for a filtered search, hands over the request's ``Filter`` plus
+    the sealed rows it must hide (tombstones) instead of an allow mask. ``search`` with an allow mask
+    still works (the backend turns the mask into a row list), and ``build`` without columns indexes rows
+    that carry no attributes, which is enough for mask-only use.
+    """
+
+    @abstractmethod
+    def build_with_columns(self, vectors: np.ndarray, cols: AttributeColumns, progress: bool = False) -> None:
+        """Index ``vectors`` with their attribute columns (row i of both describe the same item)."""
+
+    @abstractmethod
+    def search_filter(self, queries: np.ndarray, k: int, flt: common_pb2.Filter | None, hidden_rows: np.ndarray,
+                      ef: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search``, over the rows that pass ``flt`` and are not in ``hidden_rows``."""
 
 # name -> ("module:Class", what to install when the import fails)
 BACKENDS: dict[str, tuple[str, str]] = {

@@ -1,0 +1,313 @@
+"""The sealed segment in Milvus (pymilvus ``MilvusClient``): a remote Milvus by URI and token, or Milvus Lite
+in a local ``.db`` file.
+
+Each build makes a fresh collection ``<base>_<time_ns>``: ``row`` (the store's row number, primary key),
+``media_id``, the vector, and the attribute fields of :mod:`gmco_shard.index.milvus_filter`. The store's
+filtered searches arrive as a ``Filter`` translated into a boolean expression (Milvus cannot take a row
+bitmap). Milvus errors are mapped to gmco_common errors with a message that says what to do; the raw
+Milvus text is logged, and only input errors quote its first line.
+
+Loading: a collection is created released, filled, flushed, indexed and only then loaded. Milvus Lite
+searches rows that were inserted into a loaded collection by brute force until the collection is released
+and loaded again (load builds or reads each segment's HNSW index); building released and loading once at
+the end avoids that and a second, concurrent index build by Lite's background worker. See docs/milvus.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.client.types import Status
+from pymilvus.exceptions import (ConnectError, ConnectionNotExistException, DataNotMatchException,
+                                 DataTypeNotMatchException, MilvusException, MilvusUnavailableException,
+                                 ParamError)
+from pymilvus.grpc_gen import common_pb2 as milvus_common
+
+from gmco_common.config import ConfigError
+from gmco_common.context import call_timeout
+from gmco_common.errors import (DeadlineExceeded, FailedPrecondition, GmcoError, InvalidArgument,
+                                ResourceExhausted, Unavailable)
+from gmco_shard.config import MILVUS_CONSISTENCY_LEVELS, MILVUS_INDEX_TYPES, MILVUS_VECTOR_TYPES
+from gmco_shard.filters import MAX_GENRES, AttributeColumns, empty_columns
+from gmco_shard.index.base import FilteringIndex, IndexParams
+from gmco_shard.index.milvus_filter import (FORMAT_BITS, GENRES, MASK_BITS, MEDIA_ID, RATING, REGION_BITS, ROW,
+                                            VECTOR, YEAR, entity_rows, filter_expression, rows_expression)
+
+log = logging.getLogger(__name__)
+
+_FILE = "milvus.json"
+_INSERT_BATCH = 5000
+# The search-breadth knob of each index type, which the request's ``ef`` sets (0 = the default).
+_BREADTH = {"HNSW": "ef", "HNSW_SQ": "ef", "GPU_CAGRA": "itopk_size", "IVF_FLAT": "nprobe", "IVF_SQ8": "nprobe",
+            "GPU_IVF_FLAT": "nprobe"}
+
+
+@dataclass(frozen=True)
+class MilvusSettings:
+    """The ``milvus_*`` entries of :class:`IndexParams.extra` (from GMCO_SHARD_MILVUS_* settings)."""
+
+    uri: str
+    token: str = ""
+    collection: str = "gmco_shard"
+    index_type: str = "HNSW"
+    index_params: str = ""  # JSON object merged over the defaults
+    consistency: str = "Bounded"
+    vector_type: str = "auto"
+    timeout_seconds: float = 30.0
+
+    @classmethod
+    def from_params(cls, params: IndexParams) -> MilvusSettings:
+        e = params.extra
+        if not e.get("milvus_uri"):
+            raise ConfigError("the milvus backend needs GMCO_SHARD_MILVUS_URI: a Milvus URI (http://host:19530) "
+                              "or a Milvus Lite file path ending in .db")
+        s = cls(uri=e["milvus_uri"], token=e.get("milvus_token", ""),
+                collection=e.get("milvus_collection") or cls.collection,
+                index_type=e.get("milvus_index_type") or cls.index_type,
+                index_params=e.get("milvus_index_params", ""),
+                consistency=e.get("milvus_consistency") or cls.consistency,
+                vector_type=e.get("milvus_vector_type") or cls.vector_type,
+                timeout_seconds=float(e.get("milvus_timeout_seconds") or cls.timeout_seconds))
+        for name, value, allowed in (("INDEX_TYPE", s.index_type, MILVUS_INDEX_TYPES),
+                                     ("CONSISTENCY", s.consistency, MILVUS_CONSISTENCY_LEVELS),
+                                     ("VECTOR_TYPE", s.vector_type, MILVUS_VECTOR_TYPES)):
+            if value not in allowed:
+                raise ConfigError(f"GMCO_SHARD_MILVUS_{name}={value!r}: use one of {', '.join(allowed)}")
+        if s.lite and s.vector_type == "float16":
+            raise ConfigError("Milvus Lite has no FLOAT16_VECTOR: set GMCO_SHARD_MILVUS_VECTOR_TYPE=float32 (or auto)")
+        return s
+
+    @property
+    def lite(self) -> bool:
+        return self.uri.endswith(".db")
+
+    @property
+    def vector_dtype(self) -> np.dtype:
+        if self.vector_type == "auto":
+            return np.dtype(np.float32 if self.lite else np.float16)
+        return np.dtype(self.vector_type)
+
+    def build_params(self, params: IndexParams) -> dict[str, Any]:
+        defaults: dict[str, Any] = {
+            "HNSW": {"M": params.hnsw_m, "efConstruction": params.hnsw_ef_construction},
+            "HNSW_SQ": {"M": params.hnsw_m, "efConstruction": params.hnsw_ef_construction},
+            "GPU_CAGRA": {"intermediate_graph_degree": 64, "graph_degree": 32},
+            "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "GPU_IVF_FLAT": {"nlist": 1024},
+        }.get(self.index_type, {})
+        if self.index_params:
+            try:
+                extra = json.loads(self.index_params)
+            except ValueError as exc:
+                raise ConfigError(f"GMCO_SHARD_MILVUS_INDEX_PARAMS is not JSON: {exc}") from None
+            if not isinstance(extra, dict):
+                raise ConfigError("GMCO_SHARD_MILVUS_INDEX_PARAMS must be a JSON object, e.g. {\"M\": 32}")
+            defaults.update(extra)
+        return defaults
+
+
+def milvus_error(exc: Exception, action: str, settings: MilvusSettings, field: str = "") -> GmcoError:
+    """A gmco_common error for a pymilvus/gRPC failure; the raw text goes to the log only."""
+    log.warning("milvus %s failed: %r", action, exc)
+    where = f"Milvus at {settings.uri}"
+    if isinstance(exc, (MilvusUnavailableException, ConnectError, ConnectionNotExistException)) or (
+            type(exc) is MilvusException and exc.code == Status.CONNECT_FAILED):
+        return Unavailable(f"{where} is unreachable ({action}); check GMCO_SHARD_MILVUS_URI and that it runs, "
+                           "then retry")
+    code = exc.code() if isinstance(exc, grpc.RpcError) else getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):  # a transport error, after pymilvus' own retries
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"{where} did not answer {action} in time")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return FailedPrecondition(f"{where} rejected the credentials; check GMCO_SHARD_MILVUS_TOKEN")
+        return Unavailable(f"{where} is unreachable ({action}, {code.name}); retry")
+    if not isinstance(exc, MilvusException):
+        return Unavailable(f"{action} against {where} failed; see the shard log, then retry")
+    legacy = exc.compatible_code
+    if code == 100 or legacy == milvus_common.CollectionNotExists:
+        return FailedPrecondition(f"{where} has no collection for this shard ({action}); it was dropped or the "
+                                  "Milvus data was lost: rebuild it with Compact, or delete the snapshot and restart")
+    if code == 8 or legacy in (milvus_common.RateLimit, milvus_common.ForceDeny):
+        return ResourceExhausted(f"{where} is rate-limiting or denying {action}; retry later")
+    if legacy in (milvus_common.MemoryQuotaExhausted, milvus_common.DiskQuotaExhausted, milvus_common.OutOfMemory,
+                  milvus_common.InsufficientMemoryToLoad):
+        return ResourceExhausted(f"{where} is out of memory or disk quota ({action}); free space or scale Milvus")
+    if legacy == milvus_common.PermissionDenied:
+        return FailedPrecondition(f"{where} refused {action}: check GMCO_SHARD_MILVUS_TOKEN and its privileges")
+    if code == 101 or legacy in (milvus_common.NotReadyServe, milvus_common.NotReadyCoordActivating) \
+            or exc.retriable:  # 101: collection not loaded
+        return Unavailable(f"{where} is not ready for {action}; retry")
+    input_error = exc.is_input_error or isinstance(exc, (ParamError, DataNotMatchException,
+                                                         DataTypeNotMatchException))
+    if input_error or legacy in (milvus_common.IllegalArgument, milvus_common.IllegalTOPK,
+                                 milvus_common.IllegalDimension, milvus_common.IllegalIndexType,
+                                 milvus_common.IllegalMetricType):
+        reason = (exc.message or "").splitlines()[0][:200] if exc.message else "invalid"
+        if field:
+            return InvalidArgument(field, f"Milvus rejected it: {reason}")
+        return FailedPrecondition(f"{where} rejected {action} ({reason}); check the GMCO_SHARD_MILVUS_* settings")
+    return Unavailable(f"{action} against {where} failed (Milvus code {code}); see the shard log, then retry")
+
+
+class MilvusIndex(FilteringIndex):
+    name = "milvus"
+
+    def __init__(self, dim: int, params: IndexParams) -> None:
+        super().__init__(dim, params)
+        if params.metric != "ip":
+            raise ConfigError("the milvus backend supports GMCO_SHARD_METRIC=ip only (Milvus Lite and Milvus "
+                              "report L2 distances differently)")
+        self.settings = MilvusSettings.from_params(params)
+        self.build_params = self.settings.build_params(params)
+        self.collection: str | None = None
+        self._client: MilvusClient | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _call(self, action: str, method: str, *args: Any, field: str = "", **kwargs: Any) -> Any:
+        """``client.<method>(*args)`` with a deadline; Milvus failures become gmco_common errors."""
+        try:
+            if self._client is None:
+                self._client = MilvusClient(uri=self.settings.uri, token=self.settings.token,
+                                            timeout=self.settings.timeout_seconds)
+            return getattr(self._client, method)(*args, timeout=call_timeout(self.settings.timeout_seconds),
+                                                 **kwargs)
+        except (MilvusException, grpc.RpcError) as exc:
+            raise milvus_error(exc, action, self.settings, field) from exc
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _schema(self):
+        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field(ROW, DataType.INT64, is_primary=True)
+        s.add_field(MEDIA_ID, DataType.INT64)
+        vtype = DataType.FLOAT16_VECTOR if self.settings.vector_dtype == np.float16 else DataType.FLOAT_VECTOR
+        s.add_field(VECTOR, vtype, dim=self.dim)
+        s.add_field(GENRES, DataType.ARRAY, element_type=DataType.INT32, max_capacity=MAX_GENRES)
+        s.add_field(RATING, DataType.INT32)
+        s.add_field(REGION_BITS, DataType.ARRAY, element_type=DataType.INT32, max_capacity=MASK_BITS)
+        s.add_field(FORMAT_BITS, DataType.ARRAY, element_type=DataType.INT32, max_capacity=MASK_BITS)
+        s.add_field(YEAR, DataType.INT32)
+        return s
+
+    def _index_params(self):
+        ip = MilvusClient.prepare_index_params()
+        ip.add_index(VECTOR, index_type=self.settings.index_type, metric_type="IP", params=self.build_params)
+        return ip
+
+    def _count(self, collection: str) -> int:
+        rows = self._call("count", "query", collection, filter="", output_fields=["count(*)"],
+                          consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
+    def _wait_indexed(self, collection: str, n: int) -> None:
+        """A remote Milvus indexes sealed segments asynchronously: wait until all rows are indexed."""
+        deadline = time.monotonic() + self.settings.timeout_seconds * 20
+        while True:
+            info = self._call("describe index", "describe_index", collection, VECTOR)
+            if int(info.get("indexed_rows", n)) >= n and int(info.get("pending_index_rows", 0)) == 0:
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(f"Milvus at {self.settings.uri} has not finished indexing {collection}; retry")
+            time.sleep(0.5)
+
+    # -- VectorIndex ----------------------------------------------------------------------------
+    def build(self, vectors: np.ndarray, progress: bool = False) -> None:
+        self.build_with_columns(vectors, empty_columns(vectors.shape[0]), progress)
+
+    def build_with_columns(self, vectors: np.ndarray, cols: AttributeColumns, progress: bool = False) -> None:
+        from tqdm import tqdm
+
+        n = vectors.shape[0]
+        name = f"{self.settings.collection}_{time.time_ns()}"
+        self._call("create collection", "create_collection", name, schema=self._schema(),
+                   index_params=self._index_params(), consistency_level=self.settings.consistency)
+        # Fill it released: searches of rows inserted into a loaded collection are brute force (Milvus Lite)
+        # and Lite's background worker would index the same segments a second time, concurrently with load.
+        self._call("release", "release_collection", name)
+        for start in tqdm(range(0, n, _INSERT_BATCH), desc="milvus insert", unit="batch", disable=not progress):
+            stop = min(n, start + _INSERT_BATCH)
+            self._call("insert", "insert", name, entity_rows(vectors[start:stop], cols.take(np.arange(start, stop)),
+                                                       start, self.settings.vector_dtype))
+        self._call("flush", "flush", name)
+        self._wait_indexed(name, n)
+        self._call("load", "load_collection", name)
+        got = self._count(name)
+        if got != n:
+            raise Unavailable(f"Milvus collection {name} holds {got} rows after the build, expected {n}; retry")
+        previous, self.collection, self.count = self.collection, name, n
+        self._drop_stale(keep={name, previous})
+        log.info("milvus: built %s (%d rows, %s, %s)", name, n, self.settings.index_type, self.build_params)
+
+    def _drop_stale(self, keep: set[str | None]) -> None:
+        """Drop this shard's older collections: all but the newest two (the new one and the one that may
+        still be serving until the store swaps tables)."""
+        prefix = self.settings.collection + "_"
+        ours = sorted((c for c in self._call("list collections", "list_collections")
+                       if c.startswith(prefix) and c[len(prefix):].isdigit()), key=lambda c: int(c[len(prefix):]))
+        for old in ours[:-2]:
+            if old not in keep:
+                self._call("drop collection", "drop_collection", old)
+
+    def search(self, queries, k, allow=None, ef=0):
+        return self._search(queries, k, "" if allow is None else rows_expression(allow[: self.count]), ef)
+
+    def search_filter(self, queries, k, flt, hidden_rows, ef=0):
+        return self._search(queries, k, filter_expression(flt, hidden_rows), ef)
+
+    def _search(self, queries: np.ndarray, k: int, expr: str, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.collection is None:
+            raise FailedPrecondition("the milvus index has not been built or loaded yet")
+        q = np.ascontiguousarray(queries, dtype=self.settings.vector_dtype)
+        breadth = _BREADTH.get(self.settings.index_type)
+        search_params: dict[str, Any] = {"metric_type": "IP", "params": {}}
+        if breadth == "ef":
+            search_params["params"]["ef"] = max(ef or self.params.hnsw_ef_search, k)
+        elif breadth is not None and ef:
+            search_params["params"][breadth] = max(ef, k) if breadth == "itopk_size" else ef
+        hits = self._call("search", "search", self.collection, data=list(q), limit=k, filter=expr,
+                          output_fields=[ROW], search_params=search_params,
+                          consistency_level=self.settings.consistency, field="params.ef")
+        scores = np.full((q.shape[0], k), -np.inf, np.float32)
+        rows = np.full((q.shape[0], k), -1, np.int64)
+        for i, found in enumerate(hits):
+            for j, hit in enumerate(found[:k]):
+                rows[i, j] = hit.id
+                scores[i, j] = hit.distance
+        return scores, rows
+
+    def save(self, directory: Path) -> None:
+        if self.collection is None:
+            raise FailedPrecondition("the milvus index has not been built yet; nothing to snapshot")
+        meta = {"collection": self.collection, "count": self.count, "index_type": self.settings.index_type,
+                "vector_type": str(self.settings.vector_dtype)}
+        (directory / _FILE).write_text(json.dumps(meta))
+
+    def load(self, directory: Path, vectors: np.ndarray) -> None:
+        """Reconnect to the snapshot's collection (its data lives in Milvus, not in the snapshot)."""
+        meta = json.loads((directory / _FILE).read_text())
+        name = meta["collection"]
+        if not self._call("check collection", "has_collection", name):
+            raise FailedPrecondition(f"Milvus at {self.settings.uri} has no collection {name}, which snapshot "
+                                     f"{directory} uses; delete the snapshot to rebuild from the catalogue")
+        self._call("load", "load_collection", name)
+        got = self._count(name)
+        if got != vectors.shape[0]:
+            raise FailedPrecondition(f"Milvus collection {name} holds {got} rows but snapshot {directory} has "
+                                     f"{vectors.shape[0]} sealed rows; delete the snapshot to rebuild")
+        self.collection, self.count = name, got
+
+    @property
+    def nbytes(self) -> int:
+        # Held by Milvus, not by the shard: vectors plus (for graph indexes) ~2*M int32 links per row.
+        links = 2 * int(self.build_params.get("M", self.build_params.get("graph_degree", 0))) * 4
+        return self.count * (self.dim * self.settings.vector_dtype.itemsize + links)

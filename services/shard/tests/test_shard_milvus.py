@@ -1,0 +1,260 @@
+"""The milvus backend against a real Milvus Lite file in tmp_path: build, search, filtered search, tombstones,
+snapshot reconnect, compaction, the Filter -> expression equivalence, and error mapping (also through gRPC)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymilvus.exceptions import ConnectError, MilvusException, ParamError
+from pymilvus.grpc_gen import common_pb2 as milvus_common
+
+from gmco.common.v1 import common_pb2
+from gmco.shard.v1 import shard_service_pb2 as pb
+from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco_common.config import ConfigError
+from gmco_common.datagen import generate_queries
+from gmco_common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
+                                Unavailable)
+from gmco_common.server import Registration, start_server
+from gmco_common.vectors import encode_batch
+from gmco_shard.config import ShardSettings
+from gmco_shard.filters import columns_from_catalogue, evaluate_filter
+from gmco_shard.index.base import IndexParams
+from gmco_shard.index.exact import exact_search
+from gmco_shard.index.milvus import MilvusIndex, MilvusSettings, milvus_error
+from gmco_shard.index.milvus_filter import ROW, filter_expression
+from gmco_shard.servicer import ShardServicer
+from gmco_shard.snapshot import load_snapshot, save_snapshot
+from gmco_shard.store import ShardStore
+
+DIM = 32
+K = 10
+HIGH = np.uint64(1 << 63)
+
+
+def _params(uri: str, **extra: str) -> IndexParams:
+    return IndexParams(hnsw_m=16, hnsw_ef_construction=80, hnsw_ef_search=128,
+                       extra={"milvus_uri": uri, "milvus_collection": "t", **extra})
+
+
+@pytest.fixture(scope="module")
+def lite_uri(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("milvus") / "shard.db")
+
+
+@pytest.fixture(scope="module")
+def columns(small_catalogue):
+    cols = columns_from_catalogue(small_catalogue)
+    cols.media_ids[1::2] |= HIGH  # half the ids above 2**63: they travel as negative INT64s
+    return cols
+
+
+@pytest.fixture(scope="module")
+def milvus_store(small_catalogue, columns, lite_uri) -> ShardStore:
+    store = ShardStore(DIM, "milvus", _params(lite_uri))
+    store.bulk_load(np.asarray(small_catalogue.vectors), columns)
+    return store
+
+
+@pytest.fixture(scope="module")
+def exact_store(small_catalogue, columns) -> ShardStore:
+    store = ShardStore(DIM, "exact", IndexParams())
+    store.bulk_load(np.asarray(small_catalogue.vectors), columns)
+    return store
+
+
+def _recall(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean([len(set(g[g > 0].tolist()) & set(w[w > 0].tolist())) / max(1, (w > 0).sum())
+                          for g, w in zip(got, want, strict=True)]))
+
+
+def _allowed_rows(index: MilvusIndex, expr: str) -> set[int]:
+    hits = index._call("query", "query", index.collection, filter=expr, output_fields=[ROW], limit=16384)
+    return {int(h[ROW]) for h in hits}
+
+
+# -- Filter -> expression ---------------------------------------------------------------------------
+_genre = st.one_of(st.integers(0, 110), st.integers(2**31, 2**32 - 1))
+_filters = st.builds(
+    common_pb2.Filter,
+    allowed_genre_ids=st.lists(_genre, max_size=6),
+    blocked_genre_ids=st.lists(_genre, max_size=4),
+    max_rating=st.one_of(st.none(), st.integers(0, 7)),
+    region_mask=st.one_of(st.just(0), st.integers(1, 255), st.integers(0, 2**64 - 1)),
+    format_mask=st.one_of(st.just(0), st.integers(1, 255)),
+    min_release_year=st.one_of(st.just(0), st.integers(1940, 2030)),
+    max_release_year=st.one_of(st.just(0), st.integers(1940, 2030)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(f=_filters, excluded=st.lists(st.integers(0, 2999), max_size=20),
+       hidden=st.lists(st.integers(0, 2999), max_size=20, unique=True))
+def test_expression_selects_exactly_what_numpy_allows(milvus_store, columns, f, excluded, hidden) -> None:
+    f.excluded_media_ids.extend(int(columns.media_ids[r]) for r in excluded)
+    hidden_rows = np.asarray(sorted(hidden), np.int64)
+    want = evaluate_filter(columns, f)
+    want[hidden_rows] = False
+    got = _allowed_rows(milvus_store.table.index, filter_expression(f, hidden_rows))
+    assert got == set(np.flatnonzero(want).tolist())
+
+
+def test_trivial_filter_has_no_expression() -> None:
+    assert filter_expression(None) == "" and filter_expression(common_pb2.Filter()) == ""
+    assert filter_expression(common_pb2.Filter(allowed_genre_ids=[2**32 - 1])) == f"{ROW} < 0"
+
+
+# -- search -------------------------------------------------------------------------------------------
+def test_unfiltered_search_matches_exact(milvus_store, exact_store, small_catalogue) -> None:
+    q = generate_queries(small_catalogue, 20, seed=3)
+    got, want = milvus_store.search(q, K), exact_store.search(q, K)
+    assert not got.exact and _recall(got.media_ids, want.media_ids) >= 0.95
+    top = np.flatnonzero(got.rows[:, 0] >= 0)
+    np.testing.assert_allclose(got.scores[top, 0], want.scores[top, 0], rtol=1e-3, atol=1e-3)
+
+
+def test_filtered_search_returns_only_allowed_items(milvus_store, exact_store, columns, small_catalogue) -> None:
+    q = generate_queries(small_catalogue, 20, seed=4)
+    f = common_pb2.Filter(blocked_genre_ids=[1, 2, 3], max_rating=4, region_mask=0b1111,
+                          excluded_media_ids=[int(m) for m in columns.media_ids[:200]])
+    allow = evaluate_filter(columns, f)
+    assert 0.05 < allow.mean() < 0.95  # the index path, not the exact fallback
+    got, want = milvus_store.search(q, K, f), exact_store.search(q, K, f)
+    assert not got.exact
+    allowed_ids = set(columns.media_ids[allow].tolist())
+    assert set(got.media_ids[got.rows >= 0].tolist()) <= allowed_ids
+    assert _recall(got.media_ids, want.media_ids) >= 0.9
+
+
+def test_allow_mask_search(milvus_store) -> None:
+    index = milvus_store.table.index
+    allow = np.zeros(index.count, bool)
+    allow[::3] = True
+    _, rows = index.search(np.asarray(milvus_store.table.vectors[:4], np.float32), K, allow, ef=256)
+    assert (rows >= 0).all() and (rows % 3 == 0).all()
+
+
+def test_tombstones_and_growing_rows(small_catalogue, columns, tmp_path) -> None:
+    store = ShardStore(DIM, "milvus", _params(str(tmp_path / "t.db")))
+    store.bulk_load(np.asarray(small_catalogue.vectors[:1000]), columns.head(1000))
+    q = np.asarray(small_catalogue.vectors[:3], np.float32)
+    first = store.search(q, K, common_pb2.Filter(max_rating=9)).media_ids[:, 0]
+    store.delete(first)
+    vec = np.asarray(small_catalogue.vectors[5:6]) * 1.0
+    store.upsert(np.asarray([77_777], np.uint64), vec, [common_pb2.MediaAttributes(rating=1)])
+    res = store.search(q, K, common_pb2.Filter(max_rating=9))
+    assert not set(first.tolist()) & set(res.media_ids.ravel().tolist())
+    assert 77_777 in store.search(vec.astype(np.float32), K, common_pb2.Filter(max_rating=1)).media_ids
+
+    # Compaction builds a new collection; the growing row and the deletes carry over.
+    old = store.table.index.collection
+    store.compact()
+    assert store.table.index.collection != old and store.table.sealed == 1000 - 3 + 1
+    assert 77_777 in store.search(vec.astype(np.float32), K).media_ids
+    assert not set(first.tolist()) & set(store.search(q, K).media_ids.ravel().tolist())
+
+
+def test_snapshot_reconnects_to_the_collection(milvus_store, lite_uri, small_catalogue, tmp_path) -> None:
+    path, _ = save_snapshot(milvus_store, tmp_path)
+    other = ShardStore(DIM, "milvus", _params(lite_uri))
+    load_snapshot(other, tmp_path)
+    q = generate_queries(small_catalogue, 5, seed=9)
+    np.testing.assert_array_equal(other.search(q, K).media_ids, milvus_store.search(q, K).media_ids)
+    assert (path / "milvus.json").is_file()
+
+
+def test_missing_collection_is_failed_precondition(small_catalogue, columns, tmp_path) -> None:
+    store = ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db")))
+    store.bulk_load(np.asarray(small_catalogue.vectors[:500]), columns.head(500))
+    save_snapshot(store, tmp_path / "snap")
+    index = store.table.index
+    index._call("drop", "drop_collection", index.collection)
+    with pytest.raises(FailedPrecondition, match="no collection"):
+        store.search(np.asarray(small_catalogue.vectors[:1], np.float32), K)
+    with pytest.raises(FailedPrecondition, match="delete the snapshot"):
+        load_snapshot(ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db"))), tmp_path / "snap")
+
+
+def test_unreachable_milvus_is_unavailable(small_catalogue, columns) -> None:
+    from gmco_testing.procs import free_port
+
+    store = ShardStore(DIM, "milvus", _params(f"http://127.0.0.1:{free_port()}", milvus_timeout_seconds="1"))
+    with pytest.raises(Unavailable, match="unreachable"):
+        store.bulk_load(np.asarray(small_catalogue.vectors[:100]), columns.head(100))
+
+
+# -- error mapping -----------------------------------------------------------------------------------
+_S = MilvusSettings(uri="http://milvus:19530")
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (MilvusException(100, "collection not found[secret-internal-detail]"), FailedPrecondition),
+    (MilvusException(8, "rate limit exceeded[secret-internal-detail]", milvus_common.RateLimit), ResourceExhausted),
+    (MilvusException(1, "quota[secret-internal-detail]", milvus_common.DiskQuotaExhausted), ResourceExhausted),
+    (MilvusException(1, "denied[secret-internal-detail]", milvus_common.PermissionDenied), FailedPrecondition),
+    (MilvusException(101, "not loaded[secret-internal-detail]"), Unavailable),
+    (MilvusException(grpc.StatusCode.DEADLINE_EXCEEDED, "slow[secret-internal-detail]"), DeadlineExceeded),
+    (MilvusException(grpc.StatusCode.UNAVAILABLE, "down[secret-internal-detail]"), Unavailable),
+    (ConnectError(message="refused[secret-internal-detail]"), Unavailable),
+    (MilvusException(65535, "boom[secret-internal-detail]"), Unavailable),
+])
+def test_milvus_errors_map_to_precise_codes_without_raw_text(exc, expected) -> None:
+    err = milvus_error(exc, "search", _S)
+    assert type(err) is expected
+    assert "secret-internal-detail" not in err.message and "Milvus" in err.message
+
+
+def test_input_errors_name_the_field() -> None:
+    err = milvus_error(ParamError(message="ef out of range"), "search", _S, field="params.ef")
+    assert isinstance(err, InvalidArgument) and err.field == "params.ef" and "ef out of range" in err.reason
+    assert isinstance(milvus_error(ParamError(message="bad"), "build", _S), FailedPrecondition)
+
+
+def test_configuration_is_checked(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="MILVUS_URI"):
+        ShardSettings(index_backend="milvus")
+    params = ShardSettings(index_backend="milvus", milvus_uri="x.db", shard_id=0, replica_id=2).index_params()
+    assert params.extra["milvus_collection"] == "gmco_shard_0_r2" and params.extra["milvus_uri"] == "x.db"
+    with pytest.raises(ConfigError, match="FLOAT16"):
+        MilvusIndex(DIM, _params(str(tmp_path / "a.db"), milvus_vector_type="float16"))
+    with pytest.raises(ConfigError, match="METRIC=ip"):
+        MilvusIndex(DIM, IndexParams(metric="l2", extra={"milvus_uri": "a.db"}))
+    with pytest.raises(ConfigError, match="INDEX_PARAMS"):
+        MilvusIndex(DIM, _params("a.db", milvus_index_params="[1]"))
+    remote = MilvusIndex(DIM, _params("http://milvus:19530", milvus_index_type="GPU_CAGRA"))
+    assert remote.settings.vector_dtype == np.float16 and "graph_degree" in remote.build_params
+
+
+# -- through gRPC ------------------------------------------------------------------------------------
+async def test_grpc_search_and_error_status(small_catalogue, columns, tmp_path) -> None:
+    store = ShardStore(DIM, "milvus", _params(str(tmp_path / "g.db")))
+    store.bulk_load(np.asarray(small_catalogue.vectors[:800]), columns.head(800))
+    settings_ = ShardSettings(port=0, dim=DIM, index_backend="milvus", milvus_uri=str(tmp_path / "g.db"))
+    running = await start_server(settings_, [Registration(
+        shard_service_pb2_grpc.add_ShardServiceServicer_to_server, ShardServicer(store, settings_, [0]),
+        "gmco.shard.v1.ShardService")])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
+            q = np.asarray(small_catalogue.vectors[:2], np.float32)
+            f = common_pb2.Filter(max_rating=3)
+            resp = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f,
+                                                      include_attributes=True))
+            assert all(0 < len(r.items) <= K and all(i.attributes.rating <= 3 for i in r.items)
+                       for r in resp.results)
+            want = exact_search(store.table.vectors[:800], q, K, "ip",
+                                np.flatnonzero(evaluate_filter(columns.head(800), f)))[1]
+            got = np.asarray([[i.media_id for i in r.items] for r in resp.results], np.uint64)
+            assert _recall(got, columns.media_ids[want]) >= 0.9
+
+            index = store.table.index
+            index._call("drop", "drop_collection", index.collection)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "Compact" in err.value.details() and "Traceback" not in err.value.details()
+    finally:
+        await running.server.stop(0)
