@@ -108,7 +108,7 @@ class Neo4jBackend:
             kind = next(_KINDS[lbl] for lbl in row["labels"] if lbl in _KINDS)
             onto.nodes[row["id"]] = Node(row["id"], kind, row["name"] or row["id"], int(row["code"] or 0))
         for row in await self._read("MATCH (a)-[r]->(b) RETURN type(r) AS t, a.id AS a, b.id AS b"):
-            onto.edges.add((pb.EdgeKind.Value("EDGE_KIND_" + row["t"]), row["a"], row["b"]))
+            onto.add_loaded_edge(pb.EdgeKind.Value("EDGE_KIND_" + row["t"]), row["a"], row["b"])
         return onto
 
     async def persist(self, before: Ontology, after: Ontology) -> None:

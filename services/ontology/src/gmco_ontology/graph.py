@@ -49,6 +49,31 @@ class Ontology:
     edges: set[tuple[int, str, str]] = field(default_factory=set)  # (kind, from, to)
     version: int = 1
 
+    # Adjacency lists, built once per snapshot on first use (mutations run on copies and reset them).
+    _out: dict[tuple[int, str], list[str]] | None = field(default=None, repr=False, compare=False)
+    _in: dict[tuple[int, str], list[str]] | None = field(default=None, repr=False, compare=False)
+
+    def _index(self) -> None:
+        out: dict[tuple[int, str], list[str]] = {}
+        into: dict[tuple[int, str], list[str]] = {}
+        for k, f, t in sorted(self.edges):
+            out.setdefault((k, f), []).append(t)
+            into.setdefault((k, t), []).append(f)
+        self._out, self._in = out, into
+
+    def add_loaded_edge(self, kind: int, src: str, dst: str) -> None:
+        """Add an edge while loading a file (checked by the loader; no version bump)."""
+        if (kind, src, dst) in self.edges:
+            return
+        self.edges.add((kind, src, dst))
+        if self._out is not None and self._in is not None:  # keep the index current instead of rebuilding
+            self._out.setdefault((kind, src), []).append(dst)
+            self._in.setdefault((kind, dst), []).append(src)
+
+    def _touch(self) -> None:
+        self._out = self._in = None
+        self.version += 1
+
     # -- queries ------------------------------------------------------------------------------
     def node(self, node_id: str, kind: int, what: str) -> Node:
         n = self.nodes.get(node_id)
@@ -57,17 +82,19 @@ class Ontology:
         return n
 
     def out(self, kind: int, src: str) -> list[str]:
-        return sorted(t for k, f, t in self.edges if k == kind and f == src)
+        if self._out is None:
+            self._index()
+        return self._out.get((kind, src), [])  # type: ignore[union-attr]
 
     def into(self, kind: int, dst: str) -> list[str]:
-        return sorted(f for k, f, t in self.edges if k == kind and t == dst)
+        if self._in is None:
+            self._index()
+        return self._in.get((kind, dst), [])  # type: ignore[union-attr]
 
     def children(self) -> dict[str, list[str]]:
-        kids: dict[str, list[str]] = {}
-        for k, f, t in self.edges:
-            if k == E.EDGE_KIND_SUBGENRE_OF:
-                kids.setdefault(t, []).append(f)
-        return kids
+        if self._in is None:
+            self._index()
+        return {t: fs for (k, t), fs in self._in.items() if k == E.EDGE_KIND_SUBGENRE_OF}  # type: ignore[union-attr]
 
     def descendants(self, roots: Iterable[str], kids: dict[str, list[str]] | None = None) -> set[str]:
         """The genres and all their subgenres."""
@@ -82,6 +109,10 @@ class Ontology:
 
     def copy(self) -> Ontology:
         return Ontology(dict(self.nodes), set(self.edges), self.version)
+
+    @property
+    def genre_ids(self) -> set[str]:
+        return {n.id for n in self.nodes.values() if n.kind == K.NODE_KIND_GENRE}
 
     # -- validation ---------------------------------------------------------------------------
     def check_node(self, node: Node) -> None:
@@ -127,7 +158,7 @@ class Ontology:
     def upsert_node(self, node: Node) -> None:
         self.check_node(node)
         self.nodes[node.id] = node
-        self.version += 1
+        self._touch()
 
     def delete_node(self, node_id: str) -> None:
         if node_id not in self.nodes:
@@ -136,20 +167,20 @@ class Ontology:
             raise FailedPrecondition(f"genre {node_id!r} still has subgenres; delete or move them first")
         del self.nodes[node_id]
         self.edges = {e for e in self.edges if node_id not in (e[1], e[2])}
-        self.version += 1
+        self._touch()
 
     def upsert_edge(self, kind: int, src: str, dst: str) -> None:
         self.check_edge(kind, src, dst)
         if kind in SINGLE_OUT:
             self.edges = {e for e in self.edges if not (e[0] == kind and e[1] == src)}
         self.edges.add((kind, src, dst))
-        self.version += 1
+        self._touch()
 
     def delete_edge(self, kind: int, src: str, dst: str) -> None:
         if (kind, src, dst) not in self.edges:
             raise NotFound(f"no {pb.EdgeKind.Name(kind) if kind in EDGE_ENDS else kind} edge {src!r} -> {dst!r}")
         self.edges.discard((kind, src, dst))
-        self.version += 1
+        self._touch()
 
     # -- proto --------------------------------------------------------------------------------
     def to_proto(self) -> pb.ExportGraphResponse:
@@ -189,12 +220,11 @@ def compile_filter(onto: Ontology, ctx: common_pb2.RequestContext,
         ceilings.append(onto.node(ctx.max_rating, K.NODE_KIND_RATING, "context.max_rating").code)
     if ceilings:
         f.max_rating = min(ceilings)
-    genres = {n.id for n in onto.nodes.values() if n.kind == K.NODE_KIND_GENRE}
     blocked = onto.descendants((_genre(onto, g, f"preferences.blocked_genres[{i}]")
                                 for i, g in enumerate(prefs.blocked_genres)), kids)
     licensed = onto.out(E.EDGE_KIND_LICENSES, region.id)
     if licensed:
-        blocked |= genres - set(licensed)
+        blocked |= onto.genre_ids - set(licensed)
     if prefs.allowed_genres:
         allowed = onto.descendants((_genre(onto, g, f"preferences.allowed_genres[{i}]")
                                     for i, g in enumerate(prefs.allowed_genres)), kids) - blocked

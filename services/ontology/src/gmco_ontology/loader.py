@@ -125,7 +125,7 @@ def parse(text: str, path: str = "<ontology>") -> Ontology:
             onto.check_edge(kind, src, dst)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file position
             raise OntologyFileError(f"{pos}: {what} of {src!r}: {exc}") from None
-        onto.edges.add((kind, src, dst))
+        onto.add_loaded_edge(kind, src, dst)
     # Licensing is stored per genre (LICENSES edges are not inherited), expanded here from the file's
     # subtree notation once the genre tree exists.
     all_genres = {n.id for n in onto.nodes.values() if n.kind == K.NODE_KIND_GENRE}
@@ -135,7 +135,7 @@ def parse(text: str, path: str = "<ontology>") -> Ontology:
                 raise OntologyFileError(f"{pos}: {key} of {region!r} refers to unknown genre {g!r}")
         subtree = onto.descendants(listed)
         for g in (subtree if key == "licenses" else all_genres - subtree):
-            onto.edges.add((E.EDGE_KIND_LICENSES, region, g))
+            onto.add_loaded_edge(E.EDGE_KIND_LICENSES, region, g)
     return onto
 
 
