@@ -56,8 +56,8 @@ async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
 
     backend: RedisNodeBackend | RedisClusterBackend
     if settings.backend == "redis":
-        backend = RedisNodeBackend.from_url(settings.redis_url, settings.redis_max_connections)
+        backend = RedisNodeBackend.from_url(settings.redis_url, settings.redis_max_connections, settings.redis_password)
     else:
-        backend = RedisClusterBackend(settings.startup_nodes, settings.redis_max_connections)
+        backend = RedisClusterBackend(settings.startup_nodes, settings.redis_max_connections, settings.redis_password)
     async with backend:
         yield backend

@@ -33,6 +33,9 @@ class Settings(ServerSettings):
     redis_nodes: tuple[str, ...] = setting(
         (), help="cluster startup nodes host:port,host:port (BACKEND=redis-cluster)"
     )
+    redis_password: str | None = setting(
+        None, help="password (AUTH) for the cluster nodes, or for BACKEND=redis when the URL has none"
+    )
     redis_max_connections: int = setting(
         256, help="connection pool limit per Redis node", check=_positive, check_msg="> 0"
     )

@@ -63,8 +63,9 @@ class RedisNodeBackend(_RedisCommon):
         self._client = client
 
     @classmethod
-    def from_url(cls, url: str, max_connections: int) -> RedisNodeBackend:
-        return cls(Redis.from_url(url, max_connections=max_connections, retry=Retry(NoBackoff(), 0),
+    def from_url(cls, url: str, max_connections: int, password: str | None = None) -> RedisNodeBackend:
+        extra = {"password": password} if password else {}
+        return cls(Redis.from_url(url, max_connections=max_connections, retry=Retry(NoBackoff(), 0), **extra,
                                   socket_timeout=SOCKET_TIMEOUT_SECONDS,
                                   socket_connect_timeout=SOCKET_TIMEOUT_SECONDS))
 
@@ -93,9 +94,10 @@ class RedisClusterBackend(_RedisCommon):
 
     name = "redis-cluster"
 
-    def __init__(self, startup_nodes: Sequence[tuple[str, int]], max_connections: int) -> None:
+    def __init__(self, startup_nodes: Sequence[tuple[str, int]], max_connections: int,
+                 password: str | None = None) -> None:
         self._client: RedisCluster = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in startup_nodes],
+            startup_nodes=[ClusterNode(host, port) for host, port in startup_nodes], password=password,
             max_connections=max_connections, retry=Retry(NoBackoff(), 0), require_full_coverage=False,
             socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
         )

@@ -19,14 +19,14 @@ log = logging.getLogger("gmco_ontology")
 SERVICE = ontology_service_pb2.DESCRIPTOR.services_by_name["OntologyService"].full_name
 
 
-def backend_for(settings: config.OntologySettings) -> GraphBackend:
+def backend_for(settings: config.Settings) -> GraphBackend:
     if settings.backend == "neo4j":
         return Neo4jBackend(settings.neo4j_uri, settings.neo4j_user, settings.neo4j_password,
                             settings.neo4j_database or None, settings.file)
     return EmbeddedBackend(settings.file)
 
 
-async def run(settings: config.OntologySettings) -> None:
+async def run(settings: config.Settings) -> None:
     async with backend_for(settings) as backend:
         onto = await backend.load()
         servicer = OntologyServicer(backend, onto, settings.cache_size)
@@ -52,7 +52,7 @@ async def run(settings: config.OntologySettings) -> None:
 
 def main() -> None:
     if "--help" in sys.argv or "-h" in sys.argv:
-        print(__doc__ + "\n\nEnvironment:\n" + describe_settings(config.OntologySettings, config.PREFIX))
+        print(__doc__ + "\n\nEnvironment:\n" + describe_settings(config.Settings, config.PREFIX))
         return
     try:
         settings = config.load()

@@ -12,7 +12,7 @@ PREFIX = "GMCO_ONTOLOGY_"
 
 
 @dataclass(frozen=True)
-class OntologySettings(ServerSettings):
+class Settings(ServerSettings):
     backend: str = setting("embedded", help="where the graph lives", choices=("embedded", "neo4j"))
     file: Path = setting(SAMPLE, help="ontology YAML/JSON (embedded graph; seeds an empty Neo4j)")
     neo4j_uri: str = setting("", help="bolt:// or neo4j:// URI (backend=neo4j)")
@@ -32,5 +32,5 @@ class OntologySettings(ServerSettings):
             raise ConfigError(f"{PREFIX}FILE={self.file} does not exist")
 
 
-def load() -> OntologySettings:
-    return load_settings(OntologySettings, PREFIX)
+def load() -> Settings:
+    return load_settings(Settings, PREFIX)

@@ -84,3 +84,7 @@ class ShardSettings(ServerSettings):
 
 def load() -> ShardSettings:
     return load_settings(ShardSettings, PREFIX)
+
+
+# Every service's config module exposes its settings class as ``Settings``.
+Settings = ShardSettings
