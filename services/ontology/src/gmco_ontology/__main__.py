@@ -7,9 +7,10 @@ import logging
 import sys
 
 from gmco.ontology.v1 import ontology_service_pb2, ontology_service_pb2_grpc
-from gmco_common.config import ConfigError, describe_settings
-from gmco_common.logging import configure_logging
+from gmco_common.cli import run_service
+from gmco_common.config import ConfigError
 from gmco_common.server import Registration, serve_until_signal, start_server
+
 from gmco_ontology import config
 from gmco_ontology.backends import EmbeddedBackend, GraphBackend, Neo4jBackend
 from gmco_ontology.loader import OntologyFileError
@@ -39,7 +40,7 @@ async def run(settings: config.Settings) -> None:
                 await asyncio.sleep(settings.reload_seconds)
                 try:
                     await servicer.reload_if_changed()
-                except Exception:  # noqa: BLE001 - keep serving the last good graph
+                except Exception:
                     log.warning("ontology reload failed; serving version %d", servicer.onto.version, exc_info=True)
 
         task = asyncio.create_task(reload_loop()) if settings.backend == "neo4j" else None
@@ -50,17 +51,9 @@ async def run(settings: config.Settings) -> None:
                 task.cancel()
 
 
-def main() -> None:
-    if "--help" in sys.argv or "-h" in sys.argv:
-        print(__doc__ + "\n\nEnvironment:\n" + describe_settings(config.Settings, config.PREFIX))
-        return
-    try:
-        settings = config.load()
-        configure_logging("ontology", settings.log_level, settings.log_format)
-        asyncio.run(run(settings))
-    except (ConfigError, OntologyFileError) as exc:
-        sys.exit(f"gmco-ontology: {exc}")
-
+def main(argv: list[str] | None = None) -> int:
+    return run_service("ontology", __doc__, config.Settings, config.PREFIX, run, argv,
+                       startup_errors=(ConfigError, OntologyFileError, RuntimeError))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
-from gmco_common.config import ConfigError, describe_settings
-from gmco_common.logging import configure_logging
+from gmco_common.cli import run_service
 from gmco_common.server import Registration, serve_until_signal, start_server
 
-from gmco_rl_state.config import PREFIX, Settings, load
+from gmco_rl_state.config import PREFIX, Settings
 from gmco_rl_state.servicer import SERVICE_NAME, build_servicer, model_config
 from gmco_rl_state.store import open_store
 
 log = logging.getLogger("gmco_rl_state")
 
-USAGE = f"""usage: gmco-rl-state
-
+DESCRIPTION = """
 Per-user state (preference vector, Thompson-sampling bandit, recently seen items), the idempotent
-feedback log and the ranking policy, as a gRPC service. Configured by environment variables:
-
-{describe_settings(Settings, PREFIX)}
+feedback log and the ranking policy, as a gRPC service.
 """
 
 
@@ -38,23 +33,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args:
-        print(USAGE, file=sys.stdout if args[0] in ("-h", "--help") else sys.stderr)
-        return 0 if args[0] in ("-h", "--help") else 2
-    try:
-        settings = load()
-    except ConfigError as exc:
-        print(f"gmco-rl-state: {exc}", file=sys.stderr)
-        return 2
-    configure_logging("rl_state", settings.log_level, settings.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except (ConfigError, RuntimeError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    return 0
-
+    return run_service("rl-state", DESCRIPTION, Settings, PREFIX, serve, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

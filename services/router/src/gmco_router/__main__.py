@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 
@@ -11,8 +10,7 @@ from gmco.ontology.v1 import ontology_service_pb2_grpc
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2_grpc
 from gmco_common.channels import ChannelOptions, make_channel
-from gmco_common.config import ConfigError, describe_settings, load_settings
-from gmco_common.logging import configure_logging
+from gmco_common.cli import run_service
 from gmco_common.server import Registration, RunningServer, serve_until_signal, start_server
 from gmco_common.slots import SlotMap
 
@@ -57,18 +55,8 @@ async def serve(s: Settings) -> None:
         await serve_until_signal(running, s.grace_seconds)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__ + "\n\nEnvironment variables:\n" + describe_settings(Settings, PREFIX))
-        return
-    try:
-        settings = load_settings(Settings, PREFIX)
-    except ConfigError as exc:
-        sys.exit(f"gmco-router: {exc}")
-    configure_logging("router", settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-
+def main(argv: list[str] | None = None) -> int:
+    return run_service("router", __doc__, Settings, PREFIX, serve, argv)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
