@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--hnsw-m", type=int, default=32, help="M of both HNSW indexes")
     ap.add_argument("--ef-construction", type=int, default=100, help="efConstruction of both HNSW indexes")
-    ap.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     ap.add_argument("--seconds", type=float, default=1.0, help="length of each timed run (3 runs, median)")
     ap.add_argument("--caveat-rows", type=int, default=10_000)
     a = ap.parse_args()

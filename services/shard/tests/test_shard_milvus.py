@@ -1,5 +1,6 @@
-"""The milvus backend against a real Milvus Lite file in tmp_path: build, search, filtered search, tombstones,
-snapshot reconnect, compaction, the Filter -> expression equivalence, and error mapping (also through gRPC)."""
+"""The milvus backend against a real Milvus Lite file in tmp_path: build, search, filtered search,
+tombstones, snapshot reconnect, compaction, the Filter -> expression equivalence, and error mapping
+(also through gRPC)."""
 
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ def test_unfiltered_search_matches_exact(milvus_store, exact_store, small_catalo
     np.testing.assert_allclose(got.scores[top, 0], want.scores[top, 0], rtol=1e-3, atol=1e-3)
 
 
-def test_filtered_search_returns_only_allowed_items(milvus_store, exact_store, columns, small_catalogue) -> None:
+def test_filtered_search_returns_only_allowed_items(milvus_store, exact_store, columns,
+                                                    small_catalogue) -> None:
     q = generate_queries(small_catalogue, 20, seed=4)
     f = common_pb2.Filter(blocked_genre_ids=[1, 2, 3], max_rating=4, region_mask=0b1111,
                           excluded_media_ids=[int(m) for m in columns.media_ids[:200]])
@@ -191,20 +193,20 @@ _S = MilvusSettings(uri="http://milvus:19530")
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
-    (MilvusException(100, "collection not found[secret-internal-detail]"), FailedPrecondition),
-    (MilvusException(8, "rate limit exceeded[secret-internal-detail]", milvus_common.RateLimit), ResourceExhausted),
-    (MilvusException(1, "quota[secret-internal-detail]", milvus_common.DiskQuotaExhausted), ResourceExhausted),
-    (MilvusException(1, "denied[secret-internal-detail]", milvus_common.PermissionDenied), FailedPrecondition),
-    (MilvusException(101, "not loaded[secret-internal-detail]"), Unavailable),
-    (MilvusException(grpc.StatusCode.DEADLINE_EXCEEDED, "slow[secret-internal-detail]"), DeadlineExceeded),
-    (MilvusException(grpc.StatusCode.UNAVAILABLE, "down[secret-internal-detail]"), Unavailable),
-    (ConnectError(message="refused[secret-internal-detail]"), Unavailable),
-    (MilvusException(65535, "boom[secret-internal-detail]"), Unavailable),
+    (MilvusException(100, "collection not found[secret]"), FailedPrecondition),
+    (MilvusException(8, "rate limit exceeded[secret]", milvus_common.RateLimit), ResourceExhausted),
+    (MilvusException(1, "quota[secret]", milvus_common.DiskQuotaExhausted), ResourceExhausted),
+    (MilvusException(1, "denied[secret]", milvus_common.PermissionDenied), FailedPrecondition),
+    (MilvusException(101, "not loaded[secret]"), Unavailable),
+    (MilvusException(grpc.StatusCode.DEADLINE_EXCEEDED, "slow[secret]"), DeadlineExceeded),
+    (MilvusException(grpc.StatusCode.UNAVAILABLE, "down[secret]"), Unavailable),
+    (ConnectError(message="refused[secret]"), Unavailable),
+    (MilvusException(65535, "boom[secret]"), Unavailable),
 ])
 def test_milvus_errors_map_to_precise_codes_without_raw_text(exc, expected) -> None:
     err = milvus_error(exc, "search", _S)
     assert type(err) is expected
-    assert "secret-internal-detail" not in err.message and "Milvus" in err.message
+    assert "[secret]" not in err.message and "Milvus" in err.message
 
 
 def test_input_errors_name_the_field() -> None:

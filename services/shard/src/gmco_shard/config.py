@@ -62,6 +62,9 @@ class ShardSettings(ServerSettings):
                                       choices=MILVUS_VECTOR_TYPES)
     milvus_timeout_seconds: float = setting(30.0, help="milvus backend: timeout of one Milvus call",
                                             check=_pos, check_msg="must be > 0")
+    milvus_build_timeout_seconds: float = setting(3600.0, help="milvus backend: timeout of the slow calls of a "
+                                                  "build (insert, flush, load: load builds the HNSW index)",
+                                                  check=_pos, check_msg="must be > 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -62,6 +62,7 @@ class MilvusSettings:
     consistency: str = "Bounded"
     vector_type: str = "auto"
     timeout_seconds: float = 30.0
+    build_timeout_seconds: float = 3600.0  # insert, flush, index and load of a whole segment
 
     @classmethod
     def from_params(cls, params: IndexParams) -> MilvusSettings:
@@ -75,7 +76,8 @@ class MilvusSettings:
                 index_params=e.get("milvus_index_params", ""),
                 consistency=e.get("milvus_consistency") or cls.consistency,
                 vector_type=e.get("milvus_vector_type") or cls.vector_type,
-                timeout_seconds=float(e.get("milvus_timeout_seconds") or cls.timeout_seconds))
+                timeout_seconds=float(e.get("milvus_timeout_seconds") or cls.timeout_seconds),
+                build_timeout_seconds=float(e.get("milvus_build_timeout_seconds") or cls.build_timeout_seconds))
         for name, value, allowed in (("INDEX_TYPE", s.index_type, MILVUS_INDEX_TYPES),
                                      ("CONSISTENCY", s.consistency, MILVUS_CONSISTENCY_LEVELS),
                                      ("VECTOR_TYPE", s.vector_type, MILVUS_VECTOR_TYPES)):
@@ -170,14 +172,16 @@ class MilvusIndex(FilteringIndex):
         self._client: MilvusClient | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _call(self, action: str, method: str, *args: Any, field: str = "", **kwargs: Any) -> Any:
-        """``client.<method>(*args)`` with a deadline; Milvus failures become gmco_common errors."""
+    def _call(self, action: str, method: str, *args: Any, field: str = "", build: bool = False,
+              **kwargs: Any) -> Any:
+        """``client.<method>(*args)`` with a deadline (the request's, or the build timeout for the slow steps
+        of a build); Milvus failures become gmco_common errors."""
+        timeout = self.settings.build_timeout_seconds if build else call_timeout(self.settings.timeout_seconds)
         try:
             if self._client is None:
                 self._client = MilvusClient(uri=self.settings.uri, token=self.settings.token,
                                             timeout=self.settings.timeout_seconds)
-            return getattr(self._client, method)(*args, timeout=call_timeout(self.settings.timeout_seconds),
-                                                 **kwargs)
+            return getattr(self._client, method)(*args, timeout=timeout, **kwargs)
         except (MilvusException, grpc.RpcError) as exc:
             raise milvus_error(exc, action, self.settings, field) from exc
 
@@ -211,7 +215,7 @@ class MilvusIndex(FilteringIndex):
 
     def _wait_indexed(self, collection: str, n: int) -> None:
         """A remote Milvus indexes sealed segments asynchronously: wait until all rows are indexed."""
-        deadline = time.monotonic() + self.settings.timeout_seconds * 20
+        deadline = time.monotonic() + self.settings.build_timeout_seconds
         while True:
             info = self._call("describe index", "describe_index", collection, VECTOR)
             if int(info.get("indexed_rows", n)) >= n and int(info.get("pending_index_rows", 0)) == 0:
@@ -236,11 +240,12 @@ class MilvusIndex(FilteringIndex):
         self._call("release", "release_collection", name)
         for start in tqdm(range(0, n, _INSERT_BATCH), desc="milvus insert", unit="batch", disable=not progress):
             stop = min(n, start + _INSERT_BATCH)
-            self._call("insert", "insert", name, entity_rows(vectors[start:stop], cols.take(np.arange(start, stop)),
-                                                       start, self.settings.vector_dtype))
-        self._call("flush", "flush", name)
+            batch = entity_rows(vectors[start:stop], cols.take(np.arange(start, stop)), start,
+                                self.settings.vector_dtype)
+            self._call("insert", "insert", name, batch, build=True)
+        self._call("flush", "flush", name, build=True)
         self._wait_indexed(name, n)
-        self._call("load", "load_collection", name)
+        self._call("load", "load_collection", name, build=True)
         got = self._count(name)
         if got != n:
             raise Unavailable(f"Milvus collection {name} holds {got} rows after the build, expected {n}; retry")
@@ -299,7 +304,7 @@ class MilvusIndex(FilteringIndex):
         if not self._call("check collection", "has_collection", name):
             raise FailedPrecondition(f"Milvus at {self.settings.uri} has no collection {name}, which snapshot "
                                      f"{directory} uses; delete the snapshot to rebuild from the catalogue")
-        self._call("load", "load_collection", name)
+        self._call("load", "load_collection", name, build=True)
         got = self._count(name)
         if got != vectors.shape[0]:
             raise FailedPrecondition(f"Milvus collection {name} holds {got} rows but snapshot {directory} has "
