@@ -6,7 +6,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
-from gmco_shard.index.base import BACKENDS, IndexParams
+from gmco_shard.index.base import BACKENDS
+from gmco_shard.store import EXACT_FRACTION, IndexParams
 
 PREFIX = "GMCO_SHARD_"
 # The milvus backend's choices (validated here and again by gmco_shard.index.milvus for direct use).
@@ -33,8 +34,9 @@ class ShardSettings(ServerSettings):
     index_backend: str = setting("hnsw", help="sealed-segment index", choices=tuple(BACKENDS))
     hnsw_m: int = setting(32, help="HNSW graph degree M", check=_pos, check_msg="must be > 0")
     hnsw_ef_construction: int = setting(200, help="HNSW efConstruction", check=_pos, check_msg="must be > 0")
-    hnsw_ef_search: int = setting(128, help="HNSW efSearch default", check=_pos, check_msg="must be > 0")
-    exact_fraction: float = setting(0.02, help="search exactly when at most this fraction of rows passes the filter",
+    hnsw_ef_search: int = setting(256, help="HNSW efSearch default (recall@10 0.95 on the reference set)", check=_pos, check_msg="must be > 0")
+    exact_fraction: float = setting(EXACT_FRACTION, help="search exactly when at most this fraction of rows passes "
+                                                        "the filter (measured: docs/benchmarks.md#shard)",
                                     check=lambda v: 0 <= v <= 1, check_msg="0..1")
     max_k: int = setting(1000, help="largest k a Search may ask for", check=_pos, check_msg="must be > 0")
     max_batch: int = setting(4096, help="largest query batch", check=_pos, check_msg="must be > 0")
