@@ -148,10 +148,10 @@ def milvus_error(exc: Exception, action: str, settings: MilvusSettings, field: s
         return Unavailable(f"{where} is not ready for {action}; retry")
     input_error = exc.is_input_error or isinstance(exc, (ParamError, DataNotMatchException,
                                                          DataTypeNotMatchException))
-    if input_error or legacy in (milvus_common.IllegalArgument, milvus_common.IllegalTOPK,
-                                 milvus_common.IllegalDimension, milvus_common.IllegalIndexType,
-                                 milvus_common.IllegalMetricType):
-        reason = (exc.message or "").splitlines()[0][:200] if exc.message else "invalid"
+    if input_error or code == 1100 or legacy in (  # 1100: Milvus' "parameter invalid"
+            milvus_common.IllegalArgument, milvus_common.IllegalTOPK, milvus_common.IllegalDimension,
+            milvus_common.IllegalIndexType, milvus_common.IllegalMetricType):
+        reason = exc.message.splitlines()[0][:200] if exc.message else "invalid"
         if field:
             return InvalidArgument(field, f"Milvus rejected it: {reason}")
         return FailedPrecondition(f"{where} rejected {action} ({reason}); check the GMCO_SHARD_MILVUS_* settings")
