@@ -250,3 +250,20 @@ def test_sigterm_drains_in_flight_calls(small_catalogue, tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_micro_batched_searches_match_unbatched(make_store, small_catalogue) -> None:
+    store = make_store("exact")
+    running = await _serve(store, batch_window_ms=5.0, batch_max=64)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
+            q = generate_queries(small_catalogue, 12)
+            f = common_pb2.Filter(max_rating=3)
+            calls = [stub.Search(pb.SearchRequest(queries=encode_batch(q[i:i + 1]), k=5, filter=f)) for i in range(12)]
+            got = await asyncio.gather(*calls)
+        want = store.search(q.astype(np.float16).astype(np.float32), 5, f)
+        for i, resp in enumerate(got):
+            assert [it.media_id for it in resp.results[0].items] == want.media_ids[i].tolist()
+    finally:
+        await running.server.stop(0)

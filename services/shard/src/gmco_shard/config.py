@@ -38,6 +38,9 @@ class ShardSettings(ServerSettings):
     exact_fraction: float = setting(EXACT_FRACTION, help="search exactly when at most this fraction of rows passes "
                                                         "the filter (measured: docs/benchmarks.md#shard)",
                                     check=lambda v: 0 <= v <= 1, check_msg="0..1")
+    batch_window_ms: float = setting(0.0, help="micro-batching window for concurrent searches (0 = off; 1 on GPU)",
+                                     check=lambda v: 0 <= v <= 20, check_msg="0..20 ms")
+    batch_max: int = setting(1024, help="most query rows merged into one batch", check=_pos, check_msg="must be > 0")
     max_k: int = setting(1000, help="largest k a Search may ask for", check=_pos, check_msg="must be > 0")
     max_batch: int = setting(4096, help="largest query batch", check=_pos, check_msg="must be > 0")
     max_get: int = setting(10000, help="largest GetMedia id list", check=_pos, check_msg="must be > 0")

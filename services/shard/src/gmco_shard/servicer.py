@@ -18,7 +18,8 @@ from gmco_shard import metrics
 from gmco_shard.config import ShardSettings
 from gmco_shard.filters import check_attributes, read_attributes
 from gmco_shard.snapshot import save_snapshot
-from gmco_shard.store import ShardStore
+from gmco_shard.batcher import MicroBatcher
+from gmco_shard.store import SearchResult, ShardStore
 
 _METRIC_NAMES = {common_pb2.METRIC_INNER_PRODUCT: "ip", common_pb2.METRIC_L2: "l2"}
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -39,6 +40,26 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         self._slots = slots
         self.tailer = tailer
         self._compaction: asyncio.Task | None = None
+        self._batcher = (MicroBatcher(self._run_batch, settings.batch_window_ms / 1000, settings.batch_max)
+                         if settings.batch_window_ms > 0 else None)
+
+    async def _run_batch(self, queries: np.ndarray, key: tuple) -> tuple[np.ndarray, ...]:
+        """One store search for a merged batch; batch-level facts ride along per row."""
+        k, flt_bytes, ef, exact = key
+        flt = common_pb2.Filter.FromString(flt_bytes) if flt_bytes else None
+        res = await asyncio.to_thread(self._store.search, queries, k, flt, ef, exact)
+        return res.scores, res.media_ids, res.rows, np.full(queries.shape[0], res, dtype=object)
+
+    async def _search(self, queries: np.ndarray, request: pb.SearchRequest) -> SearchResult:
+        flt = request.filter if request.HasField("filter") else None
+        if self._batcher is None:
+            return await asyncio.to_thread(self._store.search, queries, request.k, flt, request.params.ef,
+                                           request.params.exact)
+        key = (request.k, flt.SerializeToString(deterministic=True) if flt is not None else b"",
+               request.params.ef, request.params.exact)
+        scores, ids, rows, meta = await self._batcher.submit(queries, key)
+        first: SearchResult = meta[0]
+        return SearchResult(scores, ids, rows, first.table, first.allowed, first.exact)
 
     # -- validation -----------------------------------------------------------------------------
     def _check_metric(self, metric: int) -> None:
@@ -73,10 +94,8 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             raise InvalidArgument("k", f"must be in 1..{s.max_k}, got {request.k}")
         self._check_metric(request.metric)
         await self._await_lsn(request.min_lsn, context)
-        flt = request.filter if request.HasField("filter") else None
         start = time.perf_counter()
-        res = await asyncio.to_thread(self._store.search, queries, request.k, flt, request.params.ef,
-                                      request.params.exact)
+        res = await self._search(queries, request)
         metrics.SEARCH_SECONDS.labels("exact" if res.exact else "index").observe(time.perf_counter() - start)
         t = res.table
         out = pb.SearchResponse(shard_id=s.shard_id, applied_lsn=self._store.applied_lsn, allowed_count=res.allowed,
