@@ -8,15 +8,15 @@ import logging
 import sys
 
 import numpy as np
-
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_catalog.log import open_log
 from gmco_catalog.tailer import LogTailer
-from gmco_common.config import ConfigError, describe_settings
-from gmco_common.logging import configure_logging
-from gmco_common.slots import NUM_SLOTS
+from gmco_common.cli import run_service
 from gmco_common.server import Registration, serve_until_signal, start_server
+from gmco_common.slots import NUM_SLOTS
+
 from gmco_shard import config
+from gmco_shard.gpu import GpuMonitor, HealthGate, cuda_probe
 from gmco_shard.index.base import backend_class
 from gmco_shard.loader import initial_load, slot_map
 from gmco_shard.servicer import ShardServicer
@@ -33,7 +33,7 @@ async def _every(seconds: float, fn) -> None:
         await fn()
 
 
-async def run(settings: config.ShardSettings) -> None:
+async def run(settings: config.Settings) -> None:
     backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
     store = ShardStore(settings.dim, settings.index_backend, settings.index_params(), settings.exact_fraction)
     slots = slot_map(settings).slots_for(settings.shard_id)
@@ -55,8 +55,17 @@ async def run(settings: config.ShardSettings) -> None:
         if settings.snapshot_dir is not None and settings.snapshot_interval_seconds > 0:
             tasks.append(asyncio.create_task(_every(settings.snapshot_interval_seconds, lambda: asyncio.to_thread(
                 save_snapshot, store, settings.snapshot_dir))))
+        gpu = GpuMonitor() if settings.index_backend == "cuvs" else None
+        gate = HealthGate(cuda_probe) if gpu is not None else None
+
         async def refresh() -> None:
             servicer.refresh_metrics()
+            if gpu is not None and gate is not None:
+                gpu.refresh()
+                was = gate.healthy
+                if await asyncio.to_thread(gate.check) != was:
+                    log.warning("CUDA context %s", "usable again" if gate.healthy else "unusable: NOT_SERVING")
+                    await running.set_serving(gate.healthy)
 
         tasks.append(asyncio.create_task(_every(1.0, refresh)))
         await running.set_serving(True)
@@ -76,17 +85,8 @@ def _applier(store: ShardStore):
     return apply
 
 
-def main() -> None:
-    if "--help" in sys.argv or "-h" in sys.argv:
-        print(__doc__ + "\n\nEnvironment:\n" + describe_settings(config.ShardSettings, config.PREFIX))
-        return
-    try:
-        settings = config.load()
-    except ConfigError as exc:
-        sys.exit(f"gmco-shard: {exc}")
-    configure_logging("shard", settings.log_level, settings.log_format)
-    asyncio.run(run(settings))
-
+def main(argv: list[str] | None = None) -> int:
+    return run_service("shard", __doc__, config.Settings, config.PREFIX, run, argv)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

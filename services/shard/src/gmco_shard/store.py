@@ -192,6 +192,8 @@ class ShardStore:
         if sealed_allowed == 0:
             s1 = np.full((q.shape[0], k), -np.inf, np.float32)
             r1 = np.full((q.shape[0], k), -1, np.int64)
+        elif exact and hasattr(t.index, "exact_search"):  # e.g. GPU brute force on the device copy
+            s1, r1 = t.index.exact_search(q, k, sealed_allow)
         elif exact:
             s1, r1 = exact_search(t.vectors, q, k, metric, np.flatnonzero(sealed_allow))
         else:

@@ -106,12 +106,11 @@ class CagraIndex(VectorIndex):
         return d, r
 
     def save(self, directory: Path) -> None:
-        cagra.save(str(directory / _FILE), self._index, include_dataset=False)
+        cagra.save(str(directory / _FILE), self._index, include_dataset=True)
 
     def load(self, directory: Path, vectors: np.ndarray) -> None:
         self._dataset = cp.asarray(np.ascontiguousarray(vectors, dtype=np.float16))
         self._index = cagra.load(str(directory / _FILE))
-        self._index.update_dataset(self._dataset)
         self.count = vectors.shape[0]
 
     @property
