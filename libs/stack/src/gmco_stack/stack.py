@@ -152,6 +152,11 @@ class Stack:
                   # user state is tied to the embedding space, so one database per catalogue
                   sqlite_path=run / f"rl_state-{cfg.data_dir.name}.sqlite3")
         self._add("cache", "gmco_cache", "GMCO_CACHE_", self._port(base + 201), "gmco.cache.v1.CacheService")
+        # The durable catalogue log that routers append to and every shard replica tails: SQLite beside
+        # the snapshots (keyed like them, so a snapshot's applied_lsn always refers to this log), or the
+        # PostgreSQL given in GMCO_ROUTER_CATALOG_DSN.
+        self.catalog_dsn = ({**os.environ, **cfg.env}.get("GMCO_ROUTER_CATALOG_DSN")
+                            or str(run / f"catalog-{cfg.data_dir.name}-{cfg.index_backend}.sqlite3"))
         shard_targets: dict[int, list[str]] = {}
         self.snapshot_dirs: dict[str, Path] = {}
         for sid in range(cfg.shards):
@@ -164,7 +169,7 @@ class Stack:
                     self._port(base + 1 + sid + 10 * rep), "gmco.shard.v1.ShardService",
                     shard_id=sid, shard_count=cfg.shards, replica_id=rep, dim=cfg.dim,
                     index_backend=cfg.index_backend, data_dir=cfg.data_dir,
-                    snapshot_dir=snapshots,
+                    snapshot_dir=snapshots, catalog_dsn=self.catalog_dsn,
                 )
                 shard_targets.setdefault(sid, []).append(svc.target)
         spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
@@ -172,7 +177,8 @@ class Stack:
             self._add(f"router-{i}", "gmco_router", "GMCO_ROUTER_", self._port(base + 101 + i),
                       "gmco.router.v1.RecommendationService", shards=spec,
                       cache_target=self.services["cache"].target, ontology_target=self.services["ontology"].target,
-                      rl_state_target=self.services["rl_state"].target)
+                      rl_state_target=self.services["rl_state"].target, catalog_dsn=self.catalog_dsn,
+                      media_dim=cfg.dim)
         self.envoy_port = self._port(cfg.envoy_port)
         self.envoy_admin_port = self._port(cfg.envoy_admin_port)
         self.envoy_config_path = run / "envoy.yaml"

@@ -9,6 +9,7 @@ from gmco.cache.v1 import cache_service_pb2_grpc
 from gmco.ontology.v1 import ontology_service_pb2_grpc
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2_grpc
+from gmco_catalog.log import open_log
 from gmco_common.channels import ChannelOptions, make_channel
 from gmco_common.cli import run_service
 from gmco_common.server import Registration, RunningServer, serve_until_signal, start_server
@@ -40,7 +41,8 @@ async def start(s: Settings, stack: contextlib.AsyncExitStack) -> RunningServer:
     ontology = await stack.enter_async_context(make_channel(s.ontology_target, options))
     rl_state = await stack.enter_async_context(make_channel(s.rl_state_target, options))
     slot_map = SlotMap.from_json(s.slot_map_file.read_text()) if s.slot_map_file else SlotMap.even(pool.shard_count)
-    catalogue = Catalogue(pool, slot_map)
+    log = await stack.enter_async_context(open_log(s.catalog_dsn)) if s.catalog_dsn else None
+    catalogue = Catalogue(pool, slot_map, log, s.media_dim)
     rl_stub = rl_state_service_pb2_grpc.RLStateServiceStub(rl_state)
     recommender = Recommender(s, pool, catalogue, cache_service_pb2_grpc.CacheServiceStub(cache),
                               ontology_service_pb2_grpc.OntologyServiceStub(ontology), rl_stub)

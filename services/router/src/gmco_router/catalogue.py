@@ -1,9 +1,13 @@
-"""Catalogue reads and writes routed by slot: GetMedia lookups, UpsertMedia and DeleteMedia.
+"""Catalogue reads and writes: GetMedia lookups routed by slot, UpsertMedia and DeleteMedia.
 
-Until the durable catalogue log exists, a write is applied directly to every replica of the shard that
-owns each item's slot, and acknowledged only when all of them applied it. A write that fails on any
-replica answers UNAVAILABLE; retrying it is safe (an upsert replaces, a delete of a deleted id is a
-no-op). The reply's ``lsn`` is 0: there is no log position yet, and ``min_lsn = 0`` asks for nothing.
+With a durable catalogue log (``GMCO_ROUTER_CATALOG_DSN``), a write is validated, appended to the log
+in one transaction (idempotent by ``request_id``) and acknowledged only after it committed; the reply
+carries its ``lsn``, and shard replicas apply it by tailing the log (docs/resharding.md).
+
+Without a log, a write is applied directly to every replica of the shard that owns each item's slot,
+and acknowledged only when all of them applied it. A write that fails on any replica answers
+UNAVAILABLE; retrying it is safe (an upsert replaces, a delete of a deleted id is a no-op). The
+reply's ``lsn`` is then 0.
 """
 
 from __future__ import annotations
@@ -15,24 +19,31 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
+import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_catalog.log import CatalogLog, Op, Write
 from gmco_common.errors import InvalidArgument, Unavailable
 from gmco_common.slots import SlotMap
+from gmco_common.vectors import decode_vector
 
 from gmco_router.replicas import NoReplicaAvailable, ShardPool
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class Catalogue:
-    def __init__(self, pool: ShardPool, slot_map: SlotMap) -> None:
+    def __init__(self, pool: ShardPool, slot_map: SlotMap, log: CatalogLog | None = None,
+                 dim: int = 1024) -> None:
         if slot_map.shard_count != pool.shard_count:
             raise ValueError(f"the slot map has {slot_map.shard_count} shards but {pool.shard_count} are configured")
         self._pool = pool
         self._slots = slot_map
+        self._log = log
+        self._dim = dim
 
     def _by_shard(self, media_ids: Iterable[int]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = defaultdict(list)
@@ -57,7 +68,8 @@ class Catalogue:
         found = await asyncio.gather(*(fetch(s, ids) for s, ids in groups.items()))
         return {item.media_id: item for items in found for item in items}
 
-    async def upsert(self, items: Sequence[common_pb2.MediaItem]) -> int:
+    async def upsert(self, items: Sequence[common_pb2.MediaItem], request_id: str = "") -> tuple[int, int]:
+        """(items written, lsn)."""
         if not items:
             raise InvalidArgument("items", "the batch is empty")
         seen: set[int] = set()
@@ -65,6 +77,16 @@ class Catalogue:
             if item.media_id in seen:
                 raise InvalidArgument(f"items[{i}].media_id", f"duplicate id {item.media_id} in one request")
             seen.add(item.media_id)
+        if self._log is not None:
+            writes = []
+            for i, item in enumerate(items):
+                vec = decode_vector(item.vector, f"items[{i}].vector", self._dim)
+                if vec.dtype != np.float16 and np.abs(vec).max(initial=0) > _FP16_MAX:
+                    raise InvalidArgument(f"items[{i}].vector", "has values beyond the float16 range")
+                writes.append(Write(Op.UPSERT, item.media_id, vec.astype("<f2").tobytes(),
+                                    item.attributes.SerializeToString(deterministic=True)))
+            result = await self._log.append(writes, request_id or None)
+            return len(items), result.last_lsn
         by_id = {item.media_id: item for item in items}
         groups = self._by_shard(by_id)
         await asyncio.gather(*(
@@ -72,11 +94,16 @@ class Catalogue:
                 shard_service_pb2.UpsertRequest(items=[by_id[m] for m in ids])))
             for shard, ids in groups.items()
         ))
-        return len(items)
+        return len(items), 0
 
-    async def delete(self, media_ids: Sequence[int]) -> int:
+    async def delete(self, media_ids: Sequence[int], request_id: str = "") -> tuple[int, int]:
+        """(ids deleted — with a log: ids whose delete was logged —, lsn)."""
         if not media_ids:
             raise InvalidArgument("media_ids", "the list is empty")
+        if self._log is not None:
+            ids = list(dict.fromkeys(media_ids))
+            result = await self._log.append([Write(Op.DELETE, m) for m in ids], request_id or None)
+            return len(ids), result.last_lsn
         groups = self._by_shard(dict.fromkeys(media_ids))
         answers = await asyncio.gather(*(
             self._on_every_replica(shard, "media_ids", lambda stub, ids=ids: stub.Delete(
@@ -84,7 +111,7 @@ class Catalogue:
             for shard, ids in groups.items()
         ))
         # Replicas hold the same items, so any replica's count is the shard's count.
-        return sum(replies[0].deleted_count for replies in answers)
+        return sum(replies[0].deleted_count for replies in answers), 0
 
     async def _on_every_replica(
         self, shard: int, field: str, call: Callable[[shard_service_pb2_grpc.ShardServiceStub], Awaitable[T]]

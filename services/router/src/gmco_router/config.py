@@ -36,6 +36,11 @@ class Settings(ServerSettings):
                                check_msg=">= 0")
     dns_refresh_seconds: float = setting(10.0, help="how often SHARD_DNS is re-resolved", check=_positive,
                                          check_msg="> 0")
+    catalog_dsn: str | None = setting(
+        None, help="durable catalogue log (postgresql://... or a SQLite path): writes are acknowledged after "
+                   "committing there and carry its lsn; unset = apply writes directly to every replica")
+    media_dim: int = setting(1024, help="embedding dimension, checked on catalogue writes",
+                             check=lambda v: v > 0, check_msg="must be > 0")
     slot_map_file: Path | None = setting(  # noqa: RUF009 - an immutable default
         None, help="JSON slot map (SlotMap.to_json); default: an even map")
     cache_target: str = setting("127.0.0.1:50052", help="host:port of the cache service")

@@ -98,10 +98,10 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
 
     async def UpsertMedia(self, request: router_service_pb2.UpsertMediaRequest,
                           context: grpc.aio.ServicerContext) -> router_service_pb2.UpsertMediaResponse:
-        count = await self._catalogue.upsert(request.items)
-        return router_service_pb2.UpsertMediaResponse(lsn=0, upserted_count=count)
+        count, lsn = await self._catalogue.upsert(request.items, request.request_id)
+        return router_service_pb2.UpsertMediaResponse(lsn=lsn, upserted_count=count)
 
     async def DeleteMedia(self, request: router_service_pb2.DeleteMediaRequest,
                           context: grpc.aio.ServicerContext) -> router_service_pb2.DeleteMediaResponse:
-        count = await self._catalogue.delete(request.media_ids)
-        return router_service_pb2.DeleteMediaResponse(lsn=0, deleted_count=count)
+        count, lsn = await self._catalogue.delete(request.media_ids, request.request_id)
+        return router_service_pb2.DeleteMediaResponse(lsn=lsn, deleted_count=count)

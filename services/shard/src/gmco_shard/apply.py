@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-import numpy as np
+import logging
 
+import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco_catalog.log import LogEntry, Op
+
 from gmco_shard.store import ShardStore
+
+log = logging.getLogger(__name__)
 
 
 def apply_entries(store: ShardStore, entries: list[LogEntry], scanned_lsn: int) -> None:
-    """Consecutive upserts are applied as one batch; every entry keeps its place in the order."""
+    """Consecutive upserts are applied as one batch; every entry keeps its place in the order.
+
+    An upsert whose vector does not fit this shard's dimension cannot be applied by any replica; it is
+    logged and skipped rather than stopping the replica (writers validate, so this means a writer
+    configured with another dimension)."""
+    width = store.dim * 2
+    bad = [e for e in entries if e.op == Op.UPSERT and len(e.vector or b"") != width]
+    for e in bad:
+        log.error("log entry lsn %d (media %d) has a %d-byte vector, expected %d; skipped",
+                  e.lsn, e.media_id, len(e.vector or b""), width)
+    if bad:
+        entries = [e for e in entries if e not in bad]
     i = 0
     while i < len(entries):
         j = i
