@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
 from gmco_shard.index.base import BACKENDS
+from gmco_shard.index.cagra_config import BUILD_ALGOS, CagraParams
 from gmco_shard.store import EXACT_FRACTION, IndexParams
 
 PREFIX = "GMCO_SHARD_"
@@ -41,6 +42,26 @@ class ShardSettings(ServerSettings):
     batch_window_ms: float = setting(0.0, help="micro-batching window for concurrent searches (0 = off; 1 on GPU)",
                                      check=lambda v: 0 <= v <= 20, check_msg="0..20 ms")
     batch_max: int = setting(1024, help="most query rows merged into one batch", check=_pos, check_msg="must be > 0")
+    cagra_graph_degree: int = setting(CagraParams.graph_degree, help="cuvs backend: CAGRA graph degree",
+                                      check=_pos, check_msg="must be > 0")
+    cagra_intermediate_graph_degree: int = setting(CagraParams.intermediate_graph_degree, help="cuvs backend: "
+                                                   "degree of the kNN graph CAGRA prunes (>= graph degree)",
+                                                   check=_pos, check_msg="must be > 0")
+    cagra_build_algo: str = setting(CagraParams.build_algo, help="cuvs backend: kNN graph construction",
+                                    choices=BUILD_ALGOS)
+    cagra_itopk_size: int = setting(CagraParams.itopk_size, help="cuvs backend: default CAGRA itopk_size (a "
+                                    "request's ef overrides it; main recall/speed knob)", check=_pos,
+                                    check_msg="must be > 0")
+    cagra_search_width: int = setting(CagraParams.search_width, help="cuvs backend: CAGRA nodes expanded per "
+                                      "iteration", check=_pos, check_msg="must be > 0")
+    cagra_num_random_samplings: int = setting(CagraParams.num_random_samplings, help="cuvs backend: CAGRA seeding "
+                                              "passes (1 loses recall from ~100k rows, NVIDIA/cuvs#2102)",
+                                              check=_pos, check_msg="must be > 0")
+    gpu_pool_bytes: int = setting(CagraParams.pool_bytes, help="cuvs backend: rmm pool size in bytes (0 = "
+                                  "GPU_POOL_FRACTION of the device)", check=lambda v: v >= 0, check_msg=">= 0")
+    gpu_pool_fraction: float = setting(CagraParams.pool_fraction, help="cuvs backend: share of device memory "
+                                       "(less 512 MiB headroom) for the rmm pool", check=lambda v: 0 < v <= 1,
+                                       check_msg="in (0, 1]")
     max_k: int = setting(1000, help="largest k a Search may ask for", check=_pos, check_msg="must be > 0")
     max_batch: int = setting(4096, help="largest query batch", check=_pos, check_msg="must be > 0")
     max_get: int = setting(10000, help="largest GetMedia id list", check=_pos, check_msg="must be > 0")
@@ -78,14 +99,15 @@ class ShardSettings(ServerSettings):
         if self.data_dir is not None and not (self.data_dir / "meta.json").is_file():
             raise ConfigError(f"{PREFIX}DATA_DIR={self.data_dir} is not a catalogue directory (no meta.json); "
                               "create one with `python -m gmco_common.datagen --out DIR`")
+        CagraParams.from_extra(self.index_params().extra)  # cross-field checks of the cagra_*/gpu_pool_* settings
         if self.index_backend == "milvus" and not self.milvus_uri:
             raise ConfigError(f"{PREFIX}INDEX_BACKEND=milvus needs {PREFIX}MILVUS_URI: a Milvus URI "
                               "(http://host:19530) or a Milvus Lite file path ending in .db")
 
     def index_params(self) -> IndexParams:
-        """The index backend's parameters; the milvus_* settings travel in ``extra``."""
+        """The index backend's parameters; the milvus_*, cagra_* and gpu_pool_* settings travel in ``extra``."""
         extra = {f.name: str(getattr(self, f.name)) for f in fields(self)
-                 if f.name.startswith("milvus_") and getattr(self, f.name) is not None}
+                 if f.name.startswith(("milvus_", "cagra_", "gpu_pool_")) and getattr(self, f.name) is not None}
         extra["milvus_collection"] = self.milvus_collection or f"gmco_shard_{self.shard_id}_r{self.replica_id}"
         return IndexParams(self.metric, self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search, extra=extra)
 

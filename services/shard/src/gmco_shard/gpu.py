@@ -1,14 +1,22 @@
-"""GPU telemetry through NVML (nvidia-ml-py) and a CUDA health probe for the shard.
+"""GPU telemetry through NVML (nvidia-ml-py) and the CUDA health probe of a cuvs shard.
 
-Exported only when NVML is present: device memory used/total, utilisation and temperature. The
-probe runs a tiny device operation; when it fails the shard's health goes NOT_SERVING so that load
-balancers and the router stop sending it work.
+The shard's entry point builds these only when the backend is ``cuvs``; on a CPU install NVML is
+absent and the gauges below export no samples. The monitor reports the device this process computes
+on (matched to NVML by PCI bus id through CuPy), or every NVML device when CuPy is missing.
+
+The health gate runs a tiny device operation each second. Two failed or timed-out probes in a row make
+the shard NOT_SERVING, so balancers and the router send it nothing; one success makes it SERVING again.
+A probe that hangs (a wedged device) counts as failed after ``timeout`` seconds and is never stacked:
+while it is stuck, each check fails at once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 from prometheus_client import Gauge
 
@@ -20,19 +28,36 @@ UTILIZATION = Gauge("gmco_shard_gpu_utilization_ratio", "GPU compute utilisation
 TEMPERATURE = Gauge("gmco_shard_gpu_temperature_celsius", "GPU temperature.", ["gpu"])
 
 
+def _current_pci_bus_ids() -> list[str] | None:
+    """PCI bus id of the CUDA device this process uses, or None when CuPy/CUDA cannot tell."""
+    try:
+        import cupy
+
+        return [cupy.cuda.Device().pci_bus_id]
+    except Exception:  # noqa: BLE001 - no CuPy or no usable device: fall back to every NVML device
+        return None
+
+
 class GpuMonitor:
-    """Reads NVML each ``refresh()``; does nothing where NVML is missing (CPU installs)."""
+    """Reads NVML on each ``refresh()``; a no-op where NVML is missing. ``nvml`` is injectable for tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, nvml: ModuleType | Any | None = None, pci_bus_ids: list[str] | None = None) -> None:
+        self._nvml: Any = None
+        self._handles: list[tuple[str, Any]] = []
+        self._failing = False
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception as exc:  # noqa: BLE001 - ImportError or NVMLError: no GPU telemetry
+            if nvml is None:
+                import pynvml as nvml
+            nvml.nvmlInit()
+            bus_ids = pci_bus_ids if pci_bus_ids is not None else _current_pci_bus_ids()
+            if bus_ids is None:
+                handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+            else:
+                handles = [nvml.nvmlDeviceGetHandleByPciBusId(bus) for bus in bus_ids]
+            self._handles = [(str(nvml.nvmlDeviceGetIndex(h)), h) for h in handles]
+            self._nvml = nvml
+        except Exception as exc:  # noqa: BLE001 - ImportError or an NVML error: no GPU telemetry
             log.info("GPU telemetry off: %s", exc)
-            self._nvml = None
             self._handles = []
 
     @property
@@ -40,37 +65,85 @@ class GpuMonitor:
         return bool(self._handles)
 
     def refresh(self) -> None:
-        for i, h in enumerate(self._handles):
-            mem = self._nvml.nvmlDeviceGetMemoryInfo(h)
-            util = self._nvml.nvmlDeviceGetUtilizationRates(h)
-            MEMORY_USED.labels(str(i)).set(mem.used)
-            MEMORY_TOTAL.labels(str(i)).set(mem.total)
-            UTILIZATION.labels(str(i)).set(util.gpu / 100.0)
-            TEMPERATURE.labels(str(i)).set(self._nvml.nvmlDeviceGetTemperature(h, self._nvml.NVML_TEMPERATURE_GPU))
+        """Update the gauges; an NVML error is logged (once per failing spell) and never raised."""
+        nvml = self._nvml
+        try:
+            for label, h in self._handles:
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                MEMORY_USED.labels(label).set(mem.used)
+                MEMORY_TOTAL.labels(label).set(mem.total)
+                UTILIZATION.labels(label).set(nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
+                TEMPERATURE.labels(label).set(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))
+        except Exception as exc:  # noqa: BLE001 - telemetry must not take the service down
+            if not self._failing:
+                log.warning("NVML read failed: %s", exc)
+            self._failing = True
+        else:
+            self._failing = False
 
 
-def cuda_probe() -> bool:
-    """True when a small CUDA operation succeeds on the current device."""
-    try:
-        import cupy
+class CudaProbe:
+    """A device round trip that allocates nothing after the first call (so a full memory pool does not
+    read as a broken context): fill a small device buffer, synchronise the device, read it back."""
 
-        return int(cupy.arange(4).sum().get()) == 6
-    except Exception:  # noqa: BLE001 - any failure means the context is unusable
-        return False
+    def __init__(self) -> None:
+        self._buf: Any = None
+
+    def __call__(self) -> bool:
+        try:
+            import cupy
+
+            if self._buf is None:
+                self._buf = cupy.zeros(8, dtype=cupy.int32)
+            self._buf.fill(7)
+            cupy.cuda.runtime.deviceSynchronize()
+            return bool((self._buf.get() == 7).all())
+        except Exception as exc:  # noqa: BLE001 - any failure means the context is unusable
+            log.warning("CUDA probe failed: %s", exc)
+            return False
+
+
+cuda_probe = CudaProbe()
 
 
 class HealthGate:
-    """Turns probe results into serving / not serving, with hysteresis: ``failures`` consecutive failed
-    probes make it unhealthy, one success makes it healthy again."""
+    """Turns probe results into serving / not serving: ``failures`` consecutive failed probes make it
+    unhealthy, one success healthy again. A probe running past ``timeout`` seconds is a failure."""
 
-    def __init__(self, probe: Callable[[], bool], failures: int = 2) -> None:
+    def __init__(self, probe: Callable[[], bool], failures: int = 2, timeout: float = 5.0) -> None:
+        if failures < 1 or timeout <= 0:
+            raise ValueError("failures must be >= 1 and timeout > 0")
         self._probe = probe
         self._needed = failures
+        self._timeout = timeout
         self._failed = 0
+        self._stuck: threading.Thread | None = None
         self.healthy = True
 
+    def _probe_ok(self) -> bool:
+        if self._stuck is not None:
+            if self._stuck.is_alive():
+                return False
+            self._stuck = None
+        result: list[bool] = []
+
+        def run() -> None:
+            try:
+                result.append(bool(self._probe()))
+            except Exception:  # noqa: BLE001 - a raising probe is a failed probe
+                result.append(False)
+
+        thread = threading.Thread(target=run, name="cuda-probe", daemon=True)
+        thread.start()
+        thread.join(self._timeout)
+        if thread.is_alive():
+            self._stuck = thread
+            return False
+        return result[0]
+
     def check(self) -> bool:
-        if self._probe():
+        """Probe once (blocking for at most ``timeout`` seconds) and return whether the shard is healthy."""
+        if self._probe_ok():
             self._failed = 0
             self.healthy = True
         else:

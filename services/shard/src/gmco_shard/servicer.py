@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import grpc
@@ -15,14 +16,16 @@ from gmco_catalog.tailer import LogTailer
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from gmco_common.vectors import decode_batch, decode_vector, encode_vector
 from gmco_shard import metrics
+from gmco_shard.batcher import MicroBatcher
 from gmco_shard.config import ShardSettings
 from gmco_shard.filters import check_attributes, read_attributes
 from gmco_shard.snapshot import save_snapshot
-from gmco_shard.batcher import MicroBatcher
 from gmco_shard.store import SearchResult, ShardStore
 
 _METRIC_NAMES = {common_pb2.METRIC_INNER_PRODUCT: "ip", common_pb2.METRIC_L2: "l2"}
 _FP16_MAX = float(np.finfo(np.float16).max)
+# Largest per-request ef (HNSW efSearch / CAGRA itopk): beyond this a search only burns memory and time.
+MAX_EF = 16384
 
 
 def _decode_item_vector(vec: common_pb2.Vector, field: str, dim: int) -> np.ndarray:
@@ -39,16 +42,17 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         self._settings = settings
         self._slots = slots
         self.tailer = tailer
+        # True while the start-up data loads: data RPCs answer UNAVAILABLE (a bulk load replaces the table).
+        self.loading = False
         self._compaction: asyncio.Task | None = None
         self._batcher = (MicroBatcher(self._run_batch, settings.batch_window_ms / 1000, settings.batch_max)
                          if settings.batch_window_ms > 0 else None)
 
-    async def _run_batch(self, queries: np.ndarray, key: tuple) -> tuple[np.ndarray, ...]:
-        """One store search for a merged batch; batch-level facts ride along per row."""
+    async def _run_batch(self, queries: np.ndarray, key: tuple) -> SearchResult:
+        """One store search for a merged batch of requests that share (k, filter, ef, exact)."""
         k, flt_bytes, ef, exact = key
         flt = common_pb2.Filter.FromString(flt_bytes) if flt_bytes else None
-        res = await asyncio.to_thread(self._store.search, queries, k, flt, ef, exact)
-        return res.scores, res.media_ids, res.rows, np.full(queries.shape[0], res, dtype=object)
+        return await asyncio.to_thread(self._store.search, queries, k, flt, ef, exact)
 
     async def _search(self, queries: np.ndarray, request: pb.SearchRequest) -> SearchResult:
         flt = request.filter if request.HasField("filter") else None
@@ -57,11 +61,14 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
                                            request.params.exact)
         key = (request.k, flt.SerializeToString(deterministic=True) if flt is not None else b"",
                request.params.ef, request.params.exact)
-        scores, ids, rows, meta = await self._batcher.submit(queries, key)
-        first: SearchResult = meta[0]
-        return SearchResult(scores, ids, rows, first.table, first.allowed, first.exact)
+        res, mine = await self._batcher.submit(queries, key)
+        return dataclasses.replace(res, scores=res.scores[mine], media_ids=res.media_ids[mine], rows=res.rows[mine])
 
     # -- validation -----------------------------------------------------------------------------
+    def _check_loaded(self) -> None:
+        if self.loading:
+            raise Unavailable("the shard is still loading its data; use another replica or retry")
+
     def _check_metric(self, metric: int) -> None:
         if metric == common_pb2.METRIC_UNSPECIFIED:
             return
@@ -92,7 +99,10 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             raise InvalidArgument("queries.count", f"is {queries.shape[0]}; at most {s.max_batch} per call")
         if not 1 <= request.k <= s.max_k:
             raise InvalidArgument("k", f"must be in 1..{s.max_k}, got {request.k}")
+        if request.params.ef > MAX_EF:
+            raise InvalidArgument("params.ef", f"is {request.params.ef}; at most {MAX_EF} (0 = the shard's default)")
         self._check_metric(request.metric)
+        self._check_loaded()
         await self._await_lsn(request.min_lsn, context)
         start = time.perf_counter()
         res = await self._search(queries, request)
@@ -125,6 +135,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             ids[i] = item.media_id
             vectors[i] = _decode_item_vector(item.vector, f"items[{i}].vector", self._settings.dim)
             check_attributes(item.attributes, f"items[{i}].attributes")
+        self._check_loaded()
         count = await asyncio.to_thread(self._store.upsert, ids, vectors, [it.attributes for it in request.items],
                                         request.lsn)
         self._maybe_compact()
@@ -133,6 +144,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.media_ids:
             raise InvalidArgument("media_ids", "the list is empty")
+        self._check_loaded()
         deleted = self._store.delete(np.asarray(request.media_ids, np.uint64), request.lsn)
         return pb.DeleteResponse(deleted_count=deleted, not_found_count=len(request.media_ids) - deleted,
                                  applied_lsn=self._store.applied_lsn)
@@ -142,6 +154,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             raise InvalidArgument("media_ids", "the list is empty")
         if len(request.media_ids) > self._settings.max_get:
             raise InvalidArgument("media_ids", f"has {len(request.media_ids)} ids; at most {self._settings.max_get}")
+        self._check_loaded()
         out = pb.GetMediaResponse()
         for mid, got in zip(request.media_ids, self._store.get(list(request.media_ids)), strict=True):
             if got is None:
@@ -165,6 +178,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         )
 
     async def Compact(self, request: pb.CompactRequest, context: grpc.aio.ServicerContext) -> pb.CompactResponse:
+        self._check_loaded()
         running = self._compaction is not None and not self._compaction.done()
         if running and not request.wait:
             raise FailedPrecondition("a compaction is already running; call again with wait=true to wait for it")
@@ -178,6 +192,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
     async def Snapshot(self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext) -> pb.SnapshotResponse:
         if self._settings.snapshot_dir is None:
             raise FailedPrecondition("no snapshot directory: set GMCO_SHARD_SNAPSHOT_DIR")
+        self._check_loaded()
         path, size = await asyncio.to_thread(save_snapshot, self._store, self._settings.snapshot_dir)
         return pb.SnapshotResponse(path=str(path), applied_lsn=self._store.applied_lsn, bytes=size)
 
