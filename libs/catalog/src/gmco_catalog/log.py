@@ -31,6 +31,7 @@ from gmco_common.slots import slot_of
 
 # Arbitrary constant naming the writers' advisory lock.
 _WRITER_LOCK = 0x474D434F  # "GMCO"
+_SCHEMA_LOCK = _WRITER_LOCK + 1  # serialises schema creation
 _CHANNEL = "gmco_catalog_log"
 _I64 = 1 << 63
 
@@ -139,7 +140,10 @@ class PostgresCatalogLog:
     async def open(self) -> None:
         await self._pool.open(wait=False)
         try:
-            async with self._pool.connection() as conn:
+            # Processes that start together race on CREATE ... IF NOT EXISTS (a unique violation
+            # in the catalog); one at a time, under a transaction-scoped advisory lock.
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 await conn.execute(_PG_SCHEMA)
         except (psycopg.OperationalError, TimeoutError) as exc:
             raise Unavailable(f"catalogue log database unreachable: {exc.__class__.__name__}") from exc

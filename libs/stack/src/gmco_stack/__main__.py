@@ -58,11 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--index-backend", default=_env("INDEX_BACKEND", "hnsw"), help="shard index (%(default)s)")
     p.add_argument("--base-port", type=int, default=int(_env("BASE_PORT", "7000")),
                    help="services listen on base+1.. (shards), +101.. (routers), +201 cache, +301 ontology, "
-                        "+401 rl_state (%(default)s)")
+                        "+151.. routers' /metrics, +401 rl_state (%(default)s)")
     p.add_argument("--envoy-port", type=int, default=int(_env("ENVOY_PORT", "8080")), help="%(default)s")
     p.add_argument("--envoy-admin-port", type=int, default=int(_env("ENVOY_ADMIN_PORT", "9901")), help="%(default)s")
     p.add_argument("--run-dir", type=Path, default=Path(_env("RUN_DIR", str(REPO_ROOT / ".run"))), help="%(default)s")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"), help="services' log level (%(default)s)")
+    p.add_argument("--catalog-dsn", default=os.environ.get("GMCO_ROUTER_CATALOG_DSN", ""),
+                   help="the durable catalogue log (postgresql://...); default: a SQLite file in the run dir")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="an extra variable for every service (repeatable)")
     return p.parse_args(argv)
@@ -75,6 +77,8 @@ def config_from(args: argparse.Namespace) -> StackConfig:
         if not sep or not name:
             raise SystemExit(f"gmco-stack: --env wants NAME=VALUE, got {item!r}")
         extra[name] = value
+    if args.catalog_dsn:
+        extra["GMCO_ROUTER_CATALOG_DSN"] = args.catalog_dsn
     return StackConfig(items=args.items, dim=args.dim, shards=args.shards, replicas=args.replicas,
                        routers=args.routers, index_backend=args.index_backend, run_dir=args.run_dir,
                        base_port=args.base_port, envoy_port=args.envoy_port, envoy_admin_port=args.envoy_admin_port,

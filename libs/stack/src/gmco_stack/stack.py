@@ -68,6 +68,11 @@ class Service:
     health_service: str
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0  # Prometheus /metrics, 0 = none
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def target(self) -> str:
@@ -174,11 +179,15 @@ class Stack:
                 shard_targets.setdefault(sid, []).append(svc.target)
         spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
         for i in range(cfg.routers):
-            self._add(f"router-{i}", "gmco_router", "GMCO_ROUTER_", self._port(base + 101 + i),
-                      "gmco.router.v1.RecommendationService", shards=spec,
-                      cache_target=self.services["cache"].target, ontology_target=self.services["ontology"].target,
-                      rl_state_target=self.services["rl_state"].target, catalog_dsn=self.catalog_dsn,
-                      media_dim=cfg.dim)
+            # Routers export /metrics (replica health, failovers) so that tools can watch the rotation.
+            metrics_port = self._port(base + 151 + i)
+            router = self._add(
+                f"router-{i}", "gmco_router", "GMCO_ROUTER_", self._port(base + 101 + i),
+                "gmco.router.v1.RecommendationService", shards=spec,
+                cache_target=self.services["cache"].target, ontology_target=self.services["ontology"].target,
+                rl_state_target=self.services["rl_state"].target, catalog_dsn=self.catalog_dsn,
+                media_dim=cfg.dim, metrics_port=metrics_port)
+            router.metrics_port = metrics_port
         self.envoy_port = self._port(cfg.envoy_port)
         self.envoy_admin_port = self._port(cfg.envoy_admin_port)
         self.envoy_config_path = run / "envoy.yaml"

@@ -42,7 +42,7 @@ async def start(s: Settings, stack: contextlib.AsyncExitStack) -> RunningServer:
     rl_state = await stack.enter_async_context(make_channel(s.rl_state_target, options))
     slot_map = SlotMap.from_json(s.slot_map_file.read_text()) if s.slot_map_file else SlotMap.even(pool.shard_count)
     log = await stack.enter_async_context(open_log(s.catalog_dsn)) if s.catalog_dsn else None
-    catalogue = Catalogue(pool, slot_map, log, s.media_dim)
+    catalogue = Catalogue(pool, slot_map, log, s.media_dim, s.catalog_timeout_seconds)
     rl_stub = rl_state_service_pb2_grpc.RLStateServiceStub(rl_state)
     recommender = Recommender(s, pool, catalogue, cache_service_pb2_grpc.CacheServiceStub(cache),
                               ontology_service_pb2_grpc.OntologyServiceStub(ontology), rl_stub)

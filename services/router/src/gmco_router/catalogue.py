@@ -2,7 +2,9 @@
 
 With a durable catalogue log (``GMCO_ROUTER_CATALOG_DSN``), a write is validated, appended to the log
 in one transaction (idempotent by ``request_id``) and acknowledged only after it committed; the reply
-carries its ``lsn``, and shard replicas apply it by tailing the log (docs/resharding.md).
+carries its ``lsn``, and shard replicas apply it by tailing the log (docs/resharding.md). A log that
+does not take the write within ``log_timeout`` seconds (down, restarting) answers UNAVAILABLE at once
+rather than holding the caller until its deadline; the retry with the same ``request_id`` is safe.
 
 Without a log, a write is applied directly to every replica of the shard that owns each item's slot,
 and acknowledged only when all of them applied it. A write that fails on any replica answers
@@ -37,13 +39,14 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 class Catalogue:
     def __init__(self, pool: ShardPool, slot_map: SlotMap, log: CatalogLog | None = None,
-                 dim: int = 1024) -> None:
+                 dim: int = 1024, log_timeout: float = 2.0) -> None:
         if slot_map.shard_count != pool.shard_count:
             raise ValueError(f"the slot map has {slot_map.shard_count} shards but {pool.shard_count} are configured")
         self._pool = pool
         self._slots = slot_map
         self._log = log
         self._dim = dim
+        self._log_timeout = log_timeout
 
     def _by_shard(self, media_ids: Iterable[int]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = defaultdict(list)
@@ -85,8 +88,7 @@ class Catalogue:
                     raise InvalidArgument(f"items[{i}].vector", "has values beyond the float16 range")
                 writes.append(Write(Op.UPSERT, item.media_id, vec.astype("<f2").tobytes(),
                                     item.attributes.SerializeToString(deterministic=True)))
-            result = await self._log.append(writes, request_id or None)
-            return len(items), result.last_lsn
+            return len(items), await self._append(writes, request_id)
         by_id = {item.media_id: item for item in items}
         groups = self._by_shard(by_id)
         await asyncio.gather(*(
@@ -102,8 +104,7 @@ class Catalogue:
             raise InvalidArgument("media_ids", "the list is empty")
         if self._log is not None:
             ids = list(dict.fromkeys(media_ids))
-            result = await self._log.append([Write(Op.DELETE, m) for m in ids], request_id or None)
-            return len(ids), result.last_lsn
+            return len(ids), await self._append([Write(Op.DELETE, m) for m in ids], request_id)
         groups = self._by_shard(dict.fromkeys(media_ids))
         answers = await asyncio.gather(*(
             self._on_every_replica(shard, "media_ids", lambda stub, ids=ids: stub.Delete(
@@ -112,6 +113,16 @@ class Catalogue:
         ))
         # Replicas hold the same items, so any replica's count is the shard's count.
         return sum(replies[0].deleted_count for replies in answers), 0
+
+    async def _append(self, writes: list[Write], request_id: str) -> int:
+        """Append in one transaction; the lsn of its last entry once committed."""
+        assert self._log is not None
+        try:
+            result = await asyncio.wait_for(self._log.append(writes, request_id or None), self._log_timeout)
+        except TimeoutError:
+            raise Unavailable(f"the catalogue log did not take the write within {self._log_timeout:g} s; "
+                              "retry with the same request_id") from None
+        return result.last_lsn
 
     async def _on_every_replica(
         self, shard: int, field: str, call: Callable[[shard_service_pb2_grpc.ShardServiceStub], Awaitable[T]]

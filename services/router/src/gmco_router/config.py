@@ -39,6 +39,9 @@ class Settings(ServerSettings):
     catalog_dsn: str | None = setting(
         None, help="durable catalogue log (postgresql://... or a SQLite path): writes are acknowledged after "
                    "committing there and carry its lsn; unset = apply writes directly to every replica")
+    catalog_timeout_seconds: float = setting(
+        2.0, help="longest wait for the catalogue log to take a write before answering UNAVAILABLE (keep "
+                  "(1 + Envoy retries) x this under Envoy's route timeout)", check=_positive, check_msg="> 0")
     media_dim: int = setting(1024, help="embedding dimension, checked on catalogue writes",
                              check=lambda v: v > 0, check_msg="must be > 0")
     slot_map_file: Path | None = setting(  # noqa: RUF009 - an immutable default
