@@ -2,7 +2,8 @@
 
 1. Upserts/s through the router (the local stack: Envoy -> router -> catalogue log), batches of 500.
 2. Replay rate: a fresh replica store catching up from lsn 0 (read by lsn + apply), entries/s.
-3. Restart time: a replica loading its snapshot (exact backend), seconds per GB of snapshot.
+3. Restart time: a replica loading its snapshot (exact backend), seconds per GB of snapshot: the load
+   alone in-process, and a whole shard process from launch to SERVING with that snapshot.
 Writes bench/results/bench_ingest.{json,png}.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,20 +22,22 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_path, write_json  # noqa: E402
+from common import plot_path, write_json
+from gmco.common.v1 import common_pb2
+from gmco.router.v1 import router_service_pb2 as rpb
+from gmco.router.v1 import router_service_pb2_grpc
+from gmco_catalog.log import open_log
+from gmco_common.datagen import generate_catalogue
+from gmco_common.vectors import encode_vector
+from gmco_shard.apply import apply_entries
+from gmco_shard.filters import columns_from_catalogue
+from gmco_shard.index.base import IndexParams
+from gmco_shard.snapshot import load_snapshot, save_snapshot
+from gmco_shard.store import ShardStore
+from gmco_stack.stack import Stack, StackConfig
+from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
 
-from gmco.common.v1 import common_pb2  # noqa: E402
-from gmco.router.v1 import router_service_pb2 as rpb  # noqa: E402
-from gmco.router.v1 import router_service_pb2_grpc  # noqa: E402
-from gmco_catalog.log import open_log  # noqa: E402
-from gmco_common.datagen import generate_catalogue  # noqa: E402
-from gmco_common.vectors import encode_vector  # noqa: E402
-from gmco_shard.apply import apply_entries  # noqa: E402
-from gmco_shard.filters import columns_from_catalogue  # noqa: E402
-from gmco_shard.index.base import IndexParams  # noqa: E402
-from gmco_shard.snapshot import load_snapshot, save_snapshot  # noqa: E402
-from gmco_shard.store import ShardStore  # noqa: E402
-from gmco_stack.stack import Stack, StackConfig  # noqa: E402
+SHARD_SERVICE = "gmco.shard.v1.ShardService"
 
 
 def ingest(stack: Stack, n: int, dim: int, batch: int) -> dict:
@@ -81,9 +86,29 @@ def restart(items: int, dim: int) -> dict:
             t = time.perf_counter()
             load_snapshot(fresh, Path(tmp))
             times.append(time.perf_counter() - t)
-    median = float(np.median(times))
+            del fresh
+        serving = [_process_to_serving(Path(tmp), dim) for _ in range(3)]
+    median, serving_median = float(np.median(times)), float(np.median(serving))
     return {"items": items, "dim": dim, "snapshot_bytes": size, "load_seconds_median": median,
-            "seconds_per_gb": median / (size / 1e9)}
+            "seconds_per_gb": median / (size / 1e9), "process_to_serving_seconds": serving,
+            "process_to_serving_seconds_median": serving_median,
+            "process_seconds_per_gb": serving_median / (size / 1e9)}
+
+
+def _process_to_serving(snapshot_dir: Path, dim: int) -> float:
+    """Seconds from launching a shard process on ``snapshot_dir`` until its health check says SERVING."""
+    port = free_port()
+    env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(dim), "GMCO_SHARD_SHARD_ID": "0",
+           "GMCO_SHARD_SHARD_COUNT": "1", "GMCO_SHARD_INDEX_BACKEND": "exact",
+           "GMCO_SHARD_SNAPSHOT_DIR": str(snapshot_dir), "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0",
+           "GMCO_SHARD_LOG_LEVEL": "WARNING"}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
+    try:
+        wait_grpc_serving(f"127.0.0.1:{port}", 300, proc, SHARD_SERVICE)
+        return time.perf_counter() - t
+    finally:
+        stop_process(proc)
 
 
 def main() -> None:

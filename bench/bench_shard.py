@@ -4,6 +4,10 @@ Reports build time, recall@10 against exact ground truth, QPS at batch 1 and 32 
 through the gRPC service on loopback (a separate server process loading a snapshot), filtered recall
 and QPS at 10% and 1% selectivity, and the measured exact-vs-index crossover that sets
 GMCO_SHARD_EXACT_FRACTION. Writes bench/results/bench_shard.{json,png}.
+
+QPS is taken two ways, each in-process and over gRPC: one call at a time (latency-bound), and
+saturated (``--threads`` threads in-process against ``--in-flight`` concurrent gRPC calls).
+HNSW is built with the service's default M and efConstruction unless overridden.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import grpc
@@ -22,12 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import plot_path, qps, write_json  # noqa: E402
-
 from gmco.common.v1 import common_pb2  # noqa: E402
 from gmco.shard.v1 import shard_service_pb2 as pb  # noqa: E402
 from gmco.shard.v1 import shard_service_pb2_grpc  # noqa: E402
 from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries  # noqa: E402
 from gmco_common.vectors import encode_batch  # noqa: E402
+from gmco_shard.config import ShardSettings  # noqa: E402
 from gmco_shard.filters import columns_from_catalogue, evaluate_filter  # noqa: E402
 from gmco_shard.index.base import IndexParams  # noqa: E402
 from gmco_shard.index.exact import exact_search  # noqa: E402
@@ -36,6 +42,8 @@ from gmco_shard.store import ShardStore  # noqa: E402
 from gmco_testing.procs import free_port, stop_process, wait_grpc_serving  # noqa: E402
 
 K = 10
+TARGET_RECALL = 0.95
+_DEFAULTS = {f.name: f.default for f in fields(ShardSettings)}
 
 
 def recall(rows: np.ndarray, gt: np.ndarray) -> float:
@@ -69,10 +77,12 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-construction", type=int, default=100)
-    ap.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--hnsw-m", type=int, default=_DEFAULTS["hnsw_m"])
+    ap.add_argument("--ef-construction", type=int, default=_DEFAULTS["hnsw_ef_construction"])
+    ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each timed run (3 runs, median)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="in-process threads when saturated")
+    ap.add_argument("--in-flight", type=int, default=4, help="concurrent gRPC calls when saturated")
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -84,64 +94,112 @@ def main() -> None:
     out: dict = {"items": a.items, "dim": a.dim, "k": K, "queries": a.queries, "backends": {}}
 
     for backend in ("exact", "hnsw"):
-        params = IndexParams(hnsw_m=a.hnsw_m, hnsw_ef_construction=a.ef_construction, hnsw_ef_search=64)
-        store = ShardStore(a.dim, backend, params)
-        t = time.perf_counter()
-        store.bulk_load(np.asarray(cat.vectors), cols, progress=True)
-        build = time.perf_counter() - t
-        res: dict = {"build_seconds": build, "sweep": []}
-        efs = a.ef if backend == "hnsw" else [0]
-        for ef in efs:
-            r = recall(store.search(queries, K, ef=ef).rows, gt)
-            b1 = qps(lambda: store.search(queries[:1], K, ef=ef), 1, a.seconds)
-            b32 = qps(lambda: store.search(queries[:32], K, ef=ef), 32, a.seconds)
-            res["sweep"].append({"ef": ef, "recall_at_10": r, "qps_b1": b1["qps"], "qps_b32": b32["qps"],
-                                 "p50_ms_b1": b1["p50_ms"], "p99_ms_b1": b1["p99_ms"]})
-            print(f"{backend} ef={ef} recall@10={r:.3f} qps b1={b1['qps']:.0f} b32={b32['qps']:.0f}")
-        ok = [s for s in res["sweep"] if s["recall_at_10"] >= 0.95]
-        chosen = min(ok, key=lambda s: s["ef"]) if ok else res["sweep"][-1]
-        res["chosen_ef"] = chosen["ef"]
-        # Filtered search at 10% and 1% selectivity.
-        res["filtered"] = {}
-        for target in (0.10, 0.01):
-            f = genre_filter(cat, target)
-            allow = evaluate_filter(cols, f)
-            fgt = exact_ground_truth(cat.vectors, queries, K, allow)
-            sr = store.search(queries, K, f, ef=chosen["ef"])
-            fb1 = qps(lambda f=f: store.search(queries[:1], K, f, ef=chosen["ef"]), 1, a.seconds)
-            fb32 = qps(lambda f=f: store.search(queries[:32], K, f, ef=chosen["ef"]), 32, a.seconds)
-            res["filtered"][f"{target:.0%}"] = {"allowed_fraction": float(allow.mean()), "exact_path": sr.exact,
-                                               "recall_at_10": recall(sr.rows, fgt), "qps_b1": fb1["qps"],
-                                               "qps_b32": fb32["qps"]}
-            print(f"{backend} filter {allow.mean():.3f}: {res['filtered'][f'{target:.0%}']}")
-        # Through gRPC: a separate server process loads a snapshot of this store.
-        res["grpc"] = grpc_qps(store, a, queries, chosen["ef"])
-        res["grpc_ratio_b1"] = res["grpc"]["qps_b1"] / chosen["qps_b1"]
-        res["grpc_ratio_b32"] = res["grpc"]["qps_b32"] / chosen["qps_b32"]
-        print(f"{backend} grpc {res['grpc']} ratios b1={res['grpc_ratio_b1']:.2f} b32={res['grpc_ratio_b32']:.2f}")
-        if backend == "hnsw":
-            out["crossover"] = crossover(store, cat, cols, queries, chosen["ef"], a.seconds)
-        out["backends"][backend] = res
-        del store
+        out["backends"][backend] = bench_backend(backend, a, cat, cols, queries, gt, out)
 
     path = write_json("bench_shard", out)
     plot(out)
     print(f"wrote {path}")
 
 
-def crossover(store: ShardStore, cat, cols, queries, ef: int, seconds: float) -> list[dict]:
-    """QPS of index pre-filtering vs exact search over allowed rows, by allowed fraction (batch 32)."""
-    rows = []
-    for target in (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
+def bench_backend(backend: str, a: argparse.Namespace, cat, cols, queries: np.ndarray, gt: np.ndarray,
+                  out: dict) -> dict:
+    """Build, recall/QPS sweep, saturated QPS, filtered search and gRPC for one backend (crossover for HNSW)."""
+    params = IndexParams(hnsw_m=a.hnsw_m, hnsw_ef_construction=a.ef_construction)
+    store = ShardStore(a.dim, backend, params)
+    t = time.perf_counter()
+    store.bulk_load(np.asarray(cat.vectors), cols, progress=True)
+    res: dict = {"build_seconds": time.perf_counter() - t, "hnsw_m": a.hnsw_m,
+                 "hnsw_ef_construction": a.ef_construction, "sweep": []}
+    for ef in (a.ef if backend == "hnsw" else [0]):
+        r = recall(store.search(queries, K, ef=ef).rows, gt)
+        b1 = qps(lambda ef=ef: store.search(queries[:1], K, ef=ef), 1, a.seconds)
+        b32 = qps(lambda ef=ef: store.search(queries[:32], K, ef=ef), 32, a.seconds)
+        res["sweep"].append({"ef": ef, "recall_at_10": r, "qps_b1": b1["qps"], "qps_b32": b32["qps"],
+                             "p50_ms_b1": b1["p50_ms"], "p99_ms_b1": b1["p99_ms"]})
+        print(f"{backend} ef={ef} recall@10={r:.3f} qps b1={b1['qps']:.0f} b32={b32['qps']:.0f}")
+    ok = [s for s in res["sweep"] if s["recall_at_10"] >= TARGET_RECALL]
+    chosen = min(ok, key=lambda s: s["ef"]) if ok else res["sweep"][-1]
+    ef = res["chosen_ef"] = chosen["ef"]
+    res["saturated"] = {f"qps_b{b}": threaded_qps(lambda b=b: store.search(queries[:b], K, ef=ef), b, a.threads,
+                                                  a.seconds) for b in (1, 32)}
+    # Filtered search at 10% and 1% selectivity; the store picks exact or the pre-filtered index.
+    res["filtered"] = {}
+    for target in (0.10, 0.01):
         f = genre_filter(cat, target)
         allow = evaluate_filter(cols, f)
+        fgt = exact_ground_truth(cat.vectors, queries, K, allow)
+        sr = store.search(queries, K, f, ef=ef)
+        fb1 = qps(lambda f=f: store.search(queries[:1], K, f, ef=ef), 1, a.seconds)
+        fb32 = qps(lambda f=f: store.search(queries[:32], K, f, ef=ef), 32, a.seconds)
+        res["filtered"][f"{target:.0%}"] = {"allowed_fraction": float(allow.mean()), "exact_path": sr.exact,
+                                           "recall_at_10": recall(sr.rows, fgt), "qps_b1": fb1["qps"],
+                                           "qps_b32": fb32["qps"]}
+        print(f"{backend} filter {allow.mean():.3f}: {res['filtered'][f'{target:.0%}']}")
+    # Through gRPC: a separate server process loads a snapshot of this store.
+    res["grpc"] = grpc_qps(store, a, queries, ef)
+    for b in (1, 32):
+        res[f"grpc_ratio_b{b}"] = res["grpc"][f"seq_qps_b{b}"] / chosen[f"qps_b{b}"]
+        res[f"grpc_ratio_saturated_b{b}"] = res["grpc"][f"sat_qps_b{b}"] / res["saturated"][f"qps_b{b}"]
+    print(f"{backend} in-process saturated {res['saturated']} grpc {res['grpc']}")
+    print(f"{backend} gRPC/in-process: one call b1={res['grpc_ratio_b1']:.2f} b32={res['grpc_ratio_b32']:.2f}; "
+          f"saturated b1={res['grpc_ratio_saturated_b1']:.2f} b32={res['grpc_ratio_saturated_b32']:.2f}")
+    if backend == "hnsw":
+        out["crossover"] = crossover(store, cat, cols, queries, ef, a.seconds)
+        out["measured_exact_fraction"] = exact_threshold(out["crossover"])
+        print(f"measured exact threshold: {out['measured_exact_fraction']}")
+    return res
+
+
+def threaded_qps(fn, per_call: int, threads: int, seconds: float) -> float:
+    """Median items/s over 3 runs of ``threads`` threads calling ``fn`` (faiss and numpy release the GIL)."""
+    fn()
+    runs = []
+    for _ in range(3):
+        counts = [0] * threads
+        stop = time.perf_counter() + seconds
+
+        def work(i: int, stop: float = stop, counts: list[int] = counts) -> None:
+            while time.perf_counter() < stop:
+                fn()
+                counts[i] += 1
+
+        start = time.perf_counter()
+        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        runs.append(sum(counts) * per_call / (time.perf_counter() - start))
+    return float(np.median(runs))
+
+
+def crossover(store: ShardStore, cat, cols, queries, ef: int, seconds: float) -> list[dict]:
+    """Exact search over the allowed rows vs the HNSW pre-filter, by allowed fraction (batch 32): QPS and
+    the pre-filter's recall@10 against the filtered exact ground truth."""
+    rows: list[dict] = []
+    for target in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
+        f = genre_filter(cat, target)
+        allow = evaluate_filter(cols, f)
+        if rows and abs(rows[-1]["allowed_fraction"] - allow.mean()) < 1e-3:
+            continue  # genre granularity gave the same filter again
         allowed_rows = np.flatnonzero(allow)
+        fgt = exact_ground_truth(cat.vectors, queries, K, allow)
         q = queries[:32]
-        ex = qps(lambda: exact_search(store.table.vectors, q, K, "ip", allowed_rows), 32, seconds / 2, 2)
-        ix = qps(lambda: store.table.index.search(q, K, allow, ef), 32, seconds / 2, 2)
-        rows.append({"allowed_fraction": float(allow.mean()), "exact_qps": ex["qps"], "index_qps": ix["qps"]})
-        print(f"crossover {allow.mean():.4f}: exact {ex['qps']:.0f} vs index {ix['qps']:.0f}")
+        ex = qps(lambda q=q, rows=allowed_rows: exact_search(store.table.vectors, q, K, "ip", rows), 32, seconds / 2, 2)
+        ix = qps(lambda q=q, allow=allow: store.table.index.search(q, K, allow, ef), 32, seconds / 2, 2)
+        index_recall = recall(store.table.index.search(queries, K, allow, ef)[1], fgt)
+        rows.append({"allowed_fraction": float(allow.mean()), "exact_qps": ex["qps"], "index_qps": ix["qps"],
+                     "index_recall_at_10": index_recall})
+        print(f"crossover {allow.mean():.4f}: exact {ex['qps']:.0f} vs index {ix['qps']:.0f} "
+              f"(index recall {index_recall:.3f})")
     return rows
+
+
+def exact_threshold(rows: list[dict]) -> float:
+    """The largest measured allowed fraction at which the pre-filtered index loses, on speed or on recall."""
+    losing = [r["allowed_fraction"] for r in rows
+              if r["index_qps"] < r["exact_qps"] or r["index_recall_at_10"] < TARGET_RECALL]
+    return max(losing, default=0.0)
 
 
 def grpc_qps(store: ShardStore, a, queries: np.ndarray, ef: int) -> dict:
@@ -155,26 +213,34 @@ def grpc_qps(store: ShardStore, a, queries: np.ndarray, ef: int) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
         try:
             wait_grpc_serving(f"127.0.0.1:{port}", timeout=600, proc=proc, service="gmco.shard.v1.ShardService")
-            return asyncio.run(_drive(port, queries, ef, a.seconds))
+            return asyncio.run(_drive(port, queries, ef, a.seconds, a.in_flight))
         finally:
             stop_process(proc)
 
 
-async def _drive(port: int, queries: np.ndarray, ef: int, seconds: float) -> dict:
+async def _drive(port: int, queries: np.ndarray, ef: int, seconds: float, in_flight: int) -> dict:
+    """Median items/s over 3 runs, one call at a time (seq_) and with ``in_flight`` concurrent calls (sat_)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = shard_service_pb2_grpc.ShardServiceStub(ch)
         out = {}
         for batch in (1, 32):
             req = pb.SearchRequest(queries=encode_batch(queries[:batch]), k=K, params=pb.SearchParams(ef=ef))
             await stub.Search(req)
-            runs = []
-            for _ in range(3):
-                calls, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    await stub.Search(req)
-                    calls += 1
-                runs.append(calls * batch / (time.perf_counter() - start))
-            out[f"qps_b{batch}"] = float(np.median(runs))
+            for label, concurrency in (("seq", 1), ("sat", in_flight)):
+                runs = []
+                for _ in range(3):
+                    calls = [0]
+                    start = time.perf_counter()
+
+                    async def caller(start: float = start, calls: list[int] = calls,
+                                     req: pb.SearchRequest = req) -> None:
+                        while time.perf_counter() - start < seconds:
+                            await stub.Search(req)
+                            calls[0] += 1
+
+                    await asyncio.gather(*(caller() for _ in range(concurrency)))
+                    runs.append(calls[0] * batch / (time.perf_counter() - start))
+                out[f"{label}_qps_b{batch}"] = float(np.median(runs))
         return out
 
 
@@ -189,8 +255,14 @@ def plot(out: dict) -> None:
     axes[0].set(xlabel="recall@10", ylabel="queries/s (in-process)", yscale="log", title="QPS vs recall")
     axes[0].legend()
     cx = out.get("crossover", [])
-    axes[1].plot([c["allowed_fraction"] for c in cx], [c["exact_qps"] for c in cx], "o-", label="exact over allowed")
-    axes[1].plot([c["allowed_fraction"] for c in cx], [c["index_qps"] for c in cx], "s-", label="HNSW pre-filter")
+    fr = [c["allowed_fraction"] for c in cx]
+    axes[1].plot(fr, [c["exact_qps"] for c in cx], "o-", label="exact over allowed")
+    axes[1].plot(fr, [c["index_qps"] for c in cx], "s-", label="HNSW pre-filter")
+    for f, c in zip(fr, cx, strict=True):
+        axes[1].annotate(f"R={c['index_recall_at_10']:.2f}", (f, c["index_qps"]), textcoords="offset points",
+                         xytext=(0, 6), fontsize=8, ha="center")
+    if out.get("measured_exact_fraction"):
+        axes[1].axvline(out["measured_exact_fraction"], color="grey", ls=":", label="exact below this")
     axes[1].set(xlabel="allowed fraction", ylabel="queries/s (batch 32)", xscale="log", yscale="log",
                 title="filtered search: exact vs index")
     axes[1].legend()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from gmco_common.datagen import (exact_ground_truth, generate_catalogue, generate_queries, generate_users,
-                                 load_catalogue, main, save_catalogue)
+                                 load_catalogue, load_users, main, save_catalogue)
 
 
 def test_catalogue_is_clustered_not_uniform() -> None:
@@ -45,5 +45,11 @@ def test_deterministic_round_trip_and_ground_truth(tmp_path) -> None:
 
 def test_cli_writes_everything(tmp_path) -> None:
     main(["--out", str(tmp_path), "--items", "300", "--dim", "8", "--users", "5", "--queries", "3", "--k", "4"])
-    assert np.load(tmp_path / "ground_truth.npy").shape == (3, 4)
-    assert len(load_catalogue(tmp_path)) == 300
+    cat = load_catalogue(tmp_path)
+    gt = np.load(tmp_path / "ground_truth.npy")
+    assert gt.shape == (3, 4) and len(cat) == 300
+    want = exact_ground_truth(cat.vectors, np.load(tmp_path / "queries.npy"), 4)
+    assert np.array_equal(gt, cat.media_ids[want])  # ground truth holds media ids, best first
+    users = load_users(tmp_path)
+    assert users.user_ids == [f"u{i}" for i in range(5)] and users.preferences.shape == (5, 8)
+    assert np.allclose(users.cluster_weights.sum(1), 1)

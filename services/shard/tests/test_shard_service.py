@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import grpc
 import numpy as np
@@ -104,6 +105,7 @@ async def test_filtered_search_returns_only_allowed(shard, small_catalogue) -> N
     (lambda r: setattr(r.queries, "dtype", 7), "queries.dtype"),
     (lambda r: setattr(r, "k", 0), "k"),
     (lambda r: setattr(r, "k", 51), "k"),
+    (lambda r: setattr(r.params, "ef", 2**32 - 1), "params.ef"),
     (lambda r: setattr(r, "metric", 9), "metric"),
     (lambda r: setattr(r, "metric", common_pb2.METRIC_L2), "metric"),
 ])
@@ -164,6 +166,55 @@ async def test_health_and_reflection(shard) -> None:
     assert SERVICE in names and "grpc.health.v1.Health" in names
 
 
+async def test_health_not_serving_until_loaded(monkeypatch) -> None:
+    """The real start-up sequence: health answers NOT_SERVING while data loads, SERVING once it is loaded."""
+    import gmco_shard.__main__ as shard_main
+
+    loading, release, stop = threading.Event(), threading.Event(), asyncio.Event()
+    started: list = []
+
+    def slow_load(store, settings, slots) -> str:
+        loading.set()
+        release.wait(30)
+        return "nothing"
+
+    async def recording_start(settings, registrations):
+        started.append(await start_server(settings, registrations))
+        return started[-1]
+
+    async def serve_until_stopped(running, grace) -> None:
+        await stop.wait()
+
+    monkeypatch.setattr(shard_main, "initial_load", slow_load)
+    monkeypatch.setattr(shard_main, "start_server", recording_start)
+    monkeypatch.setattr(shard_main, "serve_until_signal", serve_until_stopped)
+    task = asyncio.create_task(shard_main.run(ShardSettings(port=0, metrics_port=0, dim=DIM, index_backend="exact")))
+    try:
+        assert await asyncio.to_thread(loading.wait, 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{started[0].port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for name in ("", SERVICE):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
+            code, details = await _code(stub.Search(pb.SearchRequest(queries=encode_batch(np.ones((1, DIM))), k=1)))
+            assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
+            code, _ = await _code(stub.Upsert(pb.UpsertRequest(items=[_item(1, np.ones(DIM, np.float32))])))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert (await stub.GetStats(pb.GetStatsRequest())).dimension == DIM
+            release.set()
+            for _ in range(1000):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.01)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
 async def test_auth_on(make_store) -> None:
     running = await _serve(make_store(), auth_token="t0k")
     try:
@@ -180,12 +231,13 @@ async def test_auth_on(make_store) -> None:
 
 
 _vectors = st.builds(
-    lambda dtype, dim, count, data, k, metric: pb.SearchRequest(
-        queries=common_pb2.VectorBatch(data=data, dtype=dtype, dimension=dim, count=count), k=k, metric=metric),
+    lambda dtype, dim, count, data, k, metric, ef: pb.SearchRequest(
+        queries=common_pb2.VectorBatch(data=data, dtype=dtype, dimension=dim, count=count), k=k, metric=metric,
+        params=pb.SearchParams(ef=ef)),
     dtype=st.integers(0, 3), dim=st.sampled_from([0, 1, DIM, DIM + 1]), count=st.integers(0, 3),
     data=st.one_of(st.binary(max_size=300), st.just(np.ones(DIM, np.float16).tobytes()),
                    st.just(np.full(DIM * 2, np.nan, np.float16).tobytes())),
-    k=st.integers(0, 60), metric=st.integers(0, 4),
+    k=st.integers(0, 60), metric=st.integers(0, 4), ef=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
 )
 
 

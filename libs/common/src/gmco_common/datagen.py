@@ -153,12 +153,12 @@ def generate_queries(cat: Catalogue, n_queries: int, seed: int = 2) -> np.ndarra
 
 
 def exact_ground_truth(vectors: np.ndarray, queries: np.ndarray, k: int, allow_mask: np.ndarray | None = None,
-                       chunk: int = 65536) -> np.ndarray:
+                       chunk: int = 65536, progress: bool = False) -> np.ndarray:
     """Row indices (not ids) of the exact inner-product top-k, -1 where fewer than k rows are allowed."""
     q = np.asarray(queries, dtype=np.float32)
     best_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
     best_i = np.full((q.shape[0], k), -1, dtype=np.int64)
-    for start in range(0, vectors.shape[0], chunk):
+    for start in tqdm(range(0, vectors.shape[0], chunk), desc="ground truth", unit="chunk", disable=not progress):
         block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
         scores = q @ block.T
         if allow_mask is not None:
@@ -187,6 +187,20 @@ def save_catalogue(cat: Catalogue, out_dir: Path | str) -> Path:
     return out
 
 
+def save_users(users: Users, out_dir: Path | str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "user_ids.npy", np.asarray(users.user_ids))
+    np.save(out / "user_preferences.npy", users.preferences)
+    np.save(out / "user_cluster_weights.npy", users.cluster_weights)
+
+
+def load_users(path: Path | str) -> Users:
+    root = Path(path)
+    return Users([str(u) for u in np.load(root / "user_ids.npy")], np.load(root / "user_preferences.npy"),
+                 np.load(root / "user_cluster_weights.npy"))
+
+
 def load_catalogue(path: Path | str, mmap: bool = True) -> Catalogue:
     root = Path(path)
     if not (root / "meta.json").is_file():
@@ -197,8 +211,12 @@ def load_catalogue(path: Path | str, mmap: bool = True) -> Catalogue:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gmco_common.datagen",
-                                description="Write a synthetic clustered catalogue, users, queries and exact ground truth.")
+    p = argparse.ArgumentParser(
+        prog="python -m gmco_common.datagen",
+        description="Write a synthetic clustered catalogue, users, queries and exact ground truth.",
+        epilog="Files: one .npy per Catalogue field + meta.json (load_catalogue), user_ids/user_preferences/"
+               "user_cluster_weights.npy (load_users), queries.npy (float32) and ground_truth.npy (media ids of "
+               "the exact inner-product top-k per query, 0 = none).")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
     p.add_argument("--items", type=int, default=100_000, help="catalogue size")
     p.add_argument("--dim", type=int, default=1024, help="embedding dimension")
@@ -210,12 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cat = generate_catalogue(a.items, a.dim, a.clusters, a.seed, progress=True)
     save_catalogue(cat, a.out)
-    users = generate_users(cat, a.users, a.seed + 1)
-    np.save(a.out / "user_preferences.npy", users.preferences)
+    save_users(generate_users(cat, a.users, a.seed + 1), a.out)
     if a.queries:
         queries = generate_queries(cat, a.queries, a.seed + 2)
         np.save(a.out / "queries.npy", queries)
-        gt_rows = exact_ground_truth(cat.vectors, queries, min(a.k, len(cat)))
+        gt_rows = exact_ground_truth(cat.vectors, queries, min(a.k, len(cat)), progress=True)
         np.save(a.out / "ground_truth.npy", np.where(gt_rows >= 0, cat.media_ids[gt_rows], 0).astype(np.uint64))
     print(f"wrote {len(cat)} x {cat.dim} items, {a.users} users, {a.queries} queries to {a.out}")
 

@@ -65,7 +65,7 @@ class Neo4jBackend:
     async def __aenter__(self) -> Neo4jBackend:
         from neo4j import AsyncGraphDatabase
 
-        self._driver = AsyncGraphDatabase.driver(self._uri, auth=self._auth)
+        self._driver = AsyncGraphDatabase.driver(self._uri, auth=self._auth if self._auth[0] else None)
         try:
             await self._driver.verify_connectivity()
             for label in _LABELS.values():

@@ -45,8 +45,12 @@ async def run(settings: config.Settings) -> None:
         servicer = ShardServicer(store, settings, slots)
         running = await start_server(settings, [Registration(
             shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)])
-        await running.set_serving(False)  # not ready until loaded
+        stack.push_async_callback(running.server.stop, 0)  # also when loading fails
+        # Until the data is loaded, health answers NOT_SERVING and data RPCs UNAVAILABLE.
+        servicer.loading = True
+        await running.set_serving(False)
         log.info("loaded %s", await asyncio.to_thread(initial_load, store, settings, slots))
+        servicer.loading = False
         tasks = []
         if catalog is not None:
             tailer = LogTailer(catalog, slots, _applier(store), store.applied_lsn)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gmco_common.config import ConfigError
 from gmco_common.datagen import load_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
 from gmco_shard.config import ShardSettings
@@ -29,7 +30,8 @@ def load_catalogue_slots(store: ShardStore, data_dir: Path, owned: np.ndarray, p
     """Load the rows of ``data_dir`` whose slot is owned (bool mask over the 4096 slots); build the index."""
     cat = load_catalogue(data_dir)
     if cat.dim != store.dim:
-        raise ValueError(f"catalogue {data_dir} has dimension {cat.dim}; the shard expects {store.dim}")
+        raise ConfigError(f"catalogue {data_dir} has dimension {cat.dim}; GMCO_SHARD_DIM is {store.dim}: set it to "
+                          f"{cat.dim} or point GMCO_SHARD_DATA_DIR at a {store.dim}-d catalogue")
     keep_parts = []
     for start in tqdm(range(0, len(cat), _CHUNK), desc=f"select slots from {data_dir.name}", unit="chunk",
                       disable=not progress):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmco_common.config import ConfigError
 from gmco_shard.filters import AttributeColumns
 from gmco_shard.store import ShardStore, Table
 
@@ -80,10 +81,11 @@ def load_snapshot(store: ShardStore, root: Path) -> int:
     directory = root / (root / CURRENT).read_text().strip()
     meta = json.loads((directory / "meta.json").read_text())
     if meta["dim"] != store.dim:
-        raise ValueError(f"snapshot {directory} has dimension {meta['dim']}, the shard is configured for {store.dim}")
+        raise ConfigError(f"snapshot {directory} has dimension {meta['dim']}, GMCO_SHARD_DIM is {store.dim}; "
+                          "delete the snapshot or change the setting")
     if meta["backend"] != store.backend or meta["metric"] != store.params.metric:
-        raise ValueError(f"snapshot {directory} was built with {meta['backend']}/{meta['metric']}, the shard is "
-                         f"configured for {store.backend}/{store.params.metric}; delete it or change the settings")
+        raise ConfigError(f"snapshot {directory} was built with {meta['backend']}/{meta['metric']}, the shard is "
+                          f"configured for {store.backend}/{store.params.metric}; delete it or change the settings")
     n, sealed = meta["n"], meta["sealed"]
     table = store._new_table(max(n + n // 4, 1024), generation=meta["generation"])
     table.vectors[:n] = np.load(directory / "vectors.npy")

@@ -6,10 +6,14 @@ skips disallowed rows. faiss releases the GIL during search and build.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+# faiss's loader logs, at INFO, each SIMD module it tries and does not find (dynamic-dispatch builds have none).
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+import faiss
 
 from gmco_shard.index.base import VectorIndex
 
