@@ -39,7 +39,7 @@ protos: sync ## generate Python stubs (+ .pyi) for every .proto into the shared 
 lint: setup ## ruff
 	$(UV) run --frozen ruff check libs services tests bench
 
-test: setup ## every test: unit, component, integration (real Redis Cluster, PostgreSQL, Envoy), e2e
+test: lint ## ruff, then every test: unit, component, integration (real Redis Cluster, PostgreSQL, Envoy), e2e, chaos
 	$(UV) run --frozen pytest -q
 
 test-unit: setup ## fast tests only (no external processes)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
+from common import write_json
 
 # Dense FP16 tensor-core peak, TFLOPS, from the vendors' datasheets (no sparsity).
 ROOFLINE_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0,
@@ -43,7 +43,6 @@ def main() -> None:
     try:
         import cupy as cp
         import pynvml
-
         from gmco_shard.index.base import IndexParams
         from gmco_shard.index.cuvs import CagraIndex
     except ImportError as exc:

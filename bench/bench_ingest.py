@@ -2,8 +2,10 @@
 
 1. Upserts/s through the router (the local stack: Envoy -> router -> catalogue log), batches of 500.
 2. Replay rate: a fresh replica store catching up from lsn 0 (read by lsn + apply), entries/s.
-3. Restart time: a replica loading its snapshot (exact backend), seconds per GB of snapshot: the load
-   alone in-process, and a whole shard process from launch to SERVING with that snapshot.
+3. Restart time: a replica loading its snapshot, seconds per GB of snapshot: the load alone
+   in-process, and a whole shard process from launch to SERVING with that snapshot. Exact backend at
+   --restart-items (1M x 1024), HNSW (service defaults M 32, efConstruction 200) at --hnsw-restart-items,
+   the largest size whose build fits in 15 minutes on the 2-core machine.
 Writes bench/results/bench_ingest.{json,png}.
 """
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import grpc
@@ -30,6 +33,7 @@ from gmco_catalog.log import open_log
 from gmco_common.datagen import generate_catalogue
 from gmco_common.vectors import encode_vector
 from gmco_shard.apply import apply_entries
+from gmco_shard.config import ShardSettings
 from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.index.base import IndexParams
 from gmco_shard.snapshot import load_snapshot, save_snapshot
@@ -38,6 +42,7 @@ from gmco_stack.stack import Stack, StackConfig
 from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
 
 SHARD_SERVICE = "gmco.shard.v1.ShardService"
+_DEFAULTS = {f.name: f.default for f in fields(ShardSettings)}
 
 
 def ingest(stack: Stack, n: int, dim: int, batch: int) -> dict:
@@ -73,33 +78,36 @@ async def replay(dsn: str, dim: int) -> dict:
     return {"entries": entries, "seconds": wall, "entries_per_second": entries / wall}
 
 
-def restart(items: int, dim: int) -> dict:
+def restart(items: int, dim: int, backend: str) -> dict:
     cat = generate_catalogue(items, dim, seed=3, progress=True)
-    store = ShardStore(dim, "exact", IndexParams())
-    store.bulk_load(np.asarray(cat.vectors), columns_from_catalogue(cat))
+    params = IndexParams(hnsw_m=_DEFAULTS["hnsw_m"], hnsw_ef_construction=_DEFAULTS["hnsw_ef_construction"])
+    store = ShardStore(dim, backend, params)
+    t = time.perf_counter()
+    store.bulk_load(np.asarray(cat.vectors), columns_from_catalogue(cat), progress=True)
+    build = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         _, size = save_snapshot(store, Path(tmp))
         del store, cat
         times = []
         for _ in range(3):
-            fresh = ShardStore(dim, "exact", IndexParams())
+            fresh = ShardStore(dim, backend, params)
             t = time.perf_counter()
             load_snapshot(fresh, Path(tmp))
             times.append(time.perf_counter() - t)
             del fresh
-        serving = [_process_to_serving(Path(tmp), dim) for _ in range(3)]
+        serving = [_process_to_serving(Path(tmp), dim, backend) for _ in range(3)]
     median, serving_median = float(np.median(times)), float(np.median(serving))
-    return {"items": items, "dim": dim, "snapshot_bytes": size, "load_seconds_median": median,
+    return {"backend": backend, "items": items, "dim": dim, "build_seconds": build, "snapshot_bytes": size, "load_seconds_median": median,
             "seconds_per_gb": median / (size / 1e9), "process_to_serving_seconds": serving,
             "process_to_serving_seconds_median": serving_median,
             "process_seconds_per_gb": serving_median / (size / 1e9)}
 
 
-def _process_to_serving(snapshot_dir: Path, dim: int) -> float:
+def _process_to_serving(snapshot_dir: Path, dim: int, backend: str) -> float:
     """Seconds from launching a shard process on ``snapshot_dir`` until its health check says SERVING."""
     port = free_port()
     env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(dim), "GMCO_SHARD_SHARD_ID": "0",
-           "GMCO_SHARD_SHARD_COUNT": "1", "GMCO_SHARD_INDEX_BACKEND": "exact",
+           "GMCO_SHARD_SHARD_COUNT": "1", "GMCO_SHARD_INDEX_BACKEND": backend,
            "GMCO_SHARD_SNAPSHOT_DIR": str(snapshot_dir), "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0",
            "GMCO_SHARD_LOG_LEVEL": "WARNING"}
     t = time.perf_counter()
@@ -116,7 +124,9 @@ def main() -> None:
     ap.add_argument("--upserts", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--restart-items", type=int, default=1_000_000)
+    ap.add_argument("--restart-items", type=int, default=1_000_000, help="exact-backend snapshot size")
+    ap.add_argument("--hnsw-restart-items", type=int, default=500_000,
+                    help="HNSW snapshot size (0 = skip); 500k builds in about 12 min on 2 cores")
     a = ap.parse_args()
     out: dict = {}
     with tempfile.TemporaryDirectory() as run:
@@ -128,18 +138,29 @@ def main() -> None:
             dsn = stack.catalog_dsn
         out["replay"] = asyncio.run(replay(dsn, a.dim))
         print("replay", out["replay"])
-    out["restart"] = restart(a.restart_items, a.dim)
+    out["restart"] = restart(a.restart_items, a.dim, "exact")
     print("restart", out["restart"])
+    if a.hnsw_restart_items:
+        out["restart_hnsw"] = restart(a.hnsw_restart_items, a.dim, "hnsw")
+        print("restart_hnsw", out["restart_hnsw"])
     print("wrote", write_json("bench_ingest", out))
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(11, 3.5))
     ax.bar(["upserts/s (router->log)", "replay entries/s"],
            [out["ingest"]["upserts_per_second"], out["replay"]["entries_per_second"]])
     ax.axhline(10_000, ls="--", c="grey", label="seed: 10k writes/s")
     ax.axhline(50_000, ls=":", c="grey", label="seed: 50k replay/s")
     ax.set(ylabel="per second", title=f"catalogue log (dim {a.dim})")
     ax.legend()
+    runs = [out[key] for key in ("restart", "restart_hnsw") if key in out]
+    labels = [f"{r['backend']} {r['items'] // 1000}k" for r in runs]
+    x = np.arange(len(runs))
+    rx.bar(x - 0.2, [r["seconds_per_gb"] for r in runs], 0.4, label="snapshot load")
+    rx.bar(x + 0.2, [r["process_seconds_per_gb"] for r in runs], 0.4, label="process launch to SERVING")
+    rx.set_xticks(x, labels)
+    rx.set(ylabel="seconds per GB of snapshot", title="replica restart")
+    rx.legend()
     fig.tight_layout()
     fig.savefig(plot_path("bench_ingest"))
 

@@ -19,16 +19,15 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_path, write_json  # noqa: E402
-
-from gmco.common.v1 import common_pb2 as c  # noqa: E402
-from gmco.ontology.v1 import ontology_service_pb2 as pb  # noqa: E402
-from gmco.ontology.v1 import ontology_service_pb2_grpc  # noqa: E402
-from gmco_ontology.backends import EmbeddedBackend  # noqa: E402
-from gmco_ontology.generate import generate  # noqa: E402
-from gmco_ontology.loader import SAMPLE, load_file  # noqa: E402
-from gmco_ontology.servicer import OntologyServicer  # noqa: E402
-from gmco_testing.procs import free_port, stop_process, wait_grpc_serving  # noqa: E402
+from common import plot_path, write_json
+from gmco.common.v1 import common_pb2 as c
+from gmco.ontology.v1 import ontology_service_pb2 as pb
+from gmco.ontology.v1 import ontology_service_pb2_grpc
+from gmco_ontology.backends import EmbeddedBackend
+from gmco_ontology.generate import generate
+from gmco_ontology.loader import SAMPLE, load_file
+from gmco_ontology.servicer import OntologyServicer
+from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
 
 
 def requests(onto, n: int, seed: int = 0) -> list[pb.ResolveConstraintsRequest]:

@@ -27,19 +27,19 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_path, qps, write_json  # noqa: E402
-from gmco.common.v1 import common_pb2  # noqa: E402
-from gmco.shard.v1 import shard_service_pb2 as pb  # noqa: E402
-from gmco.shard.v1 import shard_service_pb2_grpc  # noqa: E402
-from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries  # noqa: E402
-from gmco_common.vectors import encode_batch  # noqa: E402
-from gmco_shard.config import ShardSettings  # noqa: E402
-from gmco_shard.filters import columns_from_catalogue, evaluate_filter  # noqa: E402
-from gmco_shard.index.base import IndexParams  # noqa: E402
-from gmco_shard.index.exact import exact_search  # noqa: E402
-from gmco_shard.snapshot import save_snapshot  # noqa: E402
-from gmco_shard.store import ShardStore  # noqa: E402
-from gmco_testing.procs import free_port, stop_process, wait_grpc_serving  # noqa: E402
+from common import plot_path, qps, write_json
+from gmco.common.v1 import common_pb2
+from gmco.shard.v1 import shard_service_pb2 as pb
+from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries
+from gmco_common.vectors import encode_batch
+from gmco_shard.config import ShardSettings
+from gmco_shard.filters import columns_from_catalogue, evaluate_filter
+from gmco_shard.index.base import IndexParams
+from gmco_shard.index.exact import exact_search
+from gmco_shard.snapshot import save_snapshot
+from gmco_shard.store import ShardStore
+from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
 
 K = 10
 TARGET_RECALL = 0.95

@@ -29,7 +29,7 @@ def test_upsert_then_recommend_with_min_lsn_sees_the_item(chaos) -> None:
     for r in range(ROUNDS):
         new_id = 5 * 10**9 + r
         written = chaos.router.UpsertMedia(rpb.UpsertMediaRequest(
-            items=[chaos.item(new_id, vec)], request_id=f"ryw-{r}"), timeout=10)
+            items=[chaos.item(new_id, vec, anchor.attributes)], request_id=f"ryw-{r}"), timeout=10)
         assert written.lsn > 0
         user = f"ryw-user-{r}"
         resp = chaos.router.Recommend(rpb.RecommendRequest(user_id=user, k=10, skip_cache=True, context=context,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from gmco.common.v1 import common_pb2 as c
 from gmco.ontology.v1 import ontology_service_pb2 as pb
 from gmco_common.datagen import generate_catalogue, generate_queries

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from gmco_testing.postgres import PostgresServer
-
 from gmco_catalog.log import Op, PostgresCatalogLog, SqliteCatalogLog, Write
 from gmco_catalog.tailer import LogTailer
 from gmco_common.errors import InvalidArgument
 from gmco_common.slots import slot_of
+from gmco_testing.postgres import PostgresServer
 
 
 def _w(i: int) -> Write:

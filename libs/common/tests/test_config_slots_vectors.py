@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
 from gmco_common.errors import InvalidArgument

@@ -1,9 +1,16 @@
 from __future__ import annotations
 
 import numpy as np
-
-from gmco_common.datagen import (exact_ground_truth, generate_catalogue, generate_queries, generate_users,
-                                 load_catalogue, load_users, main, save_catalogue)
+from gmco_common.datagen import (
+    exact_ground_truth,
+    generate_catalogue,
+    generate_queries,
+    generate_users,
+    load_catalogue,
+    load_users,
+    main,
+    save_catalogue,
+)
 
 
 def test_catalogue_is_clustered_not_uniform() -> None:

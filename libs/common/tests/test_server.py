@@ -6,13 +6,12 @@ import math
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
-
 from gmco_common.channels import ChannelOptions, make_channel
 from gmco_common.config import ServerSettings
 from gmco_common.errors import InvalidArgument, Unavailable
 from gmco_common.server import Registration, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 SERVICE = "test.v1.EchoService"
 

@@ -4,7 +4,6 @@ import os
 
 import grpc
 import pytest
-
 from gmco.ontology.v1 import ontology_service_pb2_grpc
 from gmco_common.config import ServerSettings
 from gmco_common.server import Registration, start_server

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from gmco.common.v1 import common_pb2 as c
 from gmco.ontology.v1 import ontology_service_pb2 as pb
 
@@ -12,7 +11,7 @@ K, E = pb.NodeKind, pb.EdgeKind
 
 
 def _req(**kw):
-    context = dict(surface=c.SURFACE_HOMEPAGE, region="GB", device="ios_phone")
+    context = {"surface": c.SURFACE_HOMEPAGE, "region": "GB", "device": "ios_phone"}
     context.update(kw)
     return pb.ResolveConstraintsRequest(context=c.RequestContext(**context))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gmco.common.v1 import common_pb2 as c
 from gmco.ontology.v1 import ontology_service_pb2 as pb
 from gmco_common.errors import FailedPrecondition, InvalidArgument, NotFound

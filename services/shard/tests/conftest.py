@@ -4,7 +4,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
 from gmco_common.datagen import Catalogue, generate_catalogue
 from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.index.base import IndexParams

@@ -7,7 +7,6 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from gmco_shard.batcher import MicroBatcher
 
 NEVER = 30.0  # a window no test waits out: reaching the end proves a flush happened without it

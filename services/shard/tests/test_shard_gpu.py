@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from gmco_shard import gpu
 from gmco_shard.gpu import GpuMonitor, HealthGate
 
@@ -186,7 +185,6 @@ def test_a_segment_too_small_for_a_graph_is_searched_by_brute_force(gpu_data) ->
 @pytest.mark.gpu
 def test_snapshot_restores_the_graph_without_rebuilding(tmp_path, monkeypatch, small_catalogue) -> None:
     from cuvs.neighbors import cagra
-
     from gmco_shard.filters import columns_from_catalogue
     from gmco_shard.index.base import IndexParams
     from gmco_shard.snapshot import load_snapshot, save_snapshot
@@ -226,7 +224,6 @@ def test_probe_and_telemetry_on_a_real_device() -> None:
 @pytest.mark.gpu
 async def test_micro_batched_grpc_searches_on_the_gpu(small_catalogue) -> None:
     import grpc
-
     from gmco.shard.v1 import shard_service_pb2 as pb
     from gmco.shard.v1 import shard_service_pb2_grpc
     from gmco_common.server import Registration, start_server

@@ -11,7 +11,6 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError, load_settings
 from gmco_common.errors import ResourceExhausted

@@ -7,18 +7,18 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pymilvus.exceptions import ConnectError, MilvusException, ParamError
-from pymilvus.grpc_gen import common_pb2 as milvus_common
-
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.config import ConfigError
 from gmco_common.datagen import generate_queries
-from gmco_common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
-                                Unavailable)
+from gmco_common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from gmco_common.server import Registration, start_server
 from gmco_common.vectors import encode_batch
 from gmco_shard.config import ShardSettings
@@ -30,6 +30,10 @@ from gmco_shard.index.milvus_filter import ROW, filter_expression
 from gmco_shard.servicer import ShardServicer
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymilvus.exceptions import ConnectError, MilvusException, ParamError
+from pymilvus.grpc_gen import common_pb2 as milvus_common
 
 DIM = 32
 K = 10

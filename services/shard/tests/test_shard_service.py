@@ -12,11 +12,6 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
@@ -26,6 +21,10 @@ from gmco_common.vectors import encode_batch, encode_vector
 from gmco_shard.config import ShardSettings
 from gmco_shard.servicer import ShardServicer
 from gmco_testing.procs import free_port, wait_grpc_serving
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 DIM = 32
 SERVICE = "gmco.shard.v1.ShardService"
@@ -149,7 +148,7 @@ async def test_oversized_message_is_resource_exhausted(shard) -> None:
 async def test_min_lsn_not_reached_is_unavailable(shard) -> None:
     stub, _ = shard
     req = pb.SearchRequest(queries=encode_batch(np.ones((1, DIM))), k=1, min_lsn=100)
-    code, details = await _code(stub.Search(req, timeout=0.3))
+    code, _ = await _code(stub.Search(req, timeout=0.3))
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     await stub.Upsert(pb.UpsertRequest(items=[_item(5, np.ones(DIM, np.float32))], lsn=100))
     assert (await stub.Search(req, timeout=2)).applied_lsn == 100

@@ -6,17 +6,15 @@ import threading
 
 import numpy as np
 import pytest
-
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError
 from gmco_common.datagen import exact_ground_truth, generate_queries
 from gmco_common.slots import NUM_SLOTS, SlotMap, slot_of
 from gmco_shard.filters import columns_from_catalogue, columns_from_items, evaluate_filter
-from gmco_shard.index.base import create_index
+from gmco_shard.index.base import IndexParams, create_index
 from gmco_shard.loader import load_catalogue_slots
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
-from gmco_shard.index.base import IndexParams
 
 DIM = 32
 

@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
-
 from gmco_common.errors import InvalidArgument, Unavailable
 from gmco_common.slots import slot_of
+from psycopg_pool import AsyncConnectionPool
 
 # Arbitrary constant naming the writers' advisory lock.
 _WRITER_LOCK = 0x474D434F  # "GMCO"
@@ -130,7 +129,7 @@ class PostgresCatalogLog:
                                          kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))})
         self._listener: psycopg.AsyncConnection | None = None
 
-    async def __aenter__(self) -> PostgresCatalogLog:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -249,7 +248,7 @@ class SqliteCatalogLog:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
 
-    async def __aenter__(self) -> SqliteCatalogLog:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 

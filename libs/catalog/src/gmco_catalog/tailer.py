@@ -12,8 +12,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from gmco_catalog.log import CatalogLog, LogEntry
 from gmco_common.errors import Unavailable
+
+from gmco_catalog.log import CatalogLog, LogEntry
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from gmco.common.v1 import common_pb2
 from tqdm import tqdm
 
-from gmco.common.v1 import common_pb2
 from gmco_common.vectors import encode_vector, normalize
 
 _CHUNK = 8192

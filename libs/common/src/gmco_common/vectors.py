@@ -7,8 +7,8 @@ field, so that a bad vector never reaches numpy, faiss or a GPU.
 from __future__ import annotations
 
 import numpy as np
-
 from gmco.common.v1 import common_pb2
+
 from gmco_common.errors import InvalidArgument
 
 _DTYPES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,11 +28,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what}: process exited with {proc.returncode} before it was ready")
-        try:
+        with contextlib.suppress(Exception):  # not ready yet
             if predicate():
                 return
-        except Exception:  # noqa: BLE001 - not ready yet
-            pass
         time.sleep(interval)
     raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
 

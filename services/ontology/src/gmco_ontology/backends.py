@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 from gmco.ontology.v1 import ontology_service_pb2 as pb
 from gmco_common.errors import Unavailable
+
 from gmco_ontology.graph import KIND_NAMES, Node, Ontology
 from gmco_ontology.loader import load_file
 
@@ -25,7 +26,7 @@ _KINDS = {v: k for k, v in _LABELS.items()}
 
 
 class GraphBackend(Protocol):
-    async def __aenter__(self) -> GraphBackend: ...
+    async def __aenter__(self) -> Self: ...
     async def __aexit__(self, *exc: object) -> None: ...
     async def load(self) -> Ontology: ...
     async def persist(self, before: Ontology, after: Ontology) -> None: ...
@@ -37,7 +38,7 @@ class EmbeddedBackend:
         self._path = path
         self._version = 0
 
-    async def __aenter__(self) -> EmbeddedBackend:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -62,7 +63,7 @@ class Neo4jBackend:
         self._uri, self._auth, self._database, self._seed = uri, (user, password), database, seed_file
         self._driver = None
 
-    async def __aenter__(self) -> Neo4jBackend:
+    async def __aenter__(self) -> Self:
         from neo4j import AsyncGraphDatabase
 
         self._driver = AsyncGraphDatabase.driver(self._uri, auth=self._auth if self._auth[0] else None)

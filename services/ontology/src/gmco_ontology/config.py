@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
+
 from gmco_ontology.loader import SAMPLE
 
 PREFIX = "GMCO_ONTOLOGY_"

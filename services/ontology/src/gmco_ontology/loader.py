@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from gmco.ontology.v1 import ontology_service_pb2 as pb
+
 from gmco_ontology.graph import Node, Ontology
 
 K = pb.NodeKind

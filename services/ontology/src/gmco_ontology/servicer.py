@@ -7,11 +7,11 @@ import hashlib
 from collections import OrderedDict
 
 import grpc
-from prometheus_client import Counter, Histogram
-
 from gmco.ontology.v1 import ontology_service_pb2 as pb
 from gmco.ontology.v1 import ontology_service_pb2_grpc
 from gmco_common.errors import InvalidArgument
+from prometheus_client import Counter, Histogram
+
 from gmco_ontology.backends import GraphBackend, Mutation
 from gmco_ontology.graph import Node, Ontology, compile_filter
 

@@ -24,7 +24,7 @@ class Settings(ServerSettings):
     db_timeout_seconds: float = setting(
         2.0, help="longest wait for a database connection", check=_positive, check_msg="> 0"
     )
-    sqlite_path: Path = setting(Path(".run/rl_state.sqlite3"), help="SQLite file (':memory:' for tests)")  # noqa: RUF009
+    sqlite_path: Path = setting(Path(".run/rl_state.sqlite3"), help="SQLite file (':memory:' for tests)")
     media_dim: int = setting(1024, help="dimension of item embeddings", check=_positive, check_msg="> 0")
     bandit_dim: int = setting(
         32, help="bandit dimension d (random projection of item vectors)",

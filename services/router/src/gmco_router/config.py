@@ -44,7 +44,7 @@ class Settings(ServerSettings):
                   "(1 + Envoy retries) x this under Envoy's route timeout)", check=_positive, check_msg="> 0")
     media_dim: int = setting(1024, help="embedding dimension, checked on catalogue writes",
                              check=lambda v: v > 0, check_msg="must be > 0")
-    slot_map_file: Path | None = setting(  # noqa: RUF009 - an immutable default
+    slot_map_file: Path | None = setting(
         None, help="JSON slot map (SlotMap.to_json); default: an even map")
     cache_target: str = setting("127.0.0.1:50052", help="host:port of the cache service")
     ontology_target: str = setting("127.0.0.1:50053", help="host:port of the ontology service")

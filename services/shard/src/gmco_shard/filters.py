@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
-
 from gmco.common.v1 import common_pb2
 from gmco_common.errors import InvalidArgument
 

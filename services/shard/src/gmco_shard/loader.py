@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from gmco_common.config import ConfigError
 from gmco_common.datagen import load_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
+from tqdm import tqdm
+
 from gmco_shard.config import ShardSettings
 from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.snapshot import load_snapshot, snapshot_exists

@@ -8,13 +8,13 @@ import time
 
 import grpc
 import numpy as np
-
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_catalog.tailer import LogTailer
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from gmco_common.vectors import decode_batch, decode_vector, encode_vector
+
 from gmco_shard import metrics
 from gmco_shard.batcher import MicroBatcher
 from gmco_shard.config import ShardSettings

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from gmco_common.config import ConfigError
+
 from gmco_shard.filters import AttributeColumns
 from gmco_shard.store import ShardStore, Table
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from gmco.common.v1 import common_pb2
 from gmco_common.slots import slots_of
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError
+
 from gmco_shard.filters import AttributeColumns
 
 METRICS = ("ip", "l2")

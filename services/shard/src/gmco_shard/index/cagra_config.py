@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-
 from gmco_common.config import ConfigError
 from gmco_common.errors import ResourceExhausted
 

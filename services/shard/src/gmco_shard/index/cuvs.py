@@ -35,9 +35,9 @@ import numpy as np
 import rmm
 from cuvs.common import Resources
 from cuvs.neighbors import brute_force, cagra, filters
+from gmco_common.errors import ResourceExhausted
 from rmm.allocators.cupy import rmm_cupy_allocator
 
-from gmco_common.errors import ResourceExhausted
 from gmco_shard.index.base import VectorIndex
 from gmco_shard.index.cagra_config import CagraParams, bitset, check_fits, is_out_of_memory
 

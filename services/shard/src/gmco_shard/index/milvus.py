@@ -24,22 +24,46 @@ from typing import Any
 
 import grpc
 import numpy as np
-from pymilvus import DataType, MilvusClient
-from pymilvus.client.types import Status
-from pymilvus.exceptions import (ConnectError, ConnectionNotExistException, DataNotMatchException,
-                                 DataTypeNotMatchException, MilvusException, MilvusUnavailableException,
-                                 ParamError)
-from pymilvus.grpc_gen import common_pb2 as milvus_common
-
 from gmco_common.config import ConfigError
 from gmco_common.context import call_timeout
-from gmco_common.errors import (DeadlineExceeded, FailedPrecondition, GmcoError, InvalidArgument,
-                                ResourceExhausted, Unavailable)
+from gmco_common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    GmcoError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from pymilvus import DataType, MilvusClient
+from pymilvus.client.types import Status
+from pymilvus.exceptions import (
+    ConnectError,
+    ConnectionNotExistException,
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    MilvusException,
+    MilvusUnavailableException,
+    ParamError,
+)
+from pymilvus.grpc_gen import common_pb2 as milvus_common
+
 from gmco_shard.config import MILVUS_CONSISTENCY_LEVELS, MILVUS_INDEX_TYPES, MILVUS_VECTOR_TYPES
 from gmco_shard.filters import MAX_GENRES, AttributeColumns, empty_columns
 from gmco_shard.index.base import FilteringIndex, IndexParams
-from gmco_shard.index.milvus_filter import (FORMAT_BITS, GENRES, MASK_BITS, MEDIA_ID, RATING, REGION_BITS, ROW,
-                                            VECTOR, YEAR, entity_rows, filter_expression, rows_expression)
+from gmco_shard.index.milvus_filter import (
+    FORMAT_BITS,
+    GENRES,
+    MASK_BITS,
+    MEDIA_ID,
+    RATING,
+    REGION_BITS,
+    ROW,
+    VECTOR,
+    YEAR,
+    entity_rows,
+    filter_expression,
+    rows_expression,
+)
 
 log = logging.getLogger(__name__)
 

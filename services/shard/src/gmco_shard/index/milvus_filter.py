@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-
 from gmco.common.v1 import common_pb2
+
 from gmco_shard.filters import AttributeColumns, is_trivial
 
 # Field names of the collection (see MilvusIndex for the schema).
