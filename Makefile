@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-cache bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
+        bench-shard bench-grpc-floor bench-cache bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench-rl: setup ## bandit simulation (policy vs greedy vs random) and rl_state t
 
 bench-ontology: setup ## ResolveConstraints latency, cached and uncached
 	$(PY) bench/bench_ontology.py
+
+bench-grpc-floor: setup ## cost of one Python grpc.aio round trip (the floor under bench-shard's batch-1 ratio)
+	$(PY) bench/bench_grpc_floor.py
 
 bench-ingest: setup ## catalogue-log ingest, replay rate and restart time
 	$(PY) bench/bench_ingest.py
