@@ -12,6 +12,7 @@ from gmco_common.datagen import exact_ground_truth, generate_queries
 from gmco_common.slots import NUM_SLOTS, SlotMap, slot_of
 from gmco_shard.filters import columns_from_catalogue, columns_from_items, evaluate_filter
 from gmco_shard.index.base import IndexParams, create_index
+from gmco_shard.index.exact import exact_search
 from gmco_shard.loader import load_catalogue_slots
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
@@ -69,6 +70,22 @@ def test_selective_filter_goes_exact(small_catalogue, make_store) -> None:
     res = store.search(q, 5, few)
     assert res.exact and res.allowed <= 0.05 * len(small_catalogue)
     assert not store.search(q, 5).exact
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("batch", [1, 9])  # the faiss selector scan, then BLAS over the float32 storage
+def test_hnsw_exact_path_matches_fp16_exact_search(metric, batch) -> None:
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((500, DIM)).astype(np.float16)
+    index = create_index("hnsw", DIM, IndexParams(metric=metric, hnsw_m=8, hnsw_ef_construction=40))
+    index.build(vectors)
+    queries = rng.standard_normal((batch, DIM)).astype(np.float32)
+    for allow in (rng.random(500) < 0.1, np.eye(1, 500, 7, dtype=bool)[0]):  # 10%, and one row (< k)
+        want_s, want_r = exact_search(vectors, queries, 5, metric, np.flatnonzero(allow))
+        got_s, got_r = index.exact_search(queries, 5, allow)
+        assert np.array_equal(got_r, want_r)
+        assert np.allclose(got_s, want_s, rtol=1e-4, atol=1e-3) or np.array_equal(got_s, want_s)
+        assert allow[got_r[got_r >= 0]].all()
 
 
 def test_growing_segment_tombstones_and_upsert_replacement(small_catalogue, make_store) -> None:

@@ -2,6 +2,10 @@
 
 Pre-filtering passes the allow-bitset to faiss as an ``IDSelectorBitmap`` so that graph traversal
 skips disallowed rows. faiss releases the GIL during search and build.
+
+The exact path for selective filters (``exact_search``) scans the float32 copy that the graph keeps
+as its flat storage, instead of converting the shard's FP16 rows on every query: faiss's selector scan
+for a few queries, numpy BLAS over a zero-copy view of the storage for larger batches.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss
 
 from gmco_shard.index.base import VectorIndex
+from gmco_shard.index.exact import exact_search
 
 _FILE = "hnsw.faiss"
 _ADD_CHUNK = 20000
+# Up to this many queries the faiss selector scan beats gathering rows for BLAS (measured at 100k x 1024,
+# 10% allowed: 5.5 vs 17 ms at batch 1, 96 vs 37 ms at batch 32).
+_SCAN_MAX_QUERIES = 4
 
 
 class HnswIndex(VectorIndex):
@@ -56,6 +64,21 @@ class HnswIndex(VectorIndex):
         scores = dist if self.params.metric == "ip" else -dist
         scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
         return scores, rows.astype(np.int64)
+
+    def exact_search(self, queries, k, allow):
+        """Exact top-k over the rows set in ``allow`` (bool over the indexed rows), from the float32 storage."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        storage = faiss.downcast_index(self._index.storage)
+        if q.shape[0] <= _SCAN_MAX_QUERIES:
+            bits = np.packbits(allow[: self.count].astype(np.uint8), bitorder="little")
+            params = faiss.SearchParameters()
+            params.sel = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bits))
+            dist, rows = storage.search(q, k, params=params)
+            scores = dist if self.params.metric == "ip" else -dist
+            return np.where(rows < 0, -np.inf, scores).astype(np.float32), rows.astype(np.int64)
+        # A view, not a copy, of memory the index owns: used only within this call, while the index lives.
+        vectors = faiss.rev_swig_ptr(storage.get_xb(), self.count * self.dim).reshape(self.count, self.dim)
+        return exact_search(vectors, q, k, self.params.metric, np.flatnonzero(allow[: self.count]))
 
     def save(self, directory: Path) -> None:
         faiss.write_index(self._index, str(directory / _FILE))
