@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-grpc-floor bench-cache bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
+        bench-shard bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench-shard: setup ## shard: exact vs HNSW build time, recall, QPS in-process an
 
 bench-cache: setup ## cache service vs raw redis-py on a real Redis Cluster
 	$(PY) bench/bench_cache.py
+
+bench-cache-model: setup ## recommendation-cache hit ratio at the seed's scale (model, checked against simulation)
+	$(PY) bench/bench_cache_model.py
 
 bench-rl: setup ## bandit simulation (policy vs greedy vs random) and rl_state throughput
 	$(PY) bench/bench_rl.py
