@@ -110,16 +110,17 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         t = res.table
         out = pb.SearchResponse(shard_id=s.shard_id, applied_lsn=self._store.applied_lsn, allowed_count=res.allowed,
                                 exact=res.exact)
-        for qi in range(res.scores.shape[0]):
-            result = out.results.add()
-            for score, mid, row in zip(res.scores[qi], res.media_ids[qi], res.rows[qi], strict=True):
+        # Python lists, not numpy scalars: this loop is most of the reply's cost at batch 32 (0.48 vs 1.0 ms).
+        for scores, mids, rows in zip(res.scores.tolist(), res.media_ids.tolist(), res.rows.tolist(), strict=True):
+            items = out.results.add().items
+            for score, mid, row in zip(scores, mids, rows, strict=True):
                 if row < 0:
                     break
-                item = result.items.add(media_id=int(mid), score=float(score), shard_id=s.shard_id)
+                item = items.add(media_id=mid, score=score, shard_id=s.shard_id)
                 if request.include_vectors:
                     item.vector.CopyFrom(encode_vector(t.vectors[row]))
                 if request.include_attributes:
-                    item.attributes.CopyFrom(read_attributes(t.cols, int(row)))
+                    item.attributes.CopyFrom(read_attributes(t.cols, row))
         return out
 
     async def Upsert(self, request: pb.UpsertRequest, context: grpc.aio.ServicerContext) -> pb.UpsertResponse:
