@@ -29,9 +29,37 @@ async def test_miss_then_hit(h) -> None:
     assert {i.shard_id for i in first.items} <= {0, 1}
     second = await h.stub.Recommend(req(), timeout=5)
     assert second.cache_hit and [i.media_id for i in second.items] == [i.media_id for i in first.items]
-    # The version was learnt on the first call: the hit costs one cache round trip, no rl_state call.
+    # The version was learnt on the first call and the list kept in the router: no rl_state call, and
+    # no cache-service round trip either.
     assert h.rl.switch.calls["GetUserState"] == 1
+    assert h.cache.switch.calls["Get"] == 1 and h.cache.switch.calls["Put"] == 1
+    assert [t.stage for t in second.timings] == ["local_cache_get"]
     assert not any(i.HasField("vector") for i in second.items)
+
+
+async def test_router_list_cache_serves_hits_while_the_cache_service_is_down(h) -> None:
+    first = await h.stub.Recommend(req(), timeout=5)
+    h.cache.switch.down = True
+    again = await h.stub.Recommend(req(), timeout=5)
+    assert again.cache_hit and not again.degraded
+    assert [i.media_id for i in again.items] == [i.media_id for i in first.items]
+    other = await h.stub.Recommend(req(user="u2"), timeout=5)  # not held locally: the lookup fails, degraded
+    assert not other.cache_hit and list(other.degraded_components) == ["cache"]
+
+
+async def test_router_list_cache_off_or_expired_asks_the_cache_service(make_harness) -> None:
+    async with make_harness(list_cache_entries=0) as h:
+        await h.stub.Recommend(req(), timeout=5)
+        second = await h.stub.Recommend(req(), timeout=5)
+        assert second.cache_hit and h.cache.switch.calls["Get"] == 2
+        assert "local_cache_get" not in [t.stage for t in second.timings]
+    async with make_harness(list_cache_ttl_seconds=0.2) as h:
+        await h.stub.Recommend(req(), timeout=5)
+        await asyncio.sleep(0.3)
+        second = await h.stub.Recommend(req(), timeout=5)  # expired here: fetched from the cache service
+        assert second.cache_hit and h.cache.switch.calls["Get"] == 2
+        third = await h.stub.Recommend(req(), timeout=5)  # and kept again
+        assert third.cache_hit and h.cache.switch.calls["Get"] == 2
 
 
 async def test_merge_is_the_global_top_k(h) -> None:

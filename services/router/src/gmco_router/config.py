@@ -71,6 +71,13 @@ class Settings(ServerSettings):
         check_msg=">= 0")
     local_cache_entries: int = setting(100_000, help="size of each in-process LRU (versions, filters)",
                                        check=_positive, check_msg="> 0")
+    list_cache_entries: int = setting(
+        20_000, help="recommendation lists kept in this router's own LRU in front of the cache service, which "
+        "spares a hit its cache-service round trip; ring hash keeps a user on one router (0 = off)",
+        check=_non_negative, check_msg=">= 0")
+    list_cache_ttl_seconds: float = setting(
+        30.0, help="how long a list stays in the router's LRU; a list can outlive its cache-service entry by at "
+        "most this much", check=_positive, check_msg="> 0")
     health_interval_seconds: float = setting(1.0, help="gRPC health-check period per shard replica",
                                              check=_positive, check_msg="> 0")
     breaker_failures: int = setting(5, help="consecutive failures that open a replica's circuit",

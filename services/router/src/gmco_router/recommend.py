@@ -15,6 +15,11 @@ searched with one Search per shard for the whole batch (grouped by filter); per-
 merged; rl_state ranks each; the result is cached unless the answer is degraded. Concurrent identical
 misses (same user, context, k and version) share one computation (single-flight).
 
+Router-local lists. In front of the cache service each router keeps an LRU of the lists it computed or
+fetched (``list_cache_entries``, ``list_cache_ttl_seconds``), under the same key; since Envoy's ring hash
+keeps a user on one router, most hits are answered there without the cache service's round trip. An
+entry can outlive its cache-service copy by at most ``list_cache_ttl_seconds``.
+
 Degradation. A failed cache lookup or put is a miss (component "cache"). A failed GetUserState or Rank
 gives "rl_state": the query falls back to the anchor item or a zero vector, and candidates keep their
 retrieval order. A failed ontology gives "ontology": the last filter compiled for the same context is
@@ -184,6 +189,10 @@ class Recommender:
         self._versions: TtlLru[str, int] = TtlLru(settings.local_cache_entries, settings.user_version_ttl_seconds)
         self._filters: TtlLru[str, common_pb2.Filter] = TtlLru(settings.local_cache_entries,
                                                               settings.filter_cache_ttl_seconds)
+        # L1 in front of the cache service, under the same (user, context, version) key.
+        self._lists: TtlLru[FlightKey, Outcome] | None = (
+            TtlLru(settings.list_cache_entries, settings.list_cache_ttl_seconds) if settings.list_cache_entries
+            else None)
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._dimension: int | None = None
 
@@ -244,6 +253,14 @@ class Recommender:
             await self._user_state(p)
         if p.request.skip_cache or p.version is None:
             return
+        if self._lists is not None:
+            with p.stage("local_cache_get"):
+                local = self._lists.get(p.flight_key)
+            if local is not None:
+                CACHE_LOOKUPS.labels("local_hit").inc()
+                p.cache_hit = True
+                p.outcome = local
+                return
         with p.stage("cache_get"):
             try:
                 resp = await self._cache.GetRecommendations(cache_service_pb2.GetRecommendationsRequest(
@@ -259,6 +276,8 @@ class Recommender:
         if resp.hit:
             p.cache_hit = True
             p.outcome = Outcome(tuple(resp.recommendations.items), "", p.version)
+            if self._lists is not None:
+                self._lists.put(p.flight_key, p.outcome)
 
     # -- stages 2-3: user state, constraints (and the anchor item), concurrently -----------------------
 
@@ -426,6 +445,8 @@ class Recommender:
         # A degraded answer is not cached: it would outlive the failure for the whole TTL.
         if p.version is None or p.degraded - {"cache"} or p.outcome is None:
             return
+        if self._lists is not None:
+            self._lists.put(p.flight_key, p.outcome)
         with p.stage("cache_put"):
             try:
                 resp = await self._cache.PutRecommendations(cache_service_pb2.PutRecommendationsRequest(
