@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_path, write_json
+from common import plot_path, serve_snapshot, write_json
 from gmco.common.v1 import common_pb2
 from gmco.router.v1 import router_service_pb2 as rpb
 from gmco.router.v1 import router_service_pb2_grpc
@@ -39,10 +36,7 @@ from gmco_shard.index.base import IndexParams
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
 from gmco_stack.stack import Stack, StackConfig
-from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
-
-SHARD_SERVICE = "gmco.shard.v1.ShardService"
-_DEFAULTS = {f.name: f.default for f in fields(ShardSettings)}
+from gmco_testing.procs import stop_process
 
 
 def ingest(stack: Stack, n: int, dim: int, batch: int) -> dict:
@@ -80,7 +74,7 @@ async def replay(dsn: str, dim: int) -> dict:
 
 def restart(items: int, dim: int, backend: str) -> dict:
     cat = generate_catalogue(items, dim, seed=3, progress=True)
-    params = IndexParams(hnsw_m=_DEFAULTS["hnsw_m"], hnsw_ef_construction=_DEFAULTS["hnsw_ef_construction"])
+    params = ShardSettings().index_params()  # what a shard process started with defaults uses
     store = ShardStore(dim, backend, params)
     t = time.perf_counter()
     store.bulk_load(np.asarray(cat.vectors), columns_from_catalogue(cat), progress=True)
@@ -105,18 +99,9 @@ def restart(items: int, dim: int, backend: str) -> dict:
 
 def _process_to_serving(snapshot_dir: Path, dim: int, backend: str) -> float:
     """Seconds from launching a shard process on ``snapshot_dir`` until its health check says SERVING."""
-    port = free_port()
-    env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(dim), "GMCO_SHARD_SHARD_ID": "0",
-           "GMCO_SHARD_SHARD_COUNT": "1", "GMCO_SHARD_INDEX_BACKEND": backend,
-           "GMCO_SHARD_SNAPSHOT_DIR": str(snapshot_dir), "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0",
-           "GMCO_SHARD_LOG_LEVEL": "WARNING"}
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
-    try:
-        wait_grpc_serving(f"127.0.0.1:{port}", 300, proc, SHARD_SERVICE)
-        return time.perf_counter() - t
-    finally:
-        stop_process(proc)
+    proc, _, seconds = serve_snapshot(snapshot_dir, {"GMCO_SHARD_INDEX_BACKEND": backend}, dim)
+    stop_process(proc)
+    return seconds
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ Writes bench/results/bench_milvus.{json,png}.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_path, qps, write_json
+from common import plot_path, qps, serve_snapshot, write_json
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries
@@ -35,7 +33,7 @@ from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.index.base import IndexParams
 from gmco_shard.snapshot import save_snapshot
 from gmco_shard.store import ShardStore
-from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
+from gmco_testing.procs import stop_process
 
 K = 10
 TARGET = 0.95
@@ -63,18 +61,6 @@ def sweep(name: str, search, queries: np.ndarray, gt_ids: np.ndarray, efs: list[
 def at_target(points: list[dict]) -> dict | None:
     ok = [p for p in points if p["recall_at_10"] >= TARGET]
     return min(ok, key=lambda p: p["ef"]) if ok else None
-
-
-def serve_snapshot(snapshot: Path, env_extra: dict[str, str], dim: int) -> tuple[subprocess.Popen, int, float]:
-    """A shard server process that loads ``snapshot``; returns it, its port and the seconds until SERVING."""
-    port = free_port()
-    env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(dim),
-           "GMCO_SHARD_SNAPSHOT_DIR": str(snapshot), "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0",
-           "GMCO_SHARD_LOG_LEVEL": "WARNING", "GMCO_SHARD_MAX_MESSAGE_BYTES": str(64 << 20), **env_extra}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
-    wait_grpc_serving(f"127.0.0.1:{port}", timeout=1200, proc=proc, service="gmco.shard.v1.ShardService")
-    return proc, port, time.perf_counter() - start
 
 
 def grpc_search(port: int):

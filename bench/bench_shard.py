@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_path, qps, write_json
+from common import plot_path, qps, serve_snapshot, write_json
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
@@ -36,14 +34,13 @@ from gmco_common.vectors import encode_batch
 from gmco_shard.config import ShardSettings
 from gmco_shard.filters import columns_from_catalogue, evaluate_filter
 from gmco_shard.index.base import IndexParams
-from gmco_shard.index.exact import exact_search
 from gmco_shard.snapshot import save_snapshot
-from gmco_shard.store import ShardStore
-from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
+from gmco_shard.store import ShardStore, exact_sealed
+from gmco_testing.procs import stop_process
 
 K = 10
 TARGET_RECALL = 0.95
-_DEFAULTS = {f.name: f.default for f in fields(ShardSettings)}
+_DEFAULTS = ShardSettings()
 
 
 def recall(rows: np.ndarray, gt: np.ndarray) -> float:
@@ -77,8 +74,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--hnsw-m", type=int, default=_DEFAULTS["hnsw_m"])
-    ap.add_argument("--ef-construction", type=int, default=_DEFAULTS["hnsw_ef_construction"])
+    ap.add_argument("--hnsw-m", type=int, default=_DEFAULTS.hnsw_m)
+    ap.add_argument("--ef-construction", type=int, default=_DEFAULTS.hnsw_ef_construction)
     ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each timed run (3 runs, median)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="in-process threads when saturated")
@@ -177,20 +174,14 @@ def crossover(store: ShardStore, cat, cols, queries, ef: int, seconds: float) ->
     """Exact search over the allowed rows (the index's own exact path) vs the HNSW pre-filter, by allowed
     fraction (batch 32): QPS and the pre-filter's recall@10 against the filtered exact ground truth."""
     rows: list[dict] = []
-    index = store.table.index
     for target in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
         f = genre_filter(cat, target)
         allow = evaluate_filter(cols, f)
         if rows and abs(rows[-1]["allowed_fraction"] - allow.mean()) < 1e-3:
             continue  # genre granularity gave the same filter again
-        allowed_rows = np.flatnonzero(allow)
         fgt = exact_ground_truth(cat.vectors, queries, K, allow)
         q = queries[:32]
-        if hasattr(index, "exact_search"):  # the backend's own exact path, as ShardStore.search uses it
-            ex = qps(lambda q=q, allow=allow: index.exact_search(q, K, allow), 32, seconds / 2, 2)
-        else:
-            ex = qps(lambda q=q, rows=allowed_rows: exact_search(store.table.vectors, q, K, "ip", rows), 32,
-                     seconds / 2, 2)
+        ex = qps(lambda q=q, allow=allow: exact_sealed(store.table, q, K, allow, "ip"), 32, seconds / 2, 2)
         ix = qps(lambda q=q, allow=allow: store.table.index.search(q, K, allow, ef), 32, seconds / 2, 2)
         index_recall = recall(store.table.index.search(queries, K, allow, ef)[1], fgt)
         rows.append({"allowed_fraction": float(allow.mean()), "exact_qps": ex["qps"], "index_qps": ix["qps"],
@@ -210,14 +201,9 @@ def exact_threshold(rows: list[dict]) -> float:
 def grpc_qps(store: ShardStore, a, queries: np.ndarray, ef: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         save_snapshot(store, Path(tmp))
-        port = free_port()
-        env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(a.dim),
-               "GMCO_SHARD_INDEX_BACKEND": store.backend, "GMCO_SHARD_SNAPSHOT_DIR": tmp,
-               "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0", "GMCO_SHARD_HNSW_M": str(a.hnsw_m),
-               "GMCO_SHARD_LOG_LEVEL": "WARNING"}
-        proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
+        proc, port, _ = serve_snapshot(Path(tmp), {"GMCO_SHARD_INDEX_BACKEND": store.backend,
+                                                   "GMCO_SHARD_HNSW_M": str(a.hnsw_m)}, a.dim)
         try:
-            wait_grpc_serving(f"127.0.0.1:{port}", timeout=600, proc=proc, service="gmco.shard.v1.ShardService")
             return asyncio.run(_drive(port, queries, ef, a.seconds, a.in_flight))
         finally:
             stop_process(proc)

@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing loops, medians, results files and plots."""
+"""Shared benchmark helpers: timing loops, medians, results files, plots, and a shard server process."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from gmco_testing.procs import free_port, wait_grpc_serving
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,3 +54,16 @@ def plot_path(name: str) -> Path:
     matplotlib.use("Agg")
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}.png"
+
+
+def serve_snapshot(snapshot: Path, env_extra: dict[str, str], dim: int) -> tuple[subprocess.Popen, int, float]:
+    """A shard server process that loads ``snapshot``; returns it, its port and the seconds until SERVING.
+    The caller stops it (``gmco_testing.procs.stop_process``)."""
+    port = free_port()
+    env = {**os.environ, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_DIM": str(dim),
+           "GMCO_SHARD_SNAPSHOT_DIR": str(snapshot), "GMCO_SHARD_SNAPSHOT_INTERVAL_SECONDS": "0",
+           "GMCO_SHARD_LOG_LEVEL": "WARNING", "GMCO_SHARD_MAX_MESSAGE_BYTES": str(64 << 20), **env_extra}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gmco_shard"], env=env)
+    wait_grpc_serving(f"127.0.0.1:{port}", timeout=1200, proc=proc, service="gmco.shard.v1.ShardService")
+    return proc, port, time.perf_counter() - start

@@ -76,6 +76,15 @@ def _build_sealed(table: Table, progress: bool) -> None:
         table.index.build(vectors, progress=progress)
 
 
+def exact_sealed(table: Table, queries: np.ndarray, k: int, allow: np.ndarray,
+                 metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over the sealed rows set in ``allow``: the index's own exact path where it has one
+    (HNSW's float32 storage, GPU brute force on the device copy), else the segment's FP16 rows."""
+    if hasattr(table.index, "exact_search"):
+        return table.index.exact_search(queries, k, allow)
+    return exact_search(table.vectors, queries, k, metric, np.flatnonzero(allow))
+
+
 class ShardStore:
     def __init__(self, dim: int, backend: str, params: IndexParams, exact_fraction: float = EXACT_FRACTION,
                  capacity: int = 1024) -> None:
@@ -191,10 +200,8 @@ class ShardStore:
         if sealed_allowed == 0:
             s1 = np.full((q.shape[0], k), -np.inf, np.float32)
             r1 = np.full((q.shape[0], k), -1, np.int64)
-        elif exact and hasattr(t.index, "exact_search"):  # e.g. GPU brute force on the device copy
-            s1, r1 = t.index.exact_search(q, k, sealed_allow)
         elif exact:
-            s1, r1 = exact_search(t.vectors, q, k, metric, np.flatnonzero(sealed_allow))
+            s1, r1 = exact_sealed(t, q, k, sealed_allow, metric)
         else:
             pre = None if sealed_allowed == sealed else sealed_allow
             if pre is not None and isinstance(t.index, FilteringIndex):

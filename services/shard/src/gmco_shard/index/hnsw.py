@@ -53,29 +53,34 @@ class HnswIndex(VectorIndex):
         self._index = index
         self.count = vectors.shape[0]
 
+    def _select(self, params: faiss.SearchParameters, allow: np.ndarray) -> np.ndarray:
+        """Restrict ``params`` to the rows set in ``allow``; returns the bitmap, which must outlive the search."""
+        bits = np.packbits(allow[: self.count].astype(np.uint8), bitorder="little")
+        params.sel = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bits))
+        return bits
+
+    def _scores(self, dist: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """faiss distances as scores (higher is better), -inf where faiss found no row."""
+        scores = dist if self.params.metric == "ip" else -dist
+        return np.where(rows < 0, -np.inf, scores).astype(np.float32), rows.astype(np.int64)
+
     def search(self, queries, k, allow=None, ef=0):
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(ef or self.params.hnsw_ef_search, k)
-        if allow is not None:
-            bits = np.packbits(allow[: self.count].astype(np.uint8), bitorder="little")
-            params.sel = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bits))
+        _bits = None if allow is None else self._select(params, allow)  # backs params.sel until we return
         q = np.ascontiguousarray(queries, dtype=np.float32)
         dist, rows = self._index.search(q, k, params=params)
-        scores = dist if self.params.metric == "ip" else -dist
-        scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
-        return scores, rows.astype(np.int64)
+        return self._scores(dist, rows)
 
     def exact_search(self, queries, k, allow):
         """Exact top-k over the rows set in ``allow`` (bool over the indexed rows), from the float32 storage."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         storage = faiss.downcast_index(self._index.storage)
         if q.shape[0] <= _SCAN_MAX_QUERIES:
-            bits = np.packbits(allow[: self.count].astype(np.uint8), bitorder="little")
             params = faiss.SearchParameters()
-            params.sel = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bits))
+            _bits = self._select(params, allow)  # backs params.sel until we return
             dist, rows = storage.search(q, k, params=params)
-            scores = dist if self.params.metric == "ip" else -dist
-            return np.where(rows < 0, -np.inf, scores).astype(np.float32), rows.astype(np.int64)
+            return self._scores(dist, rows)
         # A view, not a copy, of memory the index owns: used only within this call, while the index lives.
         vectors = faiss.rev_swig_ptr(storage.get_xb(), self.count * self.dim).reshape(self.count, self.dim)
         return exact_search(vectors, q, k, self.params.metric, np.flatnonzero(allow[: self.count]))
