@@ -26,11 +26,11 @@ from common import plot_path, serve_snapshot, write_json
 from gmco.common.v1 import common_pb2
 from gmco.router.v1 import router_service_pb2 as rpb
 from gmco.router.v1 import router_service_pb2_grpc
-from gmco_catalog.log import open_log
+from gmco_catalog import open_log
 from gmco_common.datagen import generate_catalogue
 from gmco_common.vectors import encode_vector
 from gmco_shard.apply import apply_entries
-from gmco_shard.config import ShardSettings
+from gmco_shard.config import Settings
 from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.index.base import IndexParams
 from gmco_shard.snapshot import load_snapshot, save_snapshot
@@ -74,7 +74,7 @@ async def replay(dsn: str, dim: int) -> dict:
 
 def restart(items: int, dim: int, backend: str) -> dict:
     cat = generate_catalogue(items, dim, seed=3, progress=True)
-    params = ShardSettings().index_params()  # what a shard process started with defaults uses
+    params = Settings().index_params()  # what a shard process started with defaults uses
     store = ShardStore(dim, backend, params)
     t = time.perf_counter()
     store.bulk_load(np.asarray(cat.vectors), columns_from_catalogue(cat), progress=True)

@@ -31,7 +31,7 @@ from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries
 from gmco_common.vectors import encode_batch
-from gmco_shard.config import ShardSettings
+from gmco_shard.config import Settings
 from gmco_shard.filters import columns_from_catalogue, evaluate_filter
 from gmco_shard.index.base import IndexParams
 from gmco_shard.snapshot import save_snapshot
@@ -40,7 +40,7 @@ from gmco_testing.procs import stop_process
 
 K = 10
 TARGET_RECALL = 0.95
-_DEFAULTS = ShardSettings()
+_DEFAULTS = Settings()
 
 
 def recall(rows: np.ndarray, gt: np.ndarray) -> float:

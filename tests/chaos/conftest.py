@@ -19,7 +19,7 @@ from gmco.router.v1 import router_service_pb2 as rpb
 from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2 as spb
 from gmco.shard.v1 import shard_service_pb2_grpc
-from gmco_catalog.log import open_log
+from gmco_catalog import open_log
 from gmco_common.vectors import encode_vector
 from gmco_stack.stack import Service, Stack, StackConfig
 from gmco_testing.postgres import PostgresServer
@@ -29,12 +29,6 @@ CHAOS_ITEMS = 3000
 CHAOS_DIM = 32
 ATTRS = common_pb2.MediaAttributes(genre_ids=[1], region_mask=1, format_mask=1, popularity=1.0)
 CONTEXT = common_pb2.RequestContext(surface=common_pb2.SURFACE_HOMEPAGE, region="US", device="smart_tv")
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="session")

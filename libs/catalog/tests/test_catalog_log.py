@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from gmco_catalog.log import Op, PostgresCatalogLog, SqliteCatalogLog, Write
+from gmco_catalog.log import Op, Write
+from gmco_catalog.postgres_log import PostgresCatalogLog
+from gmco_catalog.sqlite_log import SqliteCatalogLog
 from gmco_catalog.tailer import LogTailer
 from gmco_common.errors import InvalidArgument
 from gmco_common.slots import slot_of
-from gmco_testing.postgres import PostgresServer
 
 
 def _w(i: int) -> Write:
@@ -61,12 +62,6 @@ async def contract_tailer(log) -> None:
         task.cancel()
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    with PostgresServer() as server:
-        yield server
-
-
 _db_counter = iter(range(1000))
 
 
@@ -75,7 +70,7 @@ async def catalog_log(request, tmp_path):
     if request.param == "sqlite":
         log = SqliteCatalogLog(tmp_path / "log.db")
     else:
-        server = request.getfixturevalue("pg_server")
+        server = request.getfixturevalue("postgres")
         log = PostgresCatalogLog(server.create_database(f"catalog_{next(_db_counter)}"))
     async with log:
         yield log
@@ -116,16 +111,16 @@ async def test_sqlite_survives_reopen(tmp_path) -> None:
 
 
 @pytest.mark.integration
-async def test_postgres_down_is_unavailable_and_acked_writes_survive(pg_server) -> None:
+async def test_postgres_down_is_unavailable_and_acked_writes_survive(postgres) -> None:
     from gmco_common.errors import Unavailable
 
-    dsn = pg_server.create_database("catalog_restart")
+    dsn = postgres.create_database("catalog_restart")
     async with PostgresCatalogLog(dsn, timeout=2.0) as log:
         acked = (await log.append([_w(1), _w(2)])).last_lsn
-        pg_server.kill9()
+        postgres.kill9()
         with pytest.raises(Unavailable):
             await log.append([_w(3)])
-        pg_server.start()
+        postgres.start()
         for _ in range(50):  # the pool reconnects on its own
             try:
                 await log.append([_w(4)])

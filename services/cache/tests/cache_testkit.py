@@ -1,4 +1,4 @@
-"""Helpers for the cache tests: a real cache server (grpc.aio, port 0) and a plain channel to it."""
+"""Helpers for the cache tests: the service through its own ``start`` (port 0) and a plain channel to it."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from gmco.cache.v1 import cache_service_pb2 as pb
 from gmco.cache.v1 import cache_service_pb2_grpc
 from gmco.common.v1 import common_pb2
-from gmco_cache.backend import Backend, open_backend
-from gmco_cache.cache import Cache, Policy, breaker_for
+from gmco_cache.app import start
+from gmco_cache.backend import Backend
 from gmco_cache.config import Settings
-from gmco_cache.servicer import SERVICE_NAME, CacheServicer
-from gmco_common.server import Registration, start_server
+from gmco_testing.component import component
 from prometheus_client import REGISTRY
 
 
@@ -35,17 +33,10 @@ def make_settings(**overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[Service]:
-    """The real service wiring of ``__main__`` on a free port; a channel without retries, so that every
+    """The service through its own ``start`` on a free port; a channel without retries, so that every
     error the service returns reaches the test."""
-    async with open_backend(settings) as backend:
-        cache = Cache(backend, Policy.from_settings(settings), breaker_for(settings))
-        running = await start_server(settings, [Registration(
-            cache_service_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer(cache, settings), SERVICE_NAME)])
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                yield Service(cache_service_pb2_grpc.CacheServiceStub(channel), backend, settings, running.port)
-        finally:
-            await running.server.stop(0)
+    async with component(start, settings) as svc:
+        yield Service(svc.stub(cache_service_pb2_grpc.CacheServiceStub), svc.parts["backend"], settings, svc.port)
 
 
 def recs(*media_ids: int) -> pb.RecommendationList:

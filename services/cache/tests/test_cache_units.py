@@ -1,4 +1,4 @@
-"""Unit tests: the TTL LRU, the circuit breaker and the cache's resilience over stand-in backends."""
+"""Unit tests: the byte-bounded TTL store and the cache's resilience over stand-in backends."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import pytest
 from cache_testkit import counter, make_settings
 from gmco_cache.backend import PartialFailure
-from gmco_cache.breaker import CircuitBreaker, State
 from gmco_cache.cache import Cache, Policy
 from gmco_cache.keys import recommendations_key, user_vector_key
-from gmco_cache.memory import MemoryBackend, TtlLru
+from gmco_cache.memory import BoundedTtlStore, MemoryBackend
+from gmco_common.breaker import CircuitBreaker, State
 from gmco_common.context import deadline_var
 
 
@@ -26,7 +26,7 @@ class Clock:
 
 def test_lru_ttl_expiry() -> None:
     clock = Clock()
-    lru = TtlLru(10, 10_000, clock)
+    lru = BoundedTtlStore(10, 10_000, clock)
     lru.set("a", b"1", ttl_seconds=5)
     clock.now += 4.9
     assert lru.get("a") == b"1"
@@ -36,14 +36,14 @@ def test_lru_ttl_expiry() -> None:
 
 
 def test_lru_bounded_by_entries_and_bytes() -> None:
-    lru = TtlLru(3, 10_000, Clock())
+    lru = BoundedTtlStore(3, 10_000, Clock())
     for k in "abc":
         lru.set(k, b"v", 60)
     lru.get("a")  # a is now the most recent; b is the least
     lru.set("d", b"v", 60)
     assert lru.get("b") is None and lru.get("a") == b"v" and len(lru) == 3
 
-    small = TtlLru(100, 20, Clock())
+    small = BoundedTtlStore(100, 20, Clock())
     small.set("k1", b"x" * 8, 60)  # 10 bytes with the key
     small.set("k2", b"x" * 8, 60)
     small.set("k3", b"x" * 8, 60)  # over 20 bytes: k1 goes
@@ -62,32 +62,6 @@ async def test_memory_lock_is_single_flight() -> None:
     assert await backend.delete_if_equal("lock", b"t1")
     assert await backend.set_if_absent("lock", b"t2", 1000)
     assert await backend.delete_if_equal("lock", None)
-
-
-def test_breaker_transitions() -> None:
-    clock = Clock()
-    changes: list[State] = []
-    breaker = CircuitBreaker(3, 1.0, clock, changes.append)
-    for _ in range(2):
-        breaker.failure()
-    breaker.success()  # success resets the count
-    for _ in range(2):
-        breaker.failure()
-    assert breaker.allow() and breaker.state is State.CLOSED
-    breaker.failure()
-    assert breaker.state is State.OPEN and not breaker.allow()
-    clock.now += 1.0
-    assert breaker.allow() and breaker.state is State.HALF_OPEN  # the probe
-    assert not breaker.allow()  # only one probe
-    breaker.failure()
-    assert breaker.state is State.OPEN and not breaker.allow()
-    clock.now += 1.0
-    assert breaker.allow()
-    clock.now += 1.0
-    assert breaker.allow()  # a probe that never reported back is replaced
-    breaker.success()
-    assert breaker.state is State.CLOSED and breaker.allow()
-    assert changes == [State.OPEN, State.HALF_OPEN, State.OPEN, State.HALF_OPEN, State.CLOSED]
 
 
 class Broken:

@@ -2,32 +2,24 @@ from __future__ import annotations
 
 import os
 
-import grpc
 import pytest
 from gmco.ontology.v1 import ontology_service_pb2_grpc
-from gmco_common.config import ServerSettings
-from gmco_common.server import Registration, start_server
-from gmco_ontology.backends import EmbeddedBackend, Neo4jBackend
-from gmco_ontology.loader import SAMPLE
-from gmco_ontology.servicer import OntologyServicer
+from gmco_ontology.app import start
+from gmco_ontology.config import Settings
+from gmco_testing.component import component
 
 
 @pytest.fixture(params=["embedded", "neo4j"])
 async def ontology_stub(request):
-    """A real OntologyService on port 0 over each backend (Neo4j only where NEO4J_URI is set)."""
+    """The OntologyService through its own ``start`` on port 0, over each backend (Neo4j only where
+    NEO4J_URI is set)."""
     if request.param == "embedded":
-        backend = EmbeddedBackend(SAMPLE)
+        settings = Settings(port=0)
     else:
         uri = os.environ.get("NEO4J_URI")
         if not uri:
             pytest.skip("neo4j: NEO4J_URI is not set (no Neo4j server can be installed on this machine)")
-        backend = Neo4jBackend(uri, os.environ.get("NEO4J_USER", "neo4j"), os.environ.get("NEO4J_PASSWORD", ""),
-                               None, SAMPLE)
-    async with backend:
-        servicer = OntologyServicer(backend, await backend.load())
-        running = await start_server(ServerSettings(port=0), [Registration(
-            ontology_service_pb2_grpc.add_OntologyServiceServicer_to_server, servicer,
-            "gmco.ontology.v1.OntologyService")])
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            yield ontology_service_pb2_grpc.OntologyServiceStub(ch)
-        await running.server.stop(0)
+        settings = Settings(port=0, backend="neo4j", neo4j_uri=uri, neo4j_user=os.environ.get("NEO4J_USER", "neo4j"),
+                            neo4j_password=os.environ.get("NEO4J_PASSWORD", ""))
+    async with component(start, settings) as svc:
+        yield svc.stub(ontology_service_pb2_grpc.OntologyServiceStub)

@@ -1,26 +1,16 @@
-"""Fixtures: a session-wide throwaway PostgreSQL, settings per backend and a real gRPC server on port 0."""
+"""Fixtures: settings per backend (PostgreSQL from the project plugin's session server) and the service
+started through its own ``start`` on port 0."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from gmco_rl_state.config import Settings
 from gmco_testing.postgres import PostgresServer
-
-sys.path.insert(0, str(Path(__file__).parent))  # rl_state_testkit, imported by the test modules
-
 from rl_state_testkit import Service, fresh_database, make_settings, serve
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    """One PostgreSQL for the session; tests that stop or kill it use their own."""
-    with PostgresServer() as pg:
-        yield pg
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2 as pb
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
-from gmco_common.server import Registration, RunningServer, start_server
+from gmco_common.server import RunningServer
 from gmco_common.vectors import encode_batch, encode_vector, normalize
+from gmco_rl_state.app import start
 from gmco_rl_state.config import Settings
-from gmco_rl_state.servicer import SERVICE_NAME, build_servicer, model_config
-from gmco_rl_state.store import StateStore, open_store
+from gmco_rl_state.store import StateStore
+from gmco_testing.component import component
 from gmco_testing.postgres import PostgresServer
 
 MEDIA_DIM = 64
@@ -63,16 +63,10 @@ class Service:
 
 @asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[Service]:
-    """The service as ``__main__`` wires it, on port 0, with a real channel."""
-    async with open_store(settings, model_config(settings).fingerprint()) as store:
-        registration = Registration(rl_state_service_pb2_grpc.add_RLStateServiceServicer_to_server,
-                                    build_servicer(settings, store), SERVICE_NAME)
-        running = await start_server(settings, [registration])
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                yield Service(rl_state_service_pb2_grpc.RLStateServiceStub(channel), running, store, settings)
-        finally:
-            await running.server.stop(0)
+    """The service through its own ``start``, on port 0, with a real channel."""
+    async with component(start, settings) as svc:
+        yield Service(svc.stub(rl_state_service_pb2_grpc.RLStateServiceStub), svc.running, svc.parts["store"],
+                      settings)
 
 
 def fresh_database(pg: PostgresServer) -> str:

@@ -9,10 +9,9 @@ import sqlite3
 import psycopg
 import pytest
 from gmco_common.config import ConfigError
+from gmco_common.migrations import load_migrations
+from gmco_rl_state.app import open_store
 from gmco_rl_state.config import Settings
-from gmco_rl_state.migrate import load_migrations
-from gmco_rl_state.servicer import model_config
-from gmco_rl_state.store import open_store
 from rl_state_testkit import make_settings
 
 
@@ -26,14 +25,14 @@ def _applied(settings: Settings) -> list[tuple[int, str, str]]:
 
 
 async def _open_and_close(settings: Settings) -> None:
-    async with open_store(settings, model_config(settings).fingerprint()):
+    async with open_store(settings):
         pass
 
 
 async def test_migrations_apply_once_and_twice_is_safe(settings: Settings) -> None:
     await _open_and_close(settings)
     first = _applied(settings)
-    expected = [(m.version, m.name) for m in load_migrations(settings.backend)]
+    expected = [(m.version, m.name) for m in load_migrations("gmco_rl_state", settings.backend)]
     assert [(v, n) for v, n, _ in first] == expected
     await _open_and_close(settings)
     assert _applied(settings) == first  # nothing re-applied, nothing re-recorded
@@ -43,7 +42,7 @@ async def test_migrations_apply_once_and_twice_is_safe(settings: Settings) -> No
 async def test_concurrent_starts_migrate_once(empty_dsn: str, tmp_path) -> None:
     settings = make_settings("postgres", tmp_path, empty_dsn)
     await asyncio.gather(*(_open_and_close(settings) for _ in range(3)))
-    assert len(_applied(settings)) == len(load_migrations("postgres"))
+    assert len(_applied(settings)) == len(load_migrations("gmco_rl_state", "postgres"))
 
 
 async def test_changed_projection_is_refused(settings: Settings) -> None:
@@ -53,4 +52,4 @@ async def test_changed_projection_is_refused(settings: Settings) -> None:
 
 
 def test_every_dialect_has_the_same_versions() -> None:
-    assert [m.version for m in load_migrations("postgres")] == [m.version for m in load_migrations("sqlite")]
+    assert [m.version for m in load_migrations("gmco_rl_state", "postgres")] == [m.version for m in load_migrations("gmco_rl_state", "sqlite")]

@@ -23,7 +23,7 @@ from gmco_common.errors import InvalidArgument, Unavailable
 from gmco_common.server import Registration, RunningServer, start_server
 from gmco_common.slots import SlotMap
 from gmco_common.vectors import decode_batch, encode_vector, normalize
-from gmco_router.__main__ import start
+from gmco_router.app import start
 from gmco_router.config import Settings
 
 DIM = 8

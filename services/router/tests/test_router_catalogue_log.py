@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gmco.common.v1 import common_pb2
-from gmco_catalog.log import AppendResult, SqliteCatalogLog, Write
+from gmco_catalog.log import AppendResult, Write
+from gmco_catalog.sqlite_log import SqliteCatalogLog
 from gmco_common.channels import ChannelOptions
 from gmco_common.errors import InvalidArgument, Unavailable
 from gmco_common.slots import SlotMap

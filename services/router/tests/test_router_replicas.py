@@ -1,4 +1,4 @@
-"""Unit tests: circuit breaker, replica selection, hedging, failover, shard spec, local caches, merge."""
+"""Unit tests: replica selection, hedging, failover, shard spec, local caches, merge."""
 
 from __future__ import annotations
 
@@ -9,49 +9,15 @@ import pytest
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2
 from gmco_common.config import ConfigError
-from gmco_router.local import SingleFlight, TtlLru
+from gmco_router.local import SingleFlight
 from gmco_router.recommend import context_key, merge
 from gmco_router.replicas import (
-    CircuitBreaker,
     LatencyWindow,
     Replica,
     ReplicaPolicy,
     ReplicaSet,
     parse_shard_spec,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_breaker_opens_probes_and_closes() -> None:
-    clock = Clock()
-    b = CircuitBreaker(failures=3, cooldown=2.0, clock=clock)
-    assert not b.on_failure() and not b.on_failure() and b.available()
-    assert b.on_failure() and b.is_open and not b.available()
-    clock.now += 2.0
-    assert b.available()
-    b.on_call()  # the probe
-    assert not b.available()  # only one probe at a time
-    b.on_failure()
-    assert b.is_open and not b.available()
-    clock.now += 2.0
-    b.on_call()
-    b.on_success()
-    assert not b.is_open and b.available()
-
-
-def test_success_resets_consecutive_failures() -> None:
-    b = CircuitBreaker(failures=2, cooldown=1.0)
-    b.on_failure()
-    b.on_success()
-    b.on_failure()
-    assert not b.is_open
 
 
 def test_latency_window_p95() -> None:
@@ -74,7 +40,7 @@ async def test_pick_prefers_healthy_then_fewest_in_flight() -> None:
     r1.healthy = False
     assert rset.pick() is r2
     for _ in range(5):
-        r2.breaker.on_failure()
+        r2.breaker.failure()
     assert rset.pick() is r0
     assert rset.pick(exclude=[r0]) is None
 
@@ -136,7 +102,7 @@ async def test_a_failed_call_fails_over_once() -> None:
     log.clear()
     call = await _by_replica(rset, {"r0": _unavailable(), "r1": 0.0}, log)
     r1.in_flight = 1
-    r0.breaker.on_success()
+    r0.breaker.success()
     picked_first = rset.pick()
     r1.in_flight = 0
     assert picked_first is r0
@@ -148,18 +114,6 @@ def test_shard_spec() -> None:
     for bad in ("", "1=a:1", "0=a:1,0=b:2", "0=", "x=a:1", "0=nohostport"):
         with pytest.raises(ConfigError, match="GMCO_ROUTER_SHARDS"):
             parse_shard_spec(bad)
-
-
-def test_ttl_lru() -> None:
-    clock = Clock()
-    lru: TtlLru[str, int] = TtlLru(2, ttl=5.0, clock=clock)
-    lru.put("a", 1)
-    lru.put("b", 2)
-    assert lru.get("a") == 1
-    lru.put("c", 3)  # evicts b, the least recently used
-    assert lru.get("b") is None and len(lru) == 2
-    clock.now += 6
-    assert lru.get("a") is None and lru.get_stale("a") == 1
 
 
 async def test_single_flight() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,13 +9,18 @@ from gmco_common.datagen import Catalogue, generate_catalogue
 from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.index.base import IndexParams
 from gmco_shard.store import ShardStore
-
-DIM = 32
+from shard_testkit import DIM, write_catalogue
 
 
 @pytest.fixture(scope="session")
 def small_catalogue() -> Catalogue:
     return generate_catalogue(3000, dim=DIM, n_clusters=12, seed=11)
+
+
+@pytest.fixture(scope="session")
+def catalogue_dir(small_catalogue, tmp_path_factory) -> Path:
+    """``small_catalogue`` on disk, as a shard's GMCO_SHARD_DATA_DIR."""
+    return write_catalogue(small_catalogue, tmp_path_factory.mktemp("catalogue"))
 
 
 @pytest.fixture

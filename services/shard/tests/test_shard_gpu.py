@@ -222,35 +222,23 @@ def test_probe_and_telemetry_on_a_real_device() -> None:
 
 
 @pytest.mark.gpu
-async def test_micro_batched_grpc_searches_on_the_gpu(small_catalogue) -> None:
-    import grpc
+async def test_micro_batched_grpc_searches_on_the_gpu(small_catalogue, catalogue_dir) -> None:
     from gmco.shard.v1 import shard_service_pb2 as pb
     from gmco.shard.v1 import shard_service_pb2_grpc
-    from gmco_common.server import Registration, start_server
     from gmco_common.vectors import encode_batch
-    from gmco_shard.config import ShardSettings
-    from gmco_shard.filters import columns_from_catalogue
-    from gmco_shard.servicer import ShardServicer
-    from gmco_shard.store import ShardStore
+    from shard_testkit import serve_shard, shard_settings
 
     vectors = np.asarray(small_catalogue.vectors)
-    dim = vectors.shape[1]
-    settings = ShardSettings(port=0, dim=dim, index_backend="cuvs", batch_window_ms=1.0, batch_max=256)
-    store = ShardStore(dim, "cuvs", settings.index_params())
-    store.bulk_load(vectors, columns_from_catalogue(small_catalogue))
-    servicer = ShardServicer(store, settings, list(range(4096)))
-    service = pb.DESCRIPTOR.services_by_name["ShardService"].full_name
-    running = await start_server(settings, [Registration(shard_service_pb2_grpc.add_ShardServiceServicer_to_server,
-                                                         servicer, service)])
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
-            q = vectors[:32].astype(np.float32)
-            alone = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5))
-            singles = await asyncio.gather(*(stub.Search(pb.SearchRequest(queries=encode_batch(q[i:i + 1]), k=5))
-                                             for i in range(32)))
-        assert servicer._batcher is not None and servicer._batcher.batches_run < 33
-        for i, resp in enumerate(singles):
-            assert [it.media_id for it in resp.results[0].items] == [it.media_id for it in alone.results[i].items]
-    finally:
-        await running.server.stop(0)
+    settings = shard_settings(catalogue_dir, index_backend="cuvs", batch_window_ms=1.0, batch_max=256)
+    async with serve_shard(settings) as svc:
+        stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)
+        q = vectors[:32].astype(np.float32)
+        alone = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5))
+        singles = await asyncio.gather(*(stub.Search(pb.SearchRequest(queries=encode_batch(q[i:i + 1]), k=5))
+                                         for i in range(32)))
+        servicer = svc.parts["servicer"]
+    assert servicer._batcher is not None and servicer._batcher.batches_run < 33
+    # CAGRA is not batch-invariant (a merged batch may walk the graph differently): compare overlap.
+    overlaps = [len({it.media_id for it in resp.results[0].items} & {it.media_id for it in alone.results[i].items})
+                for i, resp in enumerate(singles)]
+    assert np.mean(overlaps) >= 4.5, overlaps

@@ -15,7 +15,7 @@ from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError, load_settings
 from gmco_common.errors import ResourceExhausted
 from gmco_shard import store as store_module
-from gmco_shard.config import PREFIX, ShardSettings
+from gmco_shard.config import PREFIX, Settings
 from gmco_shard.index.base import backend_class
 from gmco_shard.index.cagra_config import (
     POOL_HEADROOM_BYTES,
@@ -57,7 +57,7 @@ def test_settings_reach_the_index_through_extra(monkeypatch) -> None:
                        "CAGRA_ITOPK_SIZE": "256", "CAGRA_SEARCH_WIDTH": "8", "CAGRA_NUM_RANDOM_SAMPLINGS": "2",
                        "CAGRA_BUILD_ALGO": "nn_descent", "GPU_POOL_BYTES": str(8 * GIB)}.items():
         monkeypatch.setenv(PREFIX + var, value)
-    settings = load_settings(ShardSettings, PREFIX)
+    settings = load_settings(Settings, PREFIX)
     p = CagraParams.from_extra(settings.index_params().extra)
     assert p == CagraParams(graph_degree=32, intermediate_graph_degree=48, build_algo="nn_descent", itopk_size=256,
                             search_width=8, num_random_samplings=2, pool_bytes=8 * GIB)
@@ -67,7 +67,7 @@ def test_inconsistent_settings_fail_at_start(monkeypatch) -> None:
     monkeypatch.setenv(PREFIX + "CAGRA_GRAPH_DEGREE", "128")
     monkeypatch.setenv(PREFIX + "CAGRA_INTERMEDIATE_GRAPH_DEGREE", "64")
     with pytest.raises(ConfigError, match="INTERMEDIATE_GRAPH_DEGREE=64 must be >="):
-        load_settings(ShardSettings, PREFIX)
+        load_settings(Settings, PREFIX)
 
 
 def test_unparsable_extra_names_the_variable() -> None:

@@ -19,21 +19,20 @@ from gmco_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from gmco_common.server import Registration, start_server
 from gmco_common.vectors import encode_batch
-from gmco_shard.config import ShardSettings
+from gmco_shard.config import Settings
 from gmco_shard.filters import columns_from_catalogue, evaluate_filter
 from gmco_shard.index.base import IndexParams
 from gmco_shard.index.exact import exact_search
 from gmco_shard.index.milvus import MilvusIndex, MilvusSettings, milvus_error
 from gmco_shard.index.milvus_filter import ROW, filter_expression
-from gmco_shard.servicer import ShardServicer
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymilvus.exceptions import ConnectError, MilvusException, ParamError
 from pymilvus.grpc_gen import common_pb2 as milvus_common
+from shard_testkit import serve_shard, shard_settings, write_catalogue
 
 DIM = 32
 K = 10
@@ -221,8 +220,8 @@ def test_input_errors_name_the_field() -> None:
 
 def test_configuration_is_checked(tmp_path) -> None:
     with pytest.raises(ConfigError, match="MILVUS_URI"):
-        ShardSettings(index_backend="milvus")
-    params = ShardSettings(index_backend="milvus", milvus_uri="x.db", shard_id=0, replica_id=2).index_params()
+        Settings(index_backend="milvus")
+    params = Settings(index_backend="milvus", milvus_uri="x.db", shard_id=0, replica_id=2).index_params()
     assert params.extra["milvus_collection"] == "gmco_shard_0_r2" and params.extra["milvus_uri"] == "x.db"
     with pytest.raises(ConfigError, match="FLOAT16"):
         MilvusIndex(DIM, _params(str(tmp_path / "a.db"), milvus_vector_type="float16"))
@@ -235,32 +234,27 @@ def test_configuration_is_checked(tmp_path) -> None:
 
 
 # -- through gRPC ------------------------------------------------------------------------------------
-async def test_grpc_search_and_error_status(small_catalogue, columns, tmp_path) -> None:
-    store = ShardStore(DIM, "milvus", _params(str(tmp_path / "g.db")))
-    store.bulk_load(np.asarray(small_catalogue.vectors[:800]), columns.head(800))
-    settings_ = ShardSettings(port=0, dim=DIM, index_backend="milvus", milvus_uri=str(tmp_path / "g.db"))
-    running = await start_server(settings_, [Registration(
-        shard_service_pb2_grpc.add_ShardServiceServicer_to_server, ShardServicer(store, settings_, [0]),
-        "gmco.shard.v1.ShardService")])
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
-            q = np.asarray(small_catalogue.vectors[:2], np.float32)
-            f = common_pb2.Filter(max_rating=3)
-            resp = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f,
-                                                      include_attributes=True))
-            assert all(0 < len(r.items) <= K and all(i.attributes.rating <= 3 for i in r.items)
-                       for r in resp.results)
-            want = exact_search(store.table.vectors[:800], q, K, "ip",
-                                np.flatnonzero(evaluate_filter(columns.head(800), f)))[1]
-            got = np.asarray([[i.media_id for i in r.items] for r in resp.results], np.uint64)
-            assert _recall(got, columns.media_ids[want]) >= 0.9
+async def test_grpc_search_and_error_status(small_catalogue, tmp_path) -> None:
+    data_dir = write_catalogue(small_catalogue.subset(np.arange(800)), tmp_path / "cat")
+    settings_ = shard_settings(data_dir, index_backend="milvus", milvus_uri=str(tmp_path / "g.db"),
+                               hnsw_ef_search=128)
+    async with serve_shard(settings_) as svc:
+        stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)
+        store = svc.parts["store"]
+        q = np.asarray(small_catalogue.vectors[:2], np.float32)
+        f = common_pb2.Filter(max_rating=3)
+        resp = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f,
+                                                  include_attributes=True))
+        assert all(0 < len(r.items) <= K and all(i.attributes.rating <= 3 for i in r.items)
+                   for r in resp.results)
+        cols = store.table.cols
+        want = exact_search(store.table.vectors[:800], q, K, "ip", np.flatnonzero(evaluate_filter(cols.head(800), f)))[1]
+        got = np.asarray([[i.media_id for i in r.items] for r in resp.results], np.uint64)
+        assert _recall(got, cols.media_ids[want]) >= 0.9
 
-            index = store.table.index
-            index._call("drop", "drop_collection", index.collection)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f))
-            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "Compact" in err.value.details() and "Traceback" not in err.value.details()
-    finally:
-        await running.server.stop(0)
+        index = store.table.index
+        index._call("drop", "drop_collection", index.collection)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "Compact" in err.value.details() and "Traceback" not in err.value.details()

@@ -16,37 +16,25 @@ from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.datagen import generate_queries, save_catalogue
-from gmco_common.server import Registration, start_server
 from gmco_common.vectors import encode_batch, encode_vector
-from gmco_shard.config import ShardSettings
-from gmco_shard.servicer import ShardServicer
+from gmco_shard.config import Settings
 from gmco_testing.procs import free_port, wait_grpc_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-DIM = 32
-SERVICE = "gmco.shard.v1.ShardService"
+from shard_testkit import DIM, SERVICE, serve_shard, shard_settings
 
 
-async def _serve(store, **kw):
-    settings = ShardSettings(port=0, dim=DIM, max_k=50, max_batch=64, max_message_bytes=256 * 1024,
-                             index_backend=store.backend, **kw)
-    servicer = ShardServicer(store, settings, slots=[1, 2, 3])
-    running = await start_server(settings, [Registration(
-        shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)])
-    return running
+def _settings(data_dir, backend: str = "hnsw", **kw) -> Settings:
+    return shard_settings(data_dir, max_k=50, max_batch=64, max_message_bytes=256 * 1024, index_backend=backend,
+                          **kw)
 
 
 @pytest.fixture
-async def shard(make_store):
-    running = await _serve(make_store("hnsw"))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}",
-                                        options=[("grpc.max_send_message_length", 1 << 22)])
-    yield shard_service_pb2_grpc.ShardServiceStub(channel), channel
-    await channel.close()
-    await running.server.stop(0)
+async def shard(catalogue_dir):
+    async with serve_shard(_settings(catalogue_dir)) as svc:
+        yield svc.stub(shard_service_pb2_grpc.ShardServiceStub), svc.channel
 
 
 async def _code(coro) -> grpc.StatusCode:
@@ -78,7 +66,7 @@ async def test_search_upsert_delete_get_stats(shard, small_catalogue) -> None:
     d = await stub.Delete(pb.DeleteRequest(media_ids=[10**9, 123456789]))
     assert (d.deleted_count, d.not_found_count) == (1, 1)
     stats = await stub.GetStats(pb.GetStatsRequest())
-    assert stats.item_count == len(small_catalogue) and stats.tombstone_count == 1 and list(stats.slots) == [1, 2, 3]
+    assert stats.item_count == len(small_catalogue) and stats.tombstone_count == 1 and list(stats.slots) == list(range(4096))
     c = await stub.Compact(pb.CompactRequest(wait=True))
     assert c.index_generation == 1
     assert (await stub.GetStats(pb.GetStatsRequest())).tombstone_count == 0
@@ -167,30 +155,25 @@ async def test_health_and_reflection(shard) -> None:
 
 async def test_health_not_serving_until_loaded(monkeypatch) -> None:
     """The real start-up sequence: health answers NOT_SERVING while data loads, SERVING once it is loaded."""
-    import gmco_shard.__main__ as shard_main
+    import contextlib
 
-    loading, release, stop = threading.Event(), threading.Event(), asyncio.Event()
-    started: list = []
+    import gmco_shard.app as shard_app
+
+    loading, release = threading.Event(), threading.Event()
 
     def slow_load(store, settings, slots) -> str:
         loading.set()
         release.wait(30)
+        store.mark_loaded()
         return "nothing"
 
-    async def recording_start(settings, registrations):
-        started.append(await start_server(settings, registrations))
-        return started[-1]
-
-    async def serve_until_stopped(running, grace) -> None:
-        await stop.wait()
-
-    monkeypatch.setattr(shard_main, "initial_load", slow_load)
-    monkeypatch.setattr(shard_main, "start_server", recording_start)
-    monkeypatch.setattr(shard_main, "serve_until_signal", serve_until_stopped)
-    task = asyncio.create_task(shard_main.run(ShardSettings(port=0, metrics_port=0, dim=DIM, index_backend="exact")))
+    monkeypatch.setattr(shard_app, "initial_load", slow_load)
+    port = free_port()
+    stack = contextlib.AsyncExitStack()
+    task = asyncio.create_task(shard_app.start(Settings(port=port, dim=DIM, index_backend="exact"), stack))
     try:
         assert await asyncio.to_thread(loading.wait, 30)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{started[0].port}") as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
             for name in ("", SERVICE):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
@@ -202,31 +185,25 @@ async def test_health_not_serving_until_loaded(monkeypatch) -> None:
             assert code == grpc.StatusCode.UNAVAILABLE
             assert (await stub.GetStats(pb.GetStatsRequest())).dimension == DIM
             release.set()
-            for _ in range(1000):
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(task, 30)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         release.set()
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+        await stack.aclose()
 
 
-async def test_auth_on(make_store) -> None:
-    running = await _serve(make_store(), auth_token="t0k")
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
-            code, _ = await _code(stub.GetStats(pb.GetStatsRequest()))
-            assert code == grpc.StatusCode.UNAUTHENTICATED
-            ok = await stub.GetStats(pb.GetStatsRequest(), metadata=[("authorization", "Bearer t0k")])
-            assert ok.dimension == DIM
-            health = health_pb2_grpc.HealthStub(ch)  # probes need no token
-            assert (await health.Check(health_pb2.HealthCheckRequest())).status == 1
-    finally:
-        await running.server.stop(0)
+async def test_auth_on(catalogue_dir) -> None:
+    async with serve_shard(_settings(catalogue_dir, "exact", auth_token="t0k")) as svc:
+        stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)
+        code, _ = await _code(stub.GetStats(pb.GetStatsRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        ok = await stub.GetStats(pb.GetStatsRequest(), metadata=[("authorization", "Bearer t0k")])
+        assert ok.dimension == DIM
+        health = health_pb2_grpc.HealthStub(svc.channel)  # probes need no token
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == 1
 
 
 _vectors = st.builds(
@@ -303,18 +280,13 @@ def test_sigterm_drains_in_flight_calls(small_catalogue, tmp_path) -> None:
             proc.kill()
 
 
-async def test_micro_batched_searches_match_unbatched(make_store, small_catalogue) -> None:
-    store = make_store("exact")
-    running = await _serve(store, batch_window_ms=5.0, batch_max=64)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            stub = shard_service_pb2_grpc.ShardServiceStub(ch)
-            q = generate_queries(small_catalogue, 12)
-            f = common_pb2.Filter(max_rating=3)
-            calls = [stub.Search(pb.SearchRequest(queries=encode_batch(q[i:i + 1]), k=5, filter=f)) for i in range(12)]
-            got = await asyncio.gather(*calls)
-        want = store.search(q.astype(np.float16).astype(np.float32), 5, f)
-        for i, resp in enumerate(got):
-            assert [it.media_id for it in resp.results[0].items] == want.media_ids[i].tolist()
-    finally:
-        await running.server.stop(0)
+async def test_micro_batched_searches_match_unbatched(catalogue_dir, small_catalogue) -> None:
+    async with serve_shard(_settings(catalogue_dir, "exact", batch_window_ms=5.0, batch_max=64)) as svc:
+        stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)
+        q = generate_queries(small_catalogue, 12)
+        f = common_pb2.Filter(max_rating=3)
+        calls = [stub.Search(pb.SearchRequest(queries=encode_batch(q[i:i + 1]), k=5, filter=f)) for i in range(12)]
+        got = await asyncio.gather(*calls)
+        want = svc.parts["store"].search(q.astype(np.float16).astype(np.float32), 5, f)
+    for i, resp in enumerate(got):
+        assert [it.media_id for it in resp.results[0].items] == want.media_ids[i].tolist()

@@ -1,26 +1,36 @@
 """The one entry point every service's ``__main__`` uses: ``--help`` lists the environment, settings
-are loaded (a bad one exits 2 naming the variable), logging is configured, and the server runs until
-SIGTERM."""
+are loaded (a bad one exits 2 naming the variable), logging is configured, the service is started with
+its ``start(settings, stack)`` and runs until SIGTERM, then drains and closes what ``start`` opened."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from gmco_common.config import ConfigError, describe_settings, load_settings
+from gmco_common.config import ConfigError, ServerSettings, describe_settings, load_settings
 from gmco_common.logging import configure_logging
+from gmco_common.server import RunningServer, serve_until_signal
 
-S = TypeVar("S")
+S = TypeVar("S", bound=ServerSettings)
+StartFn = Callable[[S, contextlib.AsyncExitStack], Awaitable[RunningServer]]
 log = logging.getLogger(__name__)
 
 
-def run_service(name: str, description: str, settings_cls: type[S], prefix: str,
-                serve: Callable[[S], Awaitable[None]], argv: Sequence[str] | None = None,
+async def serve(settings: S, start: StartFn[S]) -> None:
+    """Start the service on an exit stack, serve until SIGTERM/SIGINT, drain, then close in reverse order."""
+    async with contextlib.AsyncExitStack() as stack:
+        running = await start(settings, stack)
+        await serve_until_signal(running, settings.grace_seconds)
+
+
+def run_service(name: str, description: str, settings_cls: type[S], prefix: str, start: StartFn[S],
+                argv: Sequence[str] | None = None,
                 startup_errors: tuple[type[Exception], ...] = (ConfigError, RuntimeError)) -> int:
-    """Run ``serve(settings)``; returns the process exit code (0 ok, 1 failed to start, 2 bad usage/setting)."""
+    """Run the service; returns the process exit code (0 ok, 1 failed to start, 2 bad usage/setting)."""
     args = list(sys.argv[1:] if argv is None else argv)
     usage = (f"usage: gmco-{name}\n\n{description.strip()}\n\nConfigured by environment variables:\n\n"
              f"{describe_settings(settings_cls, prefix)}\n")
@@ -33,9 +43,9 @@ def run_service(name: str, description: str, settings_cls: type[S], prefix: str,
     except ConfigError as exc:
         print(f"gmco-{name}: {exc}", file=sys.stderr)
         return 2
-    configure_logging(name.replace("-", "_"), settings.log_level, settings.log_format)  # type: ignore[attr-defined]
+    configure_logging(name.replace("-", "_"), settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, start))
     except startup_errors as exc:
         log.error("cannot start: %s", exc)
         print(f"gmco-{name}: cannot start: {exc}", file=sys.stderr)

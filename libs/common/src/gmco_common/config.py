@@ -120,12 +120,17 @@ def _port(v: int) -> bool:
     return 0 <= v <= 65535
 
 
+def port_setting(default: int, help: str = "gRPC port; 0 picks a free port") -> Any:
+    """A port field with the range check: what a service uses to give ``port`` its own default."""
+    return setting(default, help=help, check=_port, check_msg="0..65535")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     """Settings every gRPC service shares. Service settings subclass this."""
 
     host: str = setting("127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
-    port: int = setting(50051, help="gRPC port; 0 picks a free port", check=_port, check_msg="0..65535")
+    port: int = port_setting(50051)
     metrics_port: int = setting(
         0, help="Prometheus /metrics port; 0 disables", check=_port, check_msg="0..65535"
     )

@@ -1,13 +1,19 @@
 """Build and run a ``grpc.aio`` server the same way in every service.
 
 Attached in order: tracing, metrics, auth (when a token is set) and error-mapping interceptors; the
-standard health service; reflection; message-size limits; optional TLS/mTLS; a Prometheus endpoint on
-a separate port; and a graceful drain on SIGTERM (health goes NOT_SERVING, then ``server.stop(grace)``).
+standard health service; reflection (both ``grpc.reflection.v1`` and ``v1alpha``, so that grpcurl and
+``buf curl`` of any age can list and call the services); message-size limits; optional TLS/mTLS; a
+Prometheus endpoint on a separate port; and a graceful drain on SIGTERM (health goes NOT_SERVING, then
+``server.stop(grace)``).
+
+Health is the conjunction of named conditions: a service is SERVING only while every condition it set
+holds ("loading" while a shard loads its data, "log-tailer" while the tailer runs, "cuda", ...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -16,7 +22,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
 
 from gmco_common.config import ServerSettings
@@ -35,19 +42,62 @@ class Registration:
     full_name: str
 
 
+class Health:
+    """The standard health service, driven by named conditions: SERVING only while every condition holds.
+
+    It exists before the server does, so that a service's background supervisor and servicer can be wired
+    with it; :func:`start_server` registers it."""
+
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._conditions: dict[str, bool] = {}
+        self._services: list[str] = []
+
+    @property
+    def serving(self) -> bool:
+        return all(self._conditions.values())
+
+    @property
+    def conditions(self) -> dict[str, bool]:
+        return dict(self._conditions)
+
+    def register(self, service_names: Sequence[str]) -> None:
+        self._services = list(service_names)
+
+    async def set_condition(self, name: str, ok: bool) -> None:
+        self._conditions[name] = ok
+        await self._publish()
+
+    async def _publish(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", *self._services):
+            await self.servicer.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: Health
     port: int
     service_names: list[str]
     metrics_port: int | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # The pieces ``start`` wired (store, backend, servicer, ...), by name: for tests and admin tools.
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def serving(self) -> bool:
+        return self.health.serving
+
+    async def set_condition(self, name: str, ok: bool) -> None:
+        """Record one health condition; SERVING only while every condition holds."""
+        await self.health.set_condition(name, ok)
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *self.service_names):
-            await self.health.set(name, status)
+        await self.set_condition("server", serving)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -101,12 +151,33 @@ def start_metrics(settings: ServerSettings) -> int | None:
     return _metrics_started[settings.metrics_port]
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(names: Sequence[str], server: grpc.aio.Server) -> None:
+    """Reflection under both names. v1 is v1alpha with another package name and the same messages on the
+    wire, so one servicer answers both."""
+    listed = [*names, reflection.SERVICE_NAME, REFLECTION_V1]
+    reflection.enable_server_reflection(listed, server)
+    servicer = ReflectionServicer(listed)
+    rpc = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": rpc}),))
+
+
 async def start_server(
     settings: ServerSettings,
     registrations: Sequence[Registration],
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    stack: contextlib.AsyncExitStack | None = None,
+    health_state: Health | None = None,
 ) -> RunningServer:
-    """Create, bind and start a server; returns once it accepts calls (health SERVING)."""
+    """Create, bind and start a server; returns once it accepts calls. Health is ``health_state`` (a service
+    that sets conditions of its own, "loading" say, passes the one it wired), else a fresh one; it is
+    SERVING once no condition is false. With ``stack``, the server stops when the stack unwinds (after a
+    drain it is stopped already)."""
     configure_tracing(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [TracingInterceptor(), MetricsInterceptor()]
     if settings.auth_token:
@@ -118,16 +189,19 @@ async def start_server(
     for reg in registrations:
         reg.add_to_server(reg.servicer, server)
         names.append(reg.full_name)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    health_state = health_state or Health()
+    health_state.register(names)
+    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
+    _enable_reflection([*names, health.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
     creds = _credentials(settings)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}; is the port in use?")
     await server.start()
-    running = RunningServer(server, health_servicer, port, names, metrics_port=start_metrics(settings))
+    if stack is not None:
+        stack.push_async_callback(server.stop, 0)
+    running = RunningServer(server, health_state, port, names, metrics_port=start_metrics(settings))
     await running.set_serving(True)
     log.info("serving %s on %s:%s (tls=%s, auth=%s)", ",".join(names), settings.host, port,
              creds is not None, bool(settings.auth_token))

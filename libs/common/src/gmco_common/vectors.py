@@ -65,6 +65,16 @@ def decode_batch(batch: common_pb2.VectorBatch, field: str, expected_dim: int | 
     return _check(arr, field)
 
 
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def as_fp16(arr: np.ndarray, field: str) -> np.ndarray:
+    """``arr`` as float16 (the storage type of every embedding); INVALID_ARGUMENT when a value would overflow."""
+    if arr.dtype != np.float16 and np.abs(arr).max(initial=0) > _FP16_MAX:
+        raise InvalidArgument(field, "has values beyond the float16 range (storage is FP16)")
+    return arr.astype("<f2", copy=False)
+
+
 def encode_vector(arr: np.ndarray, dtype: str = "float16") -> common_pb2.Vector:
     a = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).reshape(-1)
     return common_pb2.Vector(data=a.tobytes(), dtype=_PB_DTYPE[np.dtype(dtype)], dimension=a.shape[0])

@@ -1,4 +1,4 @@
-"""What the cache needs from a store, and how one is opened from the settings.
+"""What the cache needs from a store (the protocol every backend implements; ``app.open_backend`` opens one).
 
 Every backend answers batches: ``get_many`` and ``set_many`` take all the keys of a request at once so
 that a Redis backend can send them in a few round trips. TTLs are in milliseconds.
@@ -6,11 +6,8 @@ that a Redis backend can send them in a few round trips. TTLs are in millisecond
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
-
-from gmco_cache.config import Settings
 
 
 class PartialFailure(Exception):
@@ -42,22 +39,3 @@ class Backend(Protocol):
 
     def failed(self) -> None:
         """A call failed or timed out: a backend may refresh its view of the servers (in the background)."""
-
-
-@contextlib.asynccontextmanager
-async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
-    """The backend ``settings.backend`` names, closed on exit."""
-    if settings.backend == "memory":
-        from gmco_cache.memory import MemoryBackend
-
-        yield MemoryBackend(settings.memory_max_entries, settings.memory_max_bytes)
-        return
-    from gmco_cache.redis_backend import RedisClusterBackend, RedisNodeBackend
-
-    backend: RedisNodeBackend | RedisClusterBackend
-    if settings.backend == "redis":
-        backend = RedisNodeBackend.from_url(settings.redis_url, settings.redis_max_connections, settings.redis_password)
-    else:
-        backend = RedisClusterBackend(settings.startup_nodes, settings.redis_max_connections, settings.redis_password)
-    async with backend:
-        yield backend

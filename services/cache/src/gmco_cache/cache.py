@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from gmco_common.breaker import CircuitBreaker, State
 from gmco_common.context import call_timeout, time_remaining
 
 from gmco_cache.backend import Backend, PartialFailure
-from gmco_cache.breaker import CircuitBreaker, State
 from gmco_cache.config import Settings
 from gmco_cache.keys import Key, Keyspace
 from gmco_cache.metrics import BACKEND_FAILURES, BACKEND_SECONDS, BREAKER_STATE, FILL_LOCKS, REQUESTS

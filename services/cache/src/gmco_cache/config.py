@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
+from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 
 PREFIX = "GMCO_CACHE_"
 BACKENDS = ("memory", "redis", "redis-cluster")
@@ -27,7 +27,7 @@ def parse_nodes(value: tuple[str, ...]) -> list[tuple[str, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Settings(ServerSettings):
-    port: int = setting(50052, help="gRPC port; 0 picks a free port")
+    port: int = port_setting(50052)
     backend: str = setting("memory", help="where entries live", choices=BACKENDS)
     redis_url: str = setting("redis://127.0.0.1:6379/0", help="single node (BACKEND=redis)")
     redis_nodes: tuple[str, ...] = setting(
@@ -95,7 +95,3 @@ class Settings(ServerSettings):
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
         return parse_nodes(self.redis_nodes)
-
-
-def load() -> Settings:
-    return load_settings(Settings, PREFIX)

@@ -26,7 +26,7 @@ class _Entry(NamedTuple):
     size: int
 
 
-class TtlLru:
+class BoundedTtlStore:
     """An LRU map of str -> bytes with per-entry TTLs, at most ``max_entries`` and ``max_bytes``."""
 
     def __init__(self, max_entries: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
@@ -77,7 +77,7 @@ class MemoryBackend:
     name = "memory"
 
     def __init__(self, max_entries: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._store = TtlLru(max_entries, max_bytes, clock)
+        self._store = BoundedTtlStore(max_entries, max_bytes, clock)
         MEMORY_ENTRIES.set_function(lambda: len(self._store))
         MEMORY_BYTES.set_function(lambda: self._store.bytes)
 

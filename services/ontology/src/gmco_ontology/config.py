@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
+from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 
 from gmco_ontology.loader import SAMPLE
 
@@ -14,6 +14,7 @@ PREFIX = "GMCO_ONTOLOGY_"
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
+    port: int = port_setting(50053)
     backend: str = setting("embedded", help="where the graph lives", choices=("embedded", "neo4j"))
     file: Path = setting(SAMPLE, help="ontology YAML/JSON (embedded graph; seeds an empty Neo4j)")
     neo4j_uri: str = setting("", help="bolt:// or neo4j:// URI (backend=neo4j)")
@@ -32,6 +33,3 @@ class Settings(ServerSettings):
         if not self.file.is_file():
             raise ConfigError(f"{PREFIX}FILE={self.file} does not exist")
 
-
-def load() -> Settings:
-    return load_settings(Settings, PREFIX)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import OrderedDict
 
 import grpc
 from gmco.ontology.v1 import ontology_service_pb2 as pb
 from gmco.ontology.v1 import ontology_service_pb2_grpc
 from gmco_common.errors import InvalidArgument
+from gmco_common.lru import TtlLru
 from prometheus_client import Counter, Histogram
 
 from gmco_ontology.backends import GraphBackend, Mutation
@@ -24,8 +24,8 @@ class OntologyServicer(ontology_service_pb2_grpc.OntologyServiceServicer):
     def __init__(self, backend: GraphBackend, onto: Ontology, cache_size: int = 10_000) -> None:
         self._backend = backend
         self.onto = onto
-        self._cache: OrderedDict[bytes, pb.ResolveConstraintsResponse] = OrderedDict()
-        self._cache_size = cache_size
+        # Keyed by the ontology version and the request, so a change of the graph never serves an old filter.
+        self._cache: TtlLru[bytes, pb.ResolveConstraintsResponse] = TtlLru(cache_size, ttl=None)
         self._lock = asyncio.Lock()
 
     def resolve(self, request: pb.ResolveConstraintsRequest) -> pb.ResolveConstraintsResponse:
@@ -34,7 +34,6 @@ class OntologyServicer(ontology_service_pb2_grpc.OntologyServiceServicer):
                + b"\0" + request.preferences.SerializeToString(deterministic=True))
         hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(key)
             RESOLVES.labels("hit").inc()
             out = pb.ResolveConstraintsResponse()
             out.CopyFrom(hit)
@@ -45,9 +44,7 @@ class OntologyServicer(ontology_service_pb2_grpc.OntologyServiceServicer):
         RESOLVES.labels("miss").inc()
         resp = pb.ResolveConstraintsResponse(filter=flt, context_hash=hashlib.sha256(key).hexdigest()[:16],
                                              ontology_version=onto.version)
-        self._cache[key] = resp
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(key, resp)
         return resp
 
     async def ResolveConstraints(self, request: pb.ResolveConstraintsRequest,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
+from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 
 PREFIX = "GMCO_RL_STATE_"
 
@@ -16,7 +16,7 @@ def _positive(v: float) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Settings(ServerSettings):
-    port: int = setting(50054, help="gRPC port; 0 picks a free port")
+    port: int = port_setting(50054)
     backend: str = setting("sqlite", help="state store", choices=("sqlite", "postgres"))
     postgres_dsn: str | None = setting(None, help="libpq DSN/URI; required when BACKEND=postgres")
     pool_min_size: int = setting(2, help="PostgreSQL connections kept open", check=_positive, check_msg="> 0")
@@ -67,7 +67,3 @@ class Settings(ServerSettings):
             raise ConfigError(f"{PREFIX}POSTGRES_DSN is required when {PREFIX}BACKEND=postgres")
         if self.pool_min_size > self.pool_max_size:
             raise ConfigError(f"{PREFIX}POOL_MIN_SIZE must not exceed {PREFIX}POOL_MAX_SIZE")
-
-
-def load() -> Settings:
-    return load_settings(Settings, PREFIX)

@@ -23,6 +23,8 @@ from typing import Self, TypeVar
 import psycopg
 from gmco_common.context import call_timeout
 from gmco_common.errors import Unavailable
+from gmco_common.ids import to_int64
+from gmco_common.migrations import load_migrations, migrate_postgres
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tenacity import (
@@ -33,9 +35,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from gmco_rl_state.migrate import MIGRATIONS_TABLE, load_migrations, pending
 from gmco_rl_state.model import Event, StateRow
-from gmco_rl_state.store import FINGERPRINT_KEY, ApplyFn, UserOutcome, check_fingerprint, to_int64
+from gmco_rl_state.store import FINGERPRINT_KEY, ApplyFn, UserOutcome, check_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -154,19 +155,8 @@ class PostgresStore:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _migrate(self) -> None:
-        async with self._connection(30) as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version integer PRIMARY KEY, "
-                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            cur = await conn.execute(f"SELECT version FROM {MIGRATIONS_TABLE}")
-            applied = {v for (v,) in await cur.fetchall()}
-            for migration in pending(load_migrations("postgres"), applied):
-                log.info("applying migration %04d_%s", migration.version, migration.name)
-                await conn.execute(migration.sql)  # no parameters: several statements are allowed
-                await conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (%s, %s)",
-                                   (migration.version, migration.name))
+        async with self._connection(30) as conn:
+            await migrate_postgres(conn, load_migrations("gmco_rl_state", "postgres"), _MIGRATION_LOCK)
             await conn.execute("INSERT INTO model_meta (key, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                                (FINGERPRINT_KEY, self._fingerprint))
             cur = await conn.execute("SELECT value FROM model_meta WHERE key = %s", (FINGERPRINT_KEY,))

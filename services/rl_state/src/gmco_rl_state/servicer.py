@@ -14,6 +14,7 @@ from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2 as pb
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
 from gmco_common.errors import InvalidArgument, Unavailable
+from gmco_common.ids import check_id, check_user_id
 from gmco_common.vectors import decode_batch, decode_vector, encode_vector, normalize
 
 from gmco_rl_state import metrics
@@ -23,15 +24,6 @@ from gmco_rl_state.policy import PolicyConfig, Ranker, Ranking
 from gmco_rl_state.store import StateStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RLStateService"].full_name
-MAX_ID_LENGTH = 256
-
-
-def _required_id(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(field, f"is {len(value)} characters long; at most {MAX_ID_LENGTH}")
-    return value
 
 
 def _optional_floats(values: Sequence[float], n: int, field: str) -> np.ndarray | None:
@@ -75,7 +67,7 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
     # --- GetUserState -------------------------------------------------------------------------------
     async def GetUserState(self, request: pb.GetUserStateRequest,
                            context: grpc.aio.ServicerContext) -> pb.GetUserStateResponse:
-        user = _required_id(request.user_id, "user_id")
+        user = check_user_id(request.user_id, "user_id")
         row = await self._store.get(user, None)
         return pb.GetUserStateResponse(state=self._state_message(user, row))
 
@@ -92,8 +84,8 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
 
     # --- RecordFeedback -----------------------------------------------------------------------------
     def _event(self, ev: pb.FeedbackEvent, field: str, vector: np.ndarray | None) -> Event:
-        event_id = _required_id(ev.event_id, f"{field}.event_id")
-        user = _required_id(ev.user_id, f"{field}.user_id")
+        event_id = check_id(ev.event_id, f"{field}.event_id")
+        user = check_user_id(ev.user_id, f"{field}.user_id")
         if not math.isfinite(ev.reward) or not -1.0 <= ev.reward <= 1.0:
             raise InvalidArgument(f"{field}.reward", f"is {ev.reward}; must be a number in [-1, 1]")
         if not math.isfinite(ev.propensity) or not 0.0 <= ev.propensity <= 1.0:
@@ -144,7 +136,7 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
     # --- Rank ---------------------------------------------------------------------------------------
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
         start = time.perf_counter()
-        user = _required_id(request.user_id, "user_id")
+        user = check_user_id(request.user_id, "user_id")
         n = len(request.candidate_media_ids)
         if n == 0:
             raise InvalidArgument("candidate_media_ids", "no candidates to rank")

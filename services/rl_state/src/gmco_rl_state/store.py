@@ -1,21 +1,30 @@
-"""What the servicer needs from a state store; implemented for PostgreSQL and SQLite."""
+"""What the servicer needs from a state store; implemented for PostgreSQL (``postgres_store``) and SQLite
+(``sqlite_store``), opened by ``app.open_store``.
+
+Exactly-once feedback, in one place: every event carries a client-chosen ``event_id``, and the
+``feedback_event`` table (``migrations/<dialect>/0001_init.sql``) has it as its primary key. ``record``
+reads which of a batch's ids are logged already, applies only the new events to the user's row
+(``model.Learner.apply``), and writes the new row together with ``INSERT ... ON CONFLICT (event_id) DO
+NOTHING`` of the events, in one transaction: either both the state change and the idempotency record
+commit, or neither. PostgreSQL guards the row with an optimistic version check (a concurrent writer makes
+the statement write nothing, and the user is retried); SQLite serialises writers on one thread.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from gmco_common.config import ConfigError
 
-from gmco_rl_state.config import PREFIX, Settings
 from gmco_rl_state.model import Event, StateRow
 
 # (current row or None, user id, the user's new events in order) -> the row to store.
 ApplyFn = Callable[[StateRow | None, str, Sequence[Event]], StateRow]
 
 FINGERPRINT_KEY = "model_fingerprint"
+FINGERPRINT_HINT = "GMCO_RL_STATE_MEDIA_DIM/BANDIT_DIM/PROJECTION_SEED"
 
 
 @dataclass(frozen=True)
@@ -35,27 +44,9 @@ class StateStore(Protocol):
         """Apply each event exactly once per event_id; a batch commits as one transaction. Raises Unavailable."""
 
 
-def to_int64(media_id: int) -> int:
-    """A uint64 id as the int64 with the same bits (both databases have signed 64-bit integers)."""
-    return media_id - (1 << 64) if media_id >= 1 << 63 else media_id
-
-
 def check_fingerprint(stored: str, wanted: str) -> None:
     if stored != wanted:
         raise ConfigError(
             f"the database holds state for {stored!r} but this process is configured for {wanted!r}: "
-            f"set {PREFIX}MEDIA_DIM/BANDIT_DIM/PROJECTION_SEED back, or use a new database"
+            f"set {FINGERPRINT_HINT} back, or use a new database"
         )
-
-
-def open_store(settings: Settings, fingerprint: str) -> AbstractAsyncContextManager[StateStore]:
-    """The configured store, as an async context manager that migrates on entry."""
-    if settings.backend == "postgres":
-        from gmco_rl_state.postgres_store import PostgresStore
-
-        assert settings.postgres_dsn is not None
-        return PostgresStore(settings.postgres_dsn, fingerprint, settings.pool_min_size,
-                             settings.pool_max_size, settings.db_timeout_seconds)
-    from gmco_rl_state.sqlite_store import SqliteStore
-
-    return SqliteStore(settings.sqlite_path, fingerprint)

@@ -21,20 +21,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
-import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_catalog.log import CatalogLog, Op, Write
-from gmco_common.errors import InvalidArgument, Unavailable
+from gmco_common.errors import InvalidArgument, Unavailable, from_rpc_error, is_dependency_failure
 from gmco_common.slots import SlotMap
-from gmco_common.vectors import decode_vector
+from gmco_common.vectors import as_fp16, decode_vector
 
 from gmco_router.replicas import NoReplicaAvailable, ShardPool
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class Catalogue:
@@ -83,10 +81,9 @@ class Catalogue:
         if self._log is not None:
             writes = []
             for i, item in enumerate(items):
-                vec = decode_vector(item.vector, f"items[{i}].vector", self._dim)
-                if vec.dtype != np.float16 and np.abs(vec).max(initial=0) > _FP16_MAX:
-                    raise InvalidArgument(f"items[{i}].vector", "has values beyond the float16 range")
-                writes.append(Write(Op.UPSERT, item.media_id, vec.astype("<f2").tobytes(),
+                field = f"items[{i}].vector"
+                vec = as_fp16(decode_vector(item.vector, field, self._dim), field)
+                writes.append(Write(Op.UPSERT, item.media_id, vec.tobytes(),
                                     item.attributes.SerializeToString(deterministic=True)))
             return len(items), await self._append(writes, request_id)
         by_id = {item.media_id: item for item in items}
@@ -132,8 +129,10 @@ class Catalogue:
             raise Unavailable(f"shard {shard} has no replicas; retry later")
         results = await asyncio.gather(*(r.invoke(call) for r in replicas), return_exceptions=True)
         for replica, result in zip(replicas, results, strict=True):
-            if isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(field, result.details() or "rejected by the shard")
+            if isinstance(result, grpc.aio.AioRpcError):
+                error = from_rpc_error(result, f"shard {shard}", f"{field}: ")
+                if not is_dependency_failure(error):
+                    raise error
             if isinstance(result, BaseException):
                 raise Unavailable(
                     f"shard {shard} replica {replica.target} did not apply the write ({_describe(result)}); "

@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from gmco_common.config import ConfigError, ServerSettings, setting
+from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 
 PREFIX = "GMCO_ROUTER_"
 
@@ -21,7 +21,7 @@ def _non_negative(v: float) -> bool:
 
 @dataclass(frozen=True)
 class Settings(ServerSettings):
-    port: int = setting(50050, help="gRPC port of the public RecommendationService; 0 picks a free port")
+    port: int = port_setting(50050, help="gRPC port of the public RecommendationService; 0 picks a free port")
     shards: str = setting(
         "",
         help="shard replicas: '<shard>=<host:port>|<host:port>,<shard>=...', e.g. "

@@ -49,13 +49,14 @@ from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2
 from gmco.shard.v1 import shard_service_pb2
 from gmco_common.context import time_remaining
-from gmco_common.errors import DeadlineExceeded, GmcoError, Unavailable
+from gmco_common.errors import DeadlineExceeded, Unavailable, from_rpc_error, is_dependency_failure
+from gmco_common.lru import TtlLru
 from gmco_common.vectors import decode_vector, encode_batch, normalize
 from prometheus_client import Counter, Histogram
 
 from gmco_router.catalogue import Catalogue
 from gmco_router.config import Settings
-from gmco_router.local import SingleFlight, TtlLru
+from gmco_router.local import SingleFlight
 from gmco_router.replicas import NoReplicaAvailable, ShardPool
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,6 @@ class Outcome:
     policy: str
     user_version: int
     degraded: frozenset[str] = frozenset()
-
-
-class PassedThrough(GmcoError):
-    """A dependency's INVALID_ARGUMENT, returned to the caller with its message."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class Plan:
@@ -130,8 +125,13 @@ class Plan:
         finally:
             self.record(name, time.perf_counter() - start)
 
-    def passthrough(self, exc: grpc.aio.AioRpcError) -> PassedThrough:
-        return PassedThrough(f"{self.field_prefix}{exc.details() or 'rejected by a dependency'}")
+    def dependency_failed(self, exc: grpc.aio.AioRpcError, dependency: str, component: str) -> None:
+        """Degrade for a failed dependency; raise when the dependency says the caller's input is bad."""
+        error = from_rpc_error(exc, dependency, self.field_prefix)
+        if not is_dependency_failure(error):
+            raise error from None
+        log.warning("%s failed: %s", dependency, exc.code().name)
+        self.degrade(component)
 
     def response(self, router_id: str) -> router_service_pb2.RecommendResponse:
         assert self.outcome is not None
@@ -286,11 +286,8 @@ class Recommender:
             try:
                 resp = await self._rl.GetUserState(rl_state_service_pb2.GetUserStateRequest(user_id=p.user_id))
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise p.passthrough(exc) from None
-                log.warning("GetUserState failed: %s", exc.code().name)
+                p.dependency_failed(exc, "rl_state GetUserState", "rl_state")
                 p.state_failed = True
-                p.degrade("rl_state")
                 return
         p.state = resp.state
         p.version = resp.state.version
@@ -304,10 +301,7 @@ class Recommender:
                     resp = await self._ontology.ResolveConstraints(ontology_service_pb2.ResolveConstraintsRequest(
                         context=p.request.context, preferences=p.request.preferences))
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                        raise p.passthrough(exc) from None
-                    log.warning("ResolveConstraints failed: %s", exc.code().name)
-                    p.degrade("ontology")
+                    p.dependency_failed(exc, "ontology ResolveConstraints", "ontology")
                     compiled = self._filters.get_stale(p.context_key) or common_pb2.Filter()
                 else:
                     compiled = resp.filter

@@ -22,8 +22,10 @@ from typing import Self, TypeVar
 
 import grpc
 from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco_common.breaker import CircuitBreaker
 from gmco_common.channels import ChannelOptions, make_channel
 from gmco_common.config import ConfigError
+from gmco_common.supervisor import Supervisor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
@@ -60,51 +62,6 @@ class ReplicaPolicy:
     hedge_min_samples: int = 20
     health_interval: float = 1.0
     latency_window: int = 200
-
-
-class CircuitBreaker:
-    """Closed → open after N consecutive failures → one probe after the cooldown → closed or open again."""
-
-    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._threshold = failures
-        self._cooldown = cooldown
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._probing = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._opened_at is not None
-
-    def available(self) -> bool:
-        """Whether a call may go through now (pure: does not claim the probe)."""
-        if self._opened_at is None:
-            return True
-        return not self._probing and self._clock() >= self._opened_at + self._cooldown
-
-    def on_call(self) -> None:
-        if self._opened_at is not None:
-            self._probing = True
-
-    def on_success(self) -> None:
-        self._failures = 0
-        self._opened_at = None
-        self._probing = False
-
-    def on_failure(self) -> bool:
-        """Record a failure; True when this failure opened the circuit."""
-        self._failures += 1
-        was_open = self._opened_at is not None
-        if was_open or self._failures >= self._threshold:
-            self._opened_at = self._clock()
-            self._probing = False
-            return not was_open
-        return False
-
-    def on_abandoned(self) -> None:
-        """A call ended without a verdict (cancelled); free the probe slot."""
-        self._probing = False
 
 
 class LatencyWindow:
@@ -156,25 +113,25 @@ class Replica:
 
     async def invoke(self, call: ShardCall[T]) -> T:
         self.in_flight += 1
-        self.breaker.on_call()
+        self.breaker.allow()  # claims the probe when the circuit is half-open
         start = time.perf_counter()
         try:
             result = await call(self.stub)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _REPLICA_FAULTS:
-                if self.breaker.on_failure():
+                if self.breaker.failure():
                     BREAKER_OPENED.labels(str(self.shard_id)).inc()
                     log.warning("circuit opened for shard %s replica %s", self.shard_id, self.target)
             else:
-                self.breaker.on_abandoned()
+                self.breaker.abandoned()
             raise
         except BaseException:
-            self.breaker.on_abandoned()
+            self.breaker.abandoned()
             raise
         finally:
             self.in_flight -= 1
         self.latencies.add(time.perf_counter() - start)
-        self.breaker.on_success()
+        self.breaker.success()
         return result
 
 
@@ -276,7 +233,7 @@ class ShardPool:
         self._closing: set[asyncio.Future[None]] = set()
         for sid, shard_targets in targets.items():
             self.set_targets(sid, shard_targets)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Supervisor()
 
     @classmethod
     def from_dns(cls, template: str, shard_count: int, policy: ReplicaPolicy, channel_options: ChannelOptions,
@@ -304,24 +261,14 @@ class ShardPool:
     async def __aenter__(self) -> Self:
         if self._dns_template:
             await self._refresh_dns()
-            self._tasks.append(asyncio.create_task(self._every(self._dns_refresh, self._refresh_dns)))
+            self._background.every("shard-dns-refresh", self._dns_refresh, self._refresh_dns)
         await self.check_health()
-        self._tasks.append(asyncio.create_task(self._every(self._policy.health_interval, self.check_health)))
+        self._background.every("shard-health-checks", self._policy.health_interval, self.check_health)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.close()
         await asyncio.gather(*self._closing, *(r.channel.close() for s in self.shards.values() for r in s.replicas))
-
-    async def _every(self, period: float, job: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await job()
-            except Exception:
-                log.exception("background job %s failed", getattr(job, "__name__", job))
 
     async def _refresh_dns(self) -> None:
         for sid in self.shards:

@@ -8,10 +8,11 @@ import grpc
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
-from gmco_common.errors import InvalidArgument, Unavailable
+from gmco_common.errors import InvalidArgument, echo, from_rpc_error
+from gmco_common.ids import check_user_id
 
 from gmco_router.catalogue import Catalogue
-from gmco_router.recommend import PassedThrough, Recommender
+from gmco_router.recommend import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ def validate(request: router_service_pb2.RecommendRequest, header_user: str, max
     user = request.user_id or header_user
     if not user:
         raise InvalidArgument(f"{prefix}user_id", f"missing: set user_id or the {USER_HEADER} metadata")
+    check_user_id(user, f"{prefix}user_id")
     if strict_header and request.user_id and header_user and request.user_id != header_user:
-        raise InvalidArgument(f"{prefix}user_id", f"{request.user_id!r} does not match {USER_HEADER} {header_user!r}")
+        raise InvalidArgument(f"{prefix}user_id",
+                              f"{echo(request.user_id)} does not match {USER_HEADER} {echo(header_user)}")
     if request.k == 0:
         raise InvalidArgument(f"{prefix}k", "must be >= 1")
     if request.k > max_k:
@@ -88,9 +91,7 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
         try:
             resp = await self._rl.RecordFeedback(rl_state_service_pb2.RecordFeedbackRequest(events=events))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise PassedThrough(exc.details() or "rejected by rl_state") from None
-            raise Unavailable(f"rl_state answered {exc.code().name}; retry with the same event ids") from None
+            raise from_rpc_error(exc, "rl_state", hint="retry with the same event ids") from None
         for uv in resp.user_versions:
             self._recommender.note_version(uv.user_id, uv.version)
         return router_service_pb2.RecordFeedbackResponse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
+from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 
 from gmco_shard.index.base import BACKENDS
 from gmco_shard.index.cagra_config import BUILD_ALGOS, CagraParams
@@ -23,7 +23,8 @@ def _pos(v: float) -> bool:
 
 
 @dataclass(frozen=True)
-class ShardSettings(ServerSettings):
+class Settings(ServerSettings):
+    port: int = port_setting(50051)
     shard_id: int = setting(0, help="which shard this is (owns the slots the slot map gives it)",
                             check=lambda v: v >= 0, check_msg=">= 0")
     shard_count: int = setting(1, help="shards in the even slot map", check=lambda v: 1 <= v <= 4096,
@@ -111,11 +112,3 @@ class ShardSettings(ServerSettings):
                  if f.name.startswith(("milvus_", "cagra_", "gpu_pool_")) and getattr(self, f.name) is not None}
         extra["milvus_collection"] = self.milvus_collection or f"gmco_shard_{self.shard_id}_r{self.replica_id}"
         return IndexParams(self.metric, self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search, extra=extra)
-
-
-def load() -> ShardSettings:
-    return load_settings(ShardSettings, PREFIX)
-
-
-# Every service's config module exposes its settings class as ``Settings``.
-Settings = ShardSettings

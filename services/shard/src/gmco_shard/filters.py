@@ -15,6 +15,7 @@ from gmco.common.v1 import common_pb2
 from gmco_common.errors import InvalidArgument
 
 MAX_GENRES = 8  # genre ids kept per item
+MAX_GENRE_ID = (1 << 31) - 1  # genre codes are stored as int32
 
 
 @dataclass
@@ -52,6 +53,8 @@ def empty_columns(capacity: int) -> AttributeColumns:
 def check_attributes(attrs: common_pb2.MediaAttributes, field: str) -> None:
     if len(attrs.genre_ids) > MAX_GENRES:
         raise InvalidArgument(f"{field}.genre_ids", f"has {len(attrs.genre_ids)} genres; at most {MAX_GENRES}")
+    if any(g > MAX_GENRE_ID for g in attrs.genre_ids):
+        raise InvalidArgument(f"{field}.genre_ids", f"genre codes are at most {MAX_GENRE_ID}")
     if attrs.rating > 255:
         raise InvalidArgument(f"{field}.rating", "must be a ladder level in 0..255")
     if attrs.release_year > 9999:

@@ -11,7 +11,7 @@ from gmco_common.datagen import load_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
 from tqdm import tqdm
 
-from gmco_shard.config import ShardSettings
+from gmco_shard.config import Settings
 from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.snapshot import load_snapshot, snapshot_exists
 from gmco_shard.store import ShardStore
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 _CHUNK = 50_000
 
 
-def slot_map(settings: ShardSettings) -> SlotMap:
+def slot_map(settings: Settings) -> SlotMap:
     if settings.slot_map_file is not None:
         return SlotMap.from_json(Path(settings.slot_map_file).read_text())
     return SlotMap.even(settings.shard_count)
@@ -42,7 +42,7 @@ def load_catalogue_slots(store: ShardStore, data_dir: Path, owned: np.ndarray, p
     return len(rows)
 
 
-def initial_load(store: ShardStore, settings: ShardSettings, slots: list[int]) -> str:
+def initial_load(store: ShardStore, settings: Settings, slots: list[int]) -> str:
     """Fill ``store`` at start: a snapshot wins over the catalogue; returns what was loaded."""
     if settings.snapshot_dir is not None and snapshot_exists(settings.snapshot_dir):
         lsn = load_snapshot(store, settings.snapshot_dir)
@@ -52,4 +52,5 @@ def initial_load(store: ShardStore, settings: ShardSettings, slots: list[int]) -
         owned[slots] = True
         n = load_catalogue_slots(store, settings.data_dir, owned)
         return f"{n} items from {settings.data_dir}"
+    store.mark_loaded()
     return "empty"

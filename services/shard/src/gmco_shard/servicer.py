@@ -11,39 +11,31 @@ import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
-from gmco_catalog.tailer import LogTailer
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from gmco_common.vectors import decode_batch, decode_vector, encode_vector
+from gmco_common.supervisor import Supervisor
+from gmco_common.vectors import as_fp16, decode_batch, decode_vector, encode_vector
 
 from gmco_shard import metrics
 from gmco_shard.batcher import MicroBatcher
-from gmco_shard.config import ShardSettings
+from gmco_shard.config import Settings
 from gmco_shard.filters import check_attributes, read_attributes
+from gmco_shard.replication import Replication
 from gmco_shard.snapshot import save_snapshot
 from gmco_shard.store import SearchResult, ShardStore
 
 _METRIC_NAMES = {common_pb2.METRIC_INNER_PRODUCT: "ip", common_pb2.METRIC_L2: "l2"}
-_FP16_MAX = float(np.finfo(np.float16).max)
 # Largest per-request ef (HNSW efSearch / CAGRA itopk): beyond this a search only burns memory and time.
 MAX_EF = 16384
 
 
-def _decode_item_vector(vec: common_pb2.Vector, field: str, dim: int) -> np.ndarray:
-    arr = decode_vector(vec, field, dim)
-    if arr.dtype != np.float16 and np.abs(arr).max(initial=0) > _FP16_MAX:
-        raise InvalidArgument(field, "has values beyond the float16 range (storage is FP16)")
-    return arr.astype(np.float16, copy=False)
-
-
 class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
-    def __init__(self, store: ShardStore, settings: ShardSettings, slots: list[int],
-                 tailer: LogTailer | None = None) -> None:
+    def __init__(self, store: ShardStore, settings: Settings, slots: list[int],
+                 replication: Replication | None, background: Supervisor) -> None:
         self._store = store
         self._settings = settings
         self._slots = slots
-        self.tailer = tailer
-        # True while the start-up data loads: data RPCs answer UNAVAILABLE (a bulk load replaces the table).
-        self.loading = False
+        self._replication = replication
+        self._background = background
         self._compaction: asyncio.Task | None = None
         self._batcher = (MicroBatcher(self._run_batch, settings.batch_window_ms / 1000, settings.batch_max)
                          if settings.batch_window_ms > 0 else None)
@@ -66,7 +58,8 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
 
     # -- validation -----------------------------------------------------------------------------
     def _check_loaded(self) -> None:
-        if self.loading:
+        # Until the start-up data is in, data RPCs answer UNAVAILABLE (a bulk load replaces the table).
+        if not self._store.loaded:
             raise Unavailable("the shard is still loading its data; use another replica or retry")
 
     def _check_metric(self, metric: int) -> None:
@@ -82,7 +75,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         if min_lsn <= self._store.applied_lsn:
             return
         remaining = context.time_remaining()
-        if self.tailer is not None and await self.tailer.wait_for(min_lsn, remaining):
+        if self._replication is not None and await self._replication.wait_for(min_lsn, remaining):
             return
         deadline = time.monotonic() + (remaining if remaining is not None else 0.0)
         while self._store.applied_lsn < min_lsn and time.monotonic() < deadline:
@@ -134,7 +127,8 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
                 raise InvalidArgument(f"items[{i}].media_id", f"{item.media_id} repeats items[{seen[item.media_id]}]")
             seen[item.media_id] = i
             ids[i] = item.media_id
-            vectors[i] = _decode_item_vector(item.vector, f"items[{i}].vector", self._settings.dim)
+            field = f"items[{i}].vector"
+            vectors[i] = as_fp16(decode_vector(item.vector, field, self._settings.dim), field)
             check_attributes(item.attributes, f"items[{i}].attributes")
         self._check_loaded()
         count = await asyncio.to_thread(self._store.upsert, ids, vectors, [it.attributes for it in request.items],
@@ -168,8 +162,8 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.GetStatsResponse:
         st = self._store.stats()
-        lag_entries = self.tailer.lag_entries if self.tailer else 0
-        lag_seconds = self.tailer.lag_seconds if self.tailer else 0.0
+        lag_entries = self._replication.lag_entries if self._replication else 0
+        lag_seconds = self._replication.lag_seconds if self._replication else 0.0
         return pb.GetStatsResponse(
             shard_id=self._settings.shard_id, shard_count=self._settings.shard_count,
             replica_id=self._settings.replica_id, dimension=self._settings.dim,
@@ -184,7 +178,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         if running and not request.wait:
             raise FailedPrecondition("a compaction is already running; call again with wait=true to wait for it")
         if not running:
-            self._compaction = asyncio.create_task(asyncio.to_thread(self._store.compact))
+            self._compaction = self._background.spawn("compaction", asyncio.to_thread(self._store.compact))
         if request.wait:
             await asyncio.shield(self._compaction)
         t = self._store.table
@@ -202,7 +196,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         t = self._store.table
         if t.n - t.sealed >= self._settings.compact_growing_rows and (
                 self._compaction is None or self._compaction.done()):
-            self._compaction = asyncio.create_task(asyncio.to_thread(self._store.compact))
+            self._compaction = self._background.spawn("compaction", asyncio.to_thread(self._store.compact))
 
     def refresh_metrics(self) -> None:
         st = self._store.stats()
@@ -210,6 +204,6 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         metrics.INDEX_BYTES.set(st["index_bytes"])
         metrics.VECTOR_BYTES.set(st["vector_bytes"])
         metrics.APPLIED_LSN.set(self._store.applied_lsn)
-        if self.tailer is not None:
-            metrics.LAG_ENTRIES.set(self.tailer.lag_entries)
-            metrics.LAG_SECONDS.set(self.tailer.lag_seconds)
+        if self._replication is not None:
+            metrics.LAG_ENTRIES.set(self._replication.lag_entries)
+            metrics.LAG_SECONDS.set(self._replication.lag_seconds)

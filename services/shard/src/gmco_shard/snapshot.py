@@ -100,4 +100,5 @@ def load_snapshot(store: ShardStore, root: Path) -> int:
         live = np.flatnonzero(table.alive[:n])
         store._ids = {int(cols.media_ids[r]): int(r) for r in live}
         store.applied_lsn = meta["applied_lsn"]
+        store.loaded = True
     return meta["applied_lsn"]

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from gmco.common.v1 import common_pb2
-from gmco_common.slots import slots_of
+from gmco_common.slots import NUM_SLOTS, slots_of
 
 from gmco_shard.filters import (
     AttributeColumns,
@@ -87,7 +88,7 @@ def exact_sealed(table: Table, queries: np.ndarray, k: int, allow: np.ndarray,
 
 class ShardStore:
     def __init__(self, dim: int, backend: str, params: IndexParams, exact_fraction: float = EXACT_FRACTION,
-                 capacity: int = 1024) -> None:
+                 capacity: int = 1024, owned_slots: Sequence[int] | None = None) -> None:
         self.dim = dim
         self.backend = backend
         self.params = params
@@ -99,9 +100,17 @@ class ShardStore:
         self.table = self._new_table(capacity)
         self.applied_lsn = 0
         self.compacting = False
+        # False until the start-up data is in (bulk load, snapshot, or mark_loaded for an empty start).
+        self.loaded = False
         # Slots this shard owns (bool over the 4096 slots); compaction drops rows of other slots,
         # which is how a shard lets go of slots moved away by resharding. None = keep everything.
         self.owned_slots: np.ndarray | None = None
+        if owned_slots is not None:
+            self.owned_slots = np.zeros(NUM_SLOTS, bool)
+            self.owned_slots[list(owned_slots)] = True
+
+    def mark_loaded(self) -> None:
+        self.loaded = True
 
     # -- construction -------------------------------------------------------------------------
     def _new_table(self, capacity: int, index: VectorIndex | None = None, generation: int = 0) -> Table:
@@ -122,6 +131,7 @@ class ShardStore:
         with self._lock:
             self.table = table
             self._ids = {int(m): r for r, m in enumerate(table.cols.media_ids[:n])}
+            self.loaded = True
 
     # -- writes ---------------------------------------------------------------------------------
     def _grow(self, need: int) -> None:

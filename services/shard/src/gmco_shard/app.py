@@ -1,0 +1,71 @@
+"""How a shard replica starts: settings -> store (its slots) -> catalogue log -> servicer -> server, then
+the initial load (health NOT_SERVING, data RPCs UNAVAILABLE until it is done), then the supervised
+background work: the log tailer (must run), periodic snapshots, metric refreshes and, on a GPU, the CUDA
+health gate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_catalog import open_log
+from gmco_common.server import Health, Registration, RunningServer, start_server
+from gmco_common.supervisor import Supervisor
+
+from gmco_shard.config import Settings
+from gmco_shard.gpu import GpuMonitor, HealthGate, cuda_probe
+from gmco_shard.index.base import backend_class
+from gmco_shard.loader import initial_load, slot_map
+from gmco_shard.replication import Replication
+from gmco_shard.servicer import ShardServicer
+from gmco_shard.snapshot import save_snapshot
+from gmco_shard.store import ShardStore
+
+log = logging.getLogger("gmco_shard")
+SERVICE = shard_service_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
+
+
+async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> RunningServer:
+    """Start the replica on ``stack``; returns once its data is loaded and it is SERVING."""
+    backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
+    slots = slot_map(settings).slots_for(settings.shard_id)
+    store = ShardStore(settings.dim, settings.index_backend, settings.index_params(), settings.exact_fraction,
+                       owned_slots=slots)
+    catalog = await stack.enter_async_context(open_log(settings.catalog_dsn)) if settings.catalog_dsn else None
+    health = Health()
+    await health.set_condition("loading", False)
+    background = await stack.enter_async_context(Supervisor(health))
+    replication = Replication(catalog, slots, store) if catalog is not None else None
+    servicer = ShardServicer(store, settings, slots, replication, background)
+    running = await start_server(settings, [Registration(
+        shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)], stack=stack,
+        health_state=health)
+    running.parts.update(store=store, servicer=servicer, replication=replication, background=background)
+    log.info("loaded %s", await asyncio.to_thread(initial_load, store, settings, slots))
+    await health.set_condition("loading", True)
+    if replication is not None:
+        background.keep_running("log-tailer", replication.run)
+    if settings.snapshot_dir is not None and settings.snapshot_interval_seconds > 0:
+        directory = settings.snapshot_dir
+        background.every("snapshot", settings.snapshot_interval_seconds,
+                         lambda: asyncio.to_thread(save_snapshot, store, directory))
+    background.every("metrics", 1.0, _refresher(servicer, settings, health), first_delay=0)
+    return running
+
+
+def _refresher(servicer: ShardServicer, settings: Settings, health: Health):
+    gpu = GpuMonitor() if settings.index_backend == "cuvs" else None
+    gate = HealthGate(cuda_probe) if gpu is not None else None
+
+    async def refresh() -> None:
+        servicer.refresh_metrics()
+        if gpu is not None and gate is not None:
+            gpu.refresh()
+            was = gate.healthy
+            if await asyncio.to_thread(gate.check) != was:
+                log.warning("CUDA context %s", "usable again" if gate.healthy else "unusable: NOT_SERVING")
+            await health.set_condition("cuda", gate.healthy)
+
+    return refresh
