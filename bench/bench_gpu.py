@@ -43,8 +43,8 @@ def main() -> None:
     try:
         import cupy as cp
         import pynvml
-        from gmco_shard.index.base import IndexParams
         from gmco_shard.index.cuvs import CagraIndex
+        from gmco_shard.index.params import IndexParams
     except ImportError as exc:
         sys.exit(f"bench-gpu: {exc.name} missing; install the shard's gpu extra (uv sync --extra gpu)")
     from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries

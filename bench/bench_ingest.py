@@ -30,9 +30,9 @@ from gmco_catalog import open_log
 from gmco_common.datagen import generate_catalogue
 from gmco_common.vectors import encode_vector
 from gmco_shard.apply import apply_entries
+from gmco_shard.columns import columns_from_catalogue
 from gmco_shard.config import Settings
-from gmco_shard.filters import columns_from_catalogue
-from gmco_shard.index.base import IndexParams
+from gmco_shard.index.params import IndexParams
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
 from gmco_stack.stack import Stack, StackConfig

@@ -29,8 +29,8 @@ from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries
 from gmco_common.vectors import encode_batch
-from gmco_shard.filters import columns_from_catalogue
-from gmco_shard.index.base import IndexParams
+from gmco_shard.columns import columns_from_catalogue
+from gmco_shard.index.params import HnswParams, IndexParams, MilvusParams
 from gmco_shard.snapshot import save_snapshot
 from gmco_shard.store import ShardStore
 from gmco_testing.procs import stop_process
@@ -173,16 +173,16 @@ def main() -> None:
     out: dict = {"items": a.items, "dim": a.dim, "k": K, "queries": a.queries, "hnsw_m": a.hnsw_m,
                  "ef_construction": a.ef_construction, "systems": {}}
     hnsw_env = {"GMCO_SHARD_HNSW_M": str(a.hnsw_m), "GMCO_SHARD_HNSW_EF_CONSTRUCTION": str(a.ef_construction)}
-    params = IndexParams(hnsw_m=a.hnsw_m, hnsw_ef_construction=a.ef_construction)
+    params = IndexParams(hnsw=HnswParams(m=a.hnsw_m, ef_construction=a.ef_construction))
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "milvus.db")
         out["systems"]["shard_hnsw"] = shard_system("shard hnsw", "hnsw", params, hnsw_env, cat, cols, queries,
                                                     gt_ids, a)
-        milvus_extra = {"milvus_uri": db, "milvus_collection": COLLECTION}
         milvus_env = {**hnsw_env, "GMCO_SHARD_MILVUS_URI": db, "GMCO_SHARD_MILVUS_COLLECTION": COLLECTION}
         out["systems"]["shard_milvus"] = shard_system(
-            "shard milvus", "milvus", IndexParams(hnsw_m=a.hnsw_m, hnsw_ef_construction=a.ef_construction,
-                                                  extra=milvus_extra), milvus_env, cat, cols, queries, gt_ids, a,
+            "shard milvus", "milvus", IndexParams(hnsw=HnswParams(m=a.hnsw_m, ef_construction=a.ef_construction),
+                                                  milvus=MilvusParams(uri=db, collection=COLLECTION)),
+            milvus_env, cat, cols, queries, gt_ids, a,
             # Milvus Lite runs inside the process that opened the file: let the server process have it.
             before_serving=lambda: server_manager_instance.release_server(db))
         direct = pymilvus_system(db, cat, queries, gt_ids, a)

@@ -31,11 +31,14 @@ from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries
 from gmco_common.vectors import encode_batch
+from gmco_shard import bitmaps
+from gmco_shard.columns import columns_from_catalogue
 from gmco_shard.config import Settings
-from gmco_shard.filters import columns_from_catalogue, evaluate_filter
-from gmco_shard.index.base import IndexParams
+from gmco_shard.filters import evaluate_filter
+from gmco_shard.index.exact import exact_search
+from gmco_shard.index.params import HnswParams, IndexParams
 from gmco_shard.snapshot import save_snapshot
-from gmco_shard.store import ShardStore, exact_sealed
+from gmco_shard.store import ShardStore
 from gmco_testing.procs import stop_process
 
 K = 10
@@ -43,9 +46,10 @@ TARGET_RECALL = 0.95
 _DEFAULTS = Settings()
 
 
-def recall(rows: np.ndarray, gt: np.ndarray) -> float:
-    hits = [len(set(r[r >= 0].tolist()) & set(g[g >= 0].tolist())) / max(1, min(K, int((g >= 0).sum())))
-            for r, g in zip(rows, gt, strict=True)]
+def recall(got_ids: np.ndarray, gt_ids: np.ndarray) -> float:
+    """recall@10 by media id (0 = empty slot), so that backends that reorder rows (IVF) compare alike."""
+    hits = [len(set(r[r > 0].tolist()) & set(g[g > 0].tolist())) / max(1, min(K, int((g > 0).sum())))
+            for r, g in zip(got_ids, gt_ids, strict=True)]
     return float(np.mean(hits))
 
 
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--hnsw-m", type=int, default=_DEFAULTS.hnsw_m)
+    ap.add_argument("--backends", nargs="+", default=["exact", "hnsw", "ivf"])
     ap.add_argument("--ef-construction", type=int, default=_DEFAULTS.hnsw_ef_construction)
     ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each timed run (3 runs, median)")
@@ -85,12 +90,13 @@ def main() -> None:
     t0 = time.perf_counter()
     cat = generate_catalogue(a.items, a.dim, seed=0, progress=True)
     queries = generate_queries(cat, a.queries, seed=5)
-    gt = exact_ground_truth(cat.vectors, queries, K)
+    gt_rows = exact_ground_truth(cat.vectors, queries, K)
+    gt = np.where(gt_rows >= 0, cat.media_ids[np.maximum(gt_rows, 0)], 0)
     print(f"data + ground truth in {time.perf_counter() - t0:.1f}s")
     cols = columns_from_catalogue(cat)
     out: dict = {"items": a.items, "dim": a.dim, "k": K, "queries": a.queries, "backends": {}}
 
-    for backend in ("exact", "hnsw"):
+    for backend in a.backends:
         out["backends"][backend] = bench_backend(backend, a, cat, cols, queries, gt, out)
 
     path = write_json("bench_shard", out)
@@ -101,14 +107,14 @@ def main() -> None:
 def bench_backend(backend: str, a: argparse.Namespace, cat, cols, queries: np.ndarray, gt: np.ndarray,
                   out: dict) -> dict:
     """Build, recall/QPS sweep, saturated QPS, filtered search and gRPC for one backend (crossover for HNSW)."""
-    params = IndexParams(hnsw_m=a.hnsw_m, hnsw_ef_construction=a.ef_construction)
+    params = IndexParams(hnsw=HnswParams(m=a.hnsw_m, ef_construction=a.ef_construction))
     store = ShardStore(a.dim, backend, params)
     t = time.perf_counter()
     store.bulk_load(np.asarray(cat.vectors), cols, progress=True)
     res: dict = {"build_seconds": time.perf_counter() - t, "hnsw_m": a.hnsw_m,
                  "hnsw_ef_construction": a.ef_construction, "sweep": []}
-    for ef in (a.ef if backend == "hnsw" else [0]):
-        r = recall(store.search(queries, K, ef=ef).rows, gt)
+    for ef in {"hnsw": a.ef, "ivf": [4, 8, 16, 32]}.get(backend, [0]):
+        r = recall(store.search(queries, K, ef=ef).media_ids, gt)
         b1 = qps(lambda ef=ef: store.search(queries[:1], K, ef=ef), 1, a.seconds)
         b32 = qps(lambda ef=ef: store.search(queries[:32], K, ef=ef), 32, a.seconds)
         res["sweep"].append({"ef": ef, "recall_at_10": r, "qps_b1": b1["qps"], "qps_b32": b32["qps"],
@@ -124,12 +130,13 @@ def bench_backend(backend: str, a: argparse.Namespace, cat, cols, queries: np.nd
     for target in (0.10, 0.01):
         f = genre_filter(cat, target)
         allow = evaluate_filter(cols, f)
-        fgt = exact_ground_truth(cat.vectors, queries, K, allow)
+        fgt_rows = exact_ground_truth(cat.vectors, queries, K, allow)
+        fgt = np.where(fgt_rows >= 0, cat.media_ids[np.maximum(fgt_rows, 0)], 0)
         sr = store.search(queries, K, f, ef=ef)
         fb1 = qps(lambda f=f: store.search(queries[:1], K, f, ef=ef), 1, a.seconds)
         fb32 = qps(lambda f=f: store.search(queries[:32], K, f, ef=ef), 32, a.seconds)
         res["filtered"][f"{target:.0%}"] = {"allowed_fraction": float(allow.mean()), "exact_path": sr.exact,
-                                           "recall_at_10": recall(sr.rows, fgt), "qps_b1": fb1["qps"],
+                                           "recall_at_10": recall(sr.media_ids, fgt), "qps_b1": fb1["qps"],
                                            "qps_b32": fb32["qps"]}
         print(f"{backend} filter {allow.mean():.3f}: {res['filtered'][f'{target:.0%}']}")
     # Through gRPC: a separate server process loads a snapshot of this store.
@@ -140,7 +147,7 @@ def bench_backend(backend: str, a: argparse.Namespace, cat, cols, queries: np.nd
     print(f"{backend} in-process saturated {res['saturated']} grpc {res['grpc']}")
     print(f"{backend} gRPC/in-process: one call b1={res['grpc_ratio_b1']:.2f} b32={res['grpc_ratio_b32']:.2f}; "
           f"saturated b1={res['grpc_ratio_saturated_b1']:.2f} b32={res['grpc_ratio_saturated_b32']:.2f}")
-    if backend == "hnsw":
+    if backend == a.backends[-1]:
         out["crossover"] = crossover(store, cat, cols, queries, ef, a.seconds)
         out["measured_exact_fraction"] = exact_threshold(out["crossover"])
         print(f"measured exact threshold: {out['measured_exact_fraction']}")
@@ -171,19 +178,25 @@ def threaded_qps(fn, per_call: int, threads: int, seconds: float) -> float:
 
 
 def crossover(store: ShardStore, cat, cols, queries, ef: int, seconds: float) -> list[dict]:
-    """Exact search over the allowed rows (the index's own exact path) vs the HNSW pre-filter, by allowed
-    fraction (batch 32): QPS and the pre-filter's recall@10 against the filtered exact ground truth."""
+    """Exact search over the allowed rows vs the index's own filtered search, by allowed fraction (batch 32):
+    QPS and the index path's recall@10 against the filtered exact ground truth."""
     rows: list[dict] = []
+    seg = next(s for s in store.segments() if s.sealed)
+    ids = seg.cols.media_ids
     for target in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
         f = genre_filter(cat, target)
         allow = evaluate_filter(cols, f)
         if rows and abs(rows[-1]["allowed_fraction"] - allow.mean()) < 1e-3:
             continue  # genre granularity gave the same filter again
-        fgt = exact_ground_truth(cat.vectors, queries, K, allow)
+        fgt_rows = exact_ground_truth(cat.vectors, queries, K, allow)
+        fgt = np.where(fgt_rows >= 0, cat.media_ids[np.maximum(fgt_rows, 0)], 0)
+        # the segment's own row order (IVF groups rows by list): the same filter on its columns
+        words = bitmaps.from_bools(evaluate_filter(seg.cols, f))
         q = queries[:32]
-        ex = qps(lambda q=q, allow=allow: exact_sealed(store.table, q, K, allow, "ip"), 32, seconds / 2, 2)
-        ix = qps(lambda q=q, allow=allow: store.table.index.search(q, K, allow, ef), 32, seconds / 2, 2)
-        index_recall = recall(store.table.index.search(queries, K, allow, ef)[1], fgt)
+        ex = qps(lambda q=q, w=words: exact_search(seg.vectors, q, K, "ip", allow=w), 32, seconds / 2, 2)
+        ix = qps(lambda q=q, w=words: seg.index.search(q, K, w, ef), 32, seconds / 2, 2)
+        found = seg.index.search(queries, K, words, ef)[1]
+        index_recall = recall(np.where(found >= 0, ids[np.maximum(found, 0)], 0), fgt)
         rows.append({"allowed_fraction": float(allow.mean()), "exact_qps": ex["qps"], "index_qps": ix["qps"],
                      "index_recall_at_10": index_recall})
         print(f"crossover {allow.mean():.4f}: exact {ex['qps']:.0f} vs index {ix['qps']:.0f} "

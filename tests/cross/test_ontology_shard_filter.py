@@ -13,8 +13,9 @@ from gmco.ontology.v1 import ontology_service_pb2 as pb
 from gmco_common.datagen import generate_catalogue, generate_queries
 from gmco_ontology.graph import compile_filter
 from gmco_ontology.loader import SAMPLE, load_file
-from gmco_shard.filters import columns_from_catalogue, evaluate_filter
-from gmco_shard.index.base import IndexParams
+from gmco_shard.columns import columns_from_catalogue
+from gmco_shard.filters import evaluate_filter
+from gmco_shard.index.params import HnswParams, IndexParams
 from gmco_shard.store import ShardStore
 
 E = pb.EdgeKind
@@ -24,7 +25,7 @@ E = pb.EdgeKind
 def world():
     onto = load_file(SAMPLE)
     cat = generate_catalogue(4000, dim=32, n_clusters=40, seed=4)
-    store = ShardStore(32, "hnsw", IndexParams(hnsw_m=8, hnsw_ef_construction=40))
+    store = ShardStore(32, "hnsw", IndexParams(hnsw=HnswParams(m=8, ef_construction=40)))
     store.bulk_load(np.asarray(cat.vectors), columns_from_catalogue(cat))
     return onto, cat, store
 

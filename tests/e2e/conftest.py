@@ -15,7 +15,7 @@ E2E_DIM = 64
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    config = StackConfig(items=E2E_ITEMS, dim=E2E_DIM, shards=2, routers=2, index_backend="hnsw",
+    config = StackConfig(items=E2E_ITEMS, dim=E2E_DIM, shards=2, routers=2, index_backend="ivf",
                          run_dir=tmp_path_factory.mktemp("stack"), base_port=None, start_timeout=180)
     with Stack(config) as running:
         yield running

@@ -90,7 +90,9 @@ def test_a_blocked_genre_never_appears(envoy, stack: Stack) -> None:
 def test_feedback_changes_the_next_answer_and_makes_the_cache_stale(envoy) -> None:
     user = "learner"
     first = recommend(envoy, user)
-    assert recommend(envoy, user).cache_hit
+    second = recommend(envoy, user)
+    assert second.cache_hit, (first.degraded_components, first.router_id, second.router_id, first.user_version,
+                              second.user_version, [t.stage for t in first.timings])
     events = [rl_state_service_pb2.FeedbackEvent(event_id=f"e2e-{user}-{n}", user_id=user, media_id=item.media_id,
                                                  reward=1.0, timestamp_unix_ms=int(time.time() * 1000))
               for n, item in enumerate(first.items[:3])]

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gmco_common.datagen import Catalogue, generate_catalogue
-from gmco_shard.filters import columns_from_catalogue
-from gmco_shard.index.base import IndexParams
+from gmco_shard.columns import columns_from_catalogue
+from gmco_shard.index.params import HnswParams, IndexParams
 from gmco_shard.store import ShardStore
 from shard_testkit import DIM, write_catalogue
 
@@ -26,7 +26,8 @@ def catalogue_dir(small_catalogue, tmp_path_factory) -> Path:
 @pytest.fixture
 def make_store(small_catalogue) -> Callable[..., ShardStore]:
     def make(backend: str = "exact", **kw) -> ShardStore:
-        store = ShardStore(DIM, backend, IndexParams(hnsw_m=16, hnsw_ef_construction=80, hnsw_ef_search=64), **kw)
+        params = kw.pop("params", IndexParams(hnsw=HnswParams(m=16, ef_construction=80, ef_search=64)))
+        store = ShardStore(DIM, backend, params, **kw)
         store.bulk_load(np.asarray(small_catalogue.vectors), columns_from_catalogue(small_catalogue))
         return store
 

@@ -185,7 +185,7 @@ def test_a_segment_too_small_for_a_graph_is_searched_by_brute_force(gpu_data) ->
 @pytest.mark.gpu
 def test_snapshot_restores_the_graph_without_rebuilding(tmp_path, monkeypatch, small_catalogue) -> None:
     from cuvs.neighbors import cagra
-    from gmco_shard.filters import columns_from_catalogue
+    from gmco_shard.columns import columns_from_catalogue
     from gmco_shard.index.base import IndexParams
     from gmco_shard.snapshot import load_snapshot, save_snapshot
     from gmco_shard.store import ShardStore

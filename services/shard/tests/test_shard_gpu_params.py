@@ -14,17 +14,14 @@ import pytest
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError, load_settings
 from gmco_common.errors import ResourceExhausted
+from gmco_shard import bitmaps
 from gmco_shard import store as store_module
 from gmco_shard.config import PREFIX, Settings
 from gmco_shard.index.base import backend_class
-from gmco_shard.index.cagra_config import (
-    POOL_HEADROOM_BYTES,
-    CagraParams,
-    bitset,
-    check_fits,
-    is_out_of_memory,
-)
+from gmco_shard.index.cuvs_support import bitset, check_fits, is_out_of_memory
 from gmco_shard.index.exact import ExactIndex
+from gmco_shard.index.params import POOL_HEADROOM_BYTES, CagraParams
+from gmco_shard.planner import Planner, PlannerCosts
 
 GIB = 1 << 30
 
@@ -52,13 +49,13 @@ def test_bad_parameters_name_the_variable(kwargs, names) -> None:
         CagraParams(**kwargs)
 
 
-def test_settings_reach_the_index_through_extra(monkeypatch) -> None:
+def test_settings_reach_the_index_typed(monkeypatch) -> None:
     for var, value in {"CAGRA_GRAPH_DEGREE": "32", "CAGRA_INTERMEDIATE_GRAPH_DEGREE": "48",
                        "CAGRA_ITOPK_SIZE": "256", "CAGRA_SEARCH_WIDTH": "8", "CAGRA_NUM_RANDOM_SAMPLINGS": "2",
                        "CAGRA_BUILD_ALGO": "nn_descent", "GPU_POOL_BYTES": str(8 * GIB)}.items():
         monkeypatch.setenv(PREFIX + var, value)
     settings = load_settings(Settings, PREFIX)
-    p = CagraParams.from_extra(settings.index_params().extra)
+    p = settings.index_params().cagra
     assert p == CagraParams(graph_degree=32, intermediate_graph_degree=48, build_algo="nn_descent", itopk_size=256,
                             search_width=8, num_random_samplings=2, pool_bytes=8 * GIB)
 
@@ -70,9 +67,10 @@ def test_inconsistent_settings_fail_at_start(monkeypatch) -> None:
         load_settings(Settings, PREFIX)
 
 
-def test_unparsable_extra_names_the_variable() -> None:
+def test_unparsable_setting_names_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv(PREFIX + "CAGRA_ITOPK_SIZE", "many")
     with pytest.raises(ConfigError, match="GMCO_SHARD_CAGRA_ITOPK_SIZE='many'"):
-        CagraParams.from_extra({"cagra_itopk_size": "many"})
+        load_settings(Settings, PREFIX)
 
 
 @pytest.mark.parametrize(("k", "ef", "expected"), [(10, 0, 128), (10, 40, 64), (10, 256, 256), (200, 0, 224),
@@ -104,7 +102,7 @@ def test_a_load_that_cannot_fit_is_refused_before_touching_the_device() -> None:
 def test_bitset_bit_i_of_the_uint32_words_is_row_i(n) -> None:
     rng = np.random.default_rng(n)
     allow = rng.random(n) < 0.3
-    words = bitset(allow)
+    words = bitset(bitmaps.from_bools(allow), n)
     assert words.dtype == np.uint32 and len(words) == -(-n // 32)
     decoded = [(int(words[i // 32]) >> (i % 32)) & 1 for i in range(n)]
     assert decoded == allow.astype(int).tolist()
@@ -123,8 +121,9 @@ def test_out_of_memory_is_recognised_from_each_library(exc, oom) -> None:
 
 
 class _RecordingExact(ExactIndex):
-    """An index that offers its own exact search, as the cuvs backend does (GPU brute force)."""
+    """An ANN index that offers its own exact search, as the cuvs backend does (GPU brute force)."""
 
+    exact = False
     calls: ClassVar[list[str]] = []
 
     def search(self, queries, k, allow=None, ef=0):
@@ -140,12 +139,12 @@ def test_the_store_prefers_the_index_exact_search_for_selective_filters(monkeypa
                                                                         small_catalogue) -> None:
     monkeypatch.setattr(store_module, "create_index", lambda name, dim, params: _RecordingExact(dim, params))
     _RecordingExact.calls = []
-    store = make_store("exact", exact_fraction=0.10)
+    store = make_store("exact", planner=Planner(PlannerCosts(exact_max_rows=300)))
     q = np.asarray(small_catalogue.vectors[:2], np.float32)
     assert not store.search(q, 5).exact
     rare = int(np.bincount(small_catalogue.genre_ids[:, 0]).argmin())  # a genre few rows carry
     res = store.search(q, 5, common_pb2.Filter(allowed_genre_ids=[rare]))
-    assert res.exact and res.allowed < 0.10 * len(small_catalogue)
+    assert res.exact and res.allowed <= 300
     assert _RecordingExact.calls == ["index", "exact_search"]
 
 

@@ -20,12 +20,14 @@ from gmco_common.errors import (
     Unavailable,
 )
 from gmco_common.vectors import encode_batch
+from gmco_shard import bitmaps
+from gmco_shard.columns import columns_from_catalogue
 from gmco_shard.config import Settings
-from gmco_shard.filters import columns_from_catalogue, evaluate_filter
-from gmco_shard.index.base import IndexParams
+from gmco_shard.filters import evaluate_filter
 from gmco_shard.index.exact import exact_search
-from gmco_shard.index.milvus import MilvusIndex, MilvusSettings, milvus_error
+from gmco_shard.index.milvus import MilvusIndex, milvus_error
 from gmco_shard.index.milvus_filter import ROW, filter_expression
+from gmco_shard.index.params import HnswParams, IndexParams, MilvusParams
 from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
 from hypothesis import HealthCheck, given, settings
@@ -39,9 +41,15 @@ K = 10
 HIGH = np.uint64(1 << 63)
 
 
-def _params(uri: str, **extra: str) -> IndexParams:
-    return IndexParams(hnsw_m=16, hnsw_ef_construction=80, hnsw_ef_search=128,
-                       extra={"milvus_uri": uri, "milvus_collection": "t", **extra})
+def _params(uri: str, **milvus: object) -> IndexParams:
+    return IndexParams(hnsw=HnswParams(m=16, ef_construction=80, ef_search=128),
+                       milvus=MilvusParams(uri=uri, collection="t", **milvus))  # type: ignore[arg-type]
+
+
+def _sealed(store: ShardStore):
+    """The store's (one) sealed segment."""
+    (seg,) = [s for s in store.segments() if s.sealed]
+    return seg
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,7 @@ def test_expression_selects_exactly_what_numpy_allows(milvus_store, columns, f, 
     hidden_rows = np.asarray(sorted(hidden), np.int64)
     want = evaluate_filter(columns, f)
     want[hidden_rows] = False
-    got = _allowed_rows(milvus_store.table.index, filter_expression(f, hidden_rows))
+    got = _allowed_rows(_sealed(milvus_store).index, filter_expression(f, hidden_rows))
     assert got == set(np.flatnonzero(want).tolist())
 
 
@@ -135,10 +143,11 @@ def test_filtered_search_returns_only_allowed_items(milvus_store, exact_store, c
 
 
 def test_allow_mask_search(milvus_store) -> None:
-    index = milvus_store.table.index
+    index = _sealed(milvus_store).index
     allow = np.zeros(index.count, bool)
     allow[::3] = True
-    _, rows = index.search(np.asarray(milvus_store.table.vectors[:4], np.float32), K, allow, ef=256)
+    vectors = _sealed(milvus_store).vectors
+    _, rows = index.search(np.asarray(vectors[:4], np.float32), K, bitmaps.from_bools(allow), ef=256)
     assert (rows >= 0).all() and (rows % 3 == 0).all()
 
 
@@ -155,9 +164,9 @@ def test_tombstones_and_growing_rows(small_catalogue, columns, tmp_path) -> None
     assert 77_777 in store.search(vec.astype(np.float32), K, common_pb2.Filter(max_rating=1)).media_ids
 
     # Compaction builds a new collection; the growing row and the deletes carry over.
-    old = store.table.index.collection
+    old = _sealed(store).index.collection
     store.compact()
-    assert store.table.index.collection != old and store.table.sealed == 1000 - 3 + 1
+    assert _sealed(store).index.collection != old and store.stats()["sealed_count"] == 1000 - 3 + 1
     assert 77_777 in store.search(vec.astype(np.float32), K).media_ids
     assert not set(first.tolist()) & set(store.search(q, K).media_ids.ravel().tolist())
 
@@ -168,31 +177,32 @@ def test_snapshot_reconnects_to_the_collection(milvus_store, lite_uri, small_cat
     load_snapshot(other, tmp_path)
     q = generate_queries(small_catalogue, 5, seed=9)
     np.testing.assert_array_equal(other.search(q, K).media_ids, milvus_store.search(q, K).media_ids)
-    assert (path / "milvus.json").is_file()
+    assert (path / "seg-000" / "milvus.json").is_file()
 
 
 def test_missing_collection_is_failed_precondition(small_catalogue, columns, tmp_path) -> None:
     store = ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db")))
     store.bulk_load(np.asarray(small_catalogue.vectors[:500]), columns.head(500))
     save_snapshot(store, tmp_path / "snap")
-    index = store.table.index
+    index = _sealed(store).index
     index._call("drop", "drop_collection", index.collection)
     with pytest.raises(FailedPrecondition, match="no collection"):
         store.search(np.asarray(small_catalogue.vectors[:1], np.float32), K)
-    with pytest.raises(FailedPrecondition, match="delete the snapshot"):
-        load_snapshot(ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db"))), tmp_path / "snap")
+    # A snapshot whose collection is gone is refused at load (logged), and the replica rebuilds from its
+    # catalogue instead of serving nothing.
+    assert load_snapshot(ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db"))), tmp_path / "snap") is None
 
 
 def test_unreachable_milvus_is_unavailable(small_catalogue, columns) -> None:
     from gmco_testing.procs import free_port
 
-    store = ShardStore(DIM, "milvus", _params(f"http://127.0.0.1:{free_port()}", milvus_timeout_seconds="1"))
+    store = ShardStore(DIM, "milvus", _params(f"http://127.0.0.1:{free_port()}", timeout_seconds=1.0))
     with pytest.raises(Unavailable, match="unreachable"):
         store.bulk_load(np.asarray(small_catalogue.vectors[:100]), columns.head(100))
 
 
 # -- error mapping -----------------------------------------------------------------------------------
-_S = MilvusSettings(uri="http://milvus:19530")
+_S = MilvusParams(uri="http://milvus:19530")
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
@@ -222,15 +232,15 @@ def test_configuration_is_checked(tmp_path) -> None:
     with pytest.raises(ConfigError, match="MILVUS_URI"):
         Settings(index_backend="milvus")
     params = Settings(index_backend="milvus", milvus_uri="x.db", shard_id=0, replica_id=2).index_params()
-    assert params.extra["milvus_collection"] == "gmco_shard_0_r2" and params.extra["milvus_uri"] == "x.db"
+    assert params.milvus.collection == "gmco_shard_0_r2" and params.milvus.uri == "x.db"
     with pytest.raises(ConfigError, match="FLOAT16"):
-        MilvusIndex(DIM, _params(str(tmp_path / "a.db"), milvus_vector_type="float16"))
+        MilvusIndex(DIM, _params(str(tmp_path / "a.db"), vector_type="float16"))
     with pytest.raises(ConfigError, match="METRIC=ip"):
-        MilvusIndex(DIM, IndexParams(metric="l2", extra={"milvus_uri": "a.db"}))
+        MilvusIndex(DIM, IndexParams(metric="l2", milvus=MilvusParams(uri="a.db")))
     with pytest.raises(ConfigError, match="INDEX_PARAMS"):
-        MilvusIndex(DIM, _params("a.db", milvus_index_params="[1]"))
-    remote = MilvusIndex(DIM, _params("http://milvus:19530", milvus_index_type="GPU_CAGRA"))
-    assert remote.settings.vector_dtype == np.float16 and "graph_degree" in remote.build_params
+        MilvusIndex(DIM, _params("a.db", index_params="[1]"))
+    remote = MilvusIndex(DIM, _params("http://milvus:19530", index_type="GPU_CAGRA"))
+    assert remote.vector_dtype == np.float16 and "graph_degree" in remote.build_params
 
 
 # -- through gRPC ------------------------------------------------------------------------------------
@@ -247,12 +257,13 @@ async def test_grpc_search_and_error_status(small_catalogue, tmp_path) -> None:
                                                   include_attributes=True))
         assert all(0 < len(r.items) <= K and all(i.attributes.rating <= 3 for i in r.items)
                    for r in resp.results)
-        cols = store.table.cols
-        want = exact_search(store.table.vectors[:800], q, K, "ip", np.flatnonzero(evaluate_filter(cols.head(800), f)))[1]
+        seg = _sealed(store)
+        cols = seg.cols
+        want = exact_search(seg.vectors[:800], q, K, "ip", np.flatnonzero(evaluate_filter(cols.head(800), f)))[1]
         got = np.asarray([[i.media_id for i in r.items] for r in resp.results], np.uint64)
         assert _recall(got, cols.media_ids[want]) >= 0.9
 
-        index = store.table.index
+        index = seg.index
         index._call("drop", "drop_collection", index.collection)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=K, filter=f))

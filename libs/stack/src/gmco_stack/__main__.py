@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=int(_env("SHARDS", "2")), help="shards (%(default)s)")
     p.add_argument("--replicas", type=int, default=int(_env("REPLICAS", "1")), help="replicas per shard (%(default)s)")
     p.add_argument("--routers", type=int, default=int(_env("ROUTERS", "2")), help="routers (%(default)s)")
-    p.add_argument("--index-backend", default=_env("INDEX_BACKEND", "hnsw"), help="shard index (%(default)s)")
+    p.add_argument("--index-backend", default=_env("INDEX_BACKEND", "ivf"), help="shard index (%(default)s)")
     p.add_argument("--base-port", type=int, default=int(_env("BASE_PORT", "7000")),
                    help="services listen on base+1.. (shards), +101.. (routers), +201 cache, +301 ontology, "
                         "+151.. routers' /metrics, +401 rl_state (%(default)s)")

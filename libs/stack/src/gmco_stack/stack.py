@@ -40,7 +40,7 @@ class StackConfig:
     shards: int = 2
     replicas: int = 1
     routers: int = 2
-    index_backend: str = "hnsw"
+    index_backend: str = "ivf"
     run_dir: Path = REPO_ROOT / ".run"
     # Fixed ports from this base (make run prints stable addresses); None = free ports (tests).
     base_port: int | None = 7000

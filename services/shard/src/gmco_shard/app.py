@@ -18,6 +18,7 @@ from gmco_shard.config import Settings
 from gmco_shard.gpu import GpuMonitor, HealthGate, cuda_probe
 from gmco_shard.index.base import backend_class
 from gmco_shard.loader import initial_load, slot_map
+from gmco_shard.planner import Planner
 from gmco_shard.replication import Replication
 from gmco_shard.servicer import ShardServicer
 from gmco_shard.snapshot import save_snapshot
@@ -31,8 +32,9 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     """Start the replica on ``stack``; returns once its data is loaded and it is SERVING."""
     backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
     slots = slot_map(settings).slots_for(settings.shard_id)
-    store = ShardStore(settings.dim, settings.index_backend, settings.index_params(), settings.exact_fraction,
-                       owned_slots=slots)
+    store = ShardStore(settings.dim, settings.index_backend, settings.index_params(),
+                       Planner(settings.planner_costs()), owned_slots=slots, seal_rows=settings.seal_rows,
+                       merge_factor=settings.merge_factor, purge_fraction=settings.purge_fraction)
     catalog = await stack.enter_async_context(open_log(settings.catalog_dsn)) if settings.catalog_dsn else None
     health = Health()
     await health.set_condition("loading", False)
@@ -52,6 +54,7 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
         background.every("snapshot", settings.snapshot_interval_seconds,
                          lambda: asyncio.to_thread(save_snapshot, store, directory))
     background.every("metrics", 1.0, _refresher(servicer, settings, health), first_delay=0)
+    servicer.maintain_soon()  # a snapshot may hold frozen rows, or more segments than the merge policy wants
     return running
 
 
@@ -61,6 +64,7 @@ def _refresher(servicer: ShardServicer, settings: Settings, health: Health):
 
     async def refresh() -> None:
         servicer.refresh_metrics()
+        servicer.maintain_soon()
         if gpu is not None and gate is not None:
             gpu.refresh()
             was = gate.healthy

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 
 from gmco_shard.index.base import BACKENDS
-from gmco_shard.index.cagra_config import BUILD_ALGOS, CagraParams
-from gmco_shard.store import EXACT_FRACTION, IndexParams
+from gmco_shard.index.params import (
+    BUILD_ALGOS,
+    MILVUS_CONSISTENCY_LEVELS,
+    MILVUS_INDEX_TYPES,
+    MILVUS_VECTOR_TYPES,
+    CagraParams,
+    HnswParams,
+    IndexParams,
+    IvfParams,
+    MilvusParams,
+)
+from gmco_shard.planner import ACORN_MAX_FRACTION, EXACT_MAX_ROWS, PlannerCosts
+from gmco_shard.store import MERGE_FACTOR, PURGE_FRACTION, SEAL_ROWS
 
 PREFIX = "GMCO_SHARD_"
-# The milvus backend's choices (validated here and again by gmco_shard.index.milvus for direct use).
-MILVUS_INDEX_TYPES = ("HNSW", "HNSW_SQ", "GPU_CAGRA", "IVF_FLAT", "IVF_SQ8", "GPU_IVF_FLAT", "FLAT", "AUTOINDEX")
-MILVUS_CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
-MILVUS_VECTOR_TYPES = ("auto", "float16", "float32")
 
 
 def _pos(v: float) -> bool:
@@ -34,13 +41,30 @@ class Settings(ServerSettings):
                               check_msg=">= 0")
     dim: int = setting(1024, help="embedding dimension", check=_pos, check_msg="must be > 0")
     metric: str = setting("ip", help="similarity", choices=("ip", "l2"))
-    index_backend: str = setting("hnsw", help="sealed-segment index", choices=tuple(BACKENDS))
-    hnsw_m: int = setting(32, help="HNSW graph degree M", check=_pos, check_msg="must be > 0")
-    hnsw_ef_construction: int = setting(200, help="HNSW efConstruction", check=_pos, check_msg="must be > 0")
-    hnsw_ef_search: int = setting(256, help="HNSW efSearch default (recall@10 0.994 on the 100k reference set; 0.954 at 64)", check=_pos, check_msg="must be > 0")
-    exact_fraction: float = setting(EXACT_FRACTION, help="search exactly when at most this fraction of rows passes "
-                                                        "the filter (measured: docs/benchmarks.md#shard)",
-                                    check=lambda v: 0 <= v <= 1, check_msg="0..1")
+    index_backend: str = setting("ivf", help="sealed-segment index (ivf: k-means lists over the FP16 rows; hnsw: "
+                                 "faiss graph; exact; cuvs; milvus)", choices=tuple(BACKENDS))
+    hnsw_m: int = setting(HnswParams.m, help="HNSW graph degree M", check=_pos, check_msg="must be > 0")
+    hnsw_ef_construction: int = setting(HnswParams.ef_construction, help="HNSW efConstruction", check=_pos,
+                                        check_msg="must be > 0")
+    hnsw_ef_search: int = setting(256, help="HNSW efSearch default (recall@10 0.994 on the 100k reference set; "
+                                  "0.954 at 64)", check=_pos, check_msg="must be > 0")
+    ivf_lists_factor: float = setting(IvfParams.lists_factor, help="ivf backend: lists per segment = this x "
+                                      "sqrt(rows)", check=_pos, check_msg="must be > 0")
+    ivf_nprobe: int = setting(IvfParams.nprobe, help="ivf backend: lists scanned per query (a request's ef "
+                              "overrides it)", check=_pos, check_msg="must be > 0")
+    exact_max_rows: int = setting(EXACT_MAX_ROWS, help="scan a segment exactly when at most this many of its rows "
+                                  "pass the filter (measured crossover: docs/benchmarks.md, 'Shard at scale')",
+                                  check=lambda v: v >= 0, check_msg=">= 0")
+    acorn_max_fraction: float = setting(ACORN_MAX_FRACTION, help="below this allowed fraction a filtered search "
+                                        "walks the HNSW graph ACORN-style; above it, faiss's pre-filter",
+                                        check=lambda v: 0 <= v <= 1, check_msg="0..1")
+    seal_rows: int = setting(SEAL_ROWS, help="the growing (exactly searched) segment is sealed with its own index "
+                             "at this many rows", check=_pos, check_msg="must be > 0")
+    merge_factor: int = setting(MERGE_FACTOR, help="sealed segments of one size tier merge when this many exist",
+                                check=lambda v: v >= 2, check_msg=">= 2")
+    purge_fraction: float = setting(PURGE_FRACTION, help="a segment is rebuilt without its tombstones when they "
+                                    "exceed this fraction of its rows", check=lambda v: 0 < v <= 1,
+                                    check_msg="in (0, 1]")
     batch_window_ms: float = setting(0.0, help="micro-batching window for concurrent searches (0 = off; 1 on GPU)",
                                      check=lambda v: 0 <= v <= 20, check_msg="0..20 ms")
     batch_max: int = setting(1024, help="most query rows merged into one batch", check=_pos, check_msg="must be > 0")
@@ -71,26 +95,24 @@ class Settings(ServerSettings):
     snapshot_dir: Path | None = setting(None, help="snapshots: loaded at start when present, written periodically")
     snapshot_interval_seconds: float = setting(300.0, help="seconds between snapshots (0 = only on request)",
                                                check=lambda v: v >= 0, check_msg=">= 0")
-    compact_growing_rows: int = setting(50_000, help="compact when the growing segment reaches this many rows",
-                                        check=_pos, check_msg="must be > 0")
     catalog_dsn: str | None = setting(None, help="catalogue log to tail (postgresql://... or a SQLite path)")
     milvus_uri: str | None = setting(None, help="milvus backend: a Milvus URI (http://host:19530) or a Milvus Lite "
                                      "file path ending in .db")
     milvus_token: str | None = setting(None, help="milvus backend: token (user:password or API key) of a remote Milvus")
     milvus_collection: str | None = setting(None, help="milvus backend: collection name prefix (default "
                                             "gmco_shard_<SHARD_ID>_r<REPLICA_ID>)")
-    milvus_index_type: str = setting("HNSW", help="milvus backend: index type (GPU_CAGRA on a GPU Milvus)",
+    milvus_index_type: str = setting(MilvusParams.index_type, help="milvus backend: index type (GPU_CAGRA on a GPU Milvus)",
                                      choices=MILVUS_INDEX_TYPES)
     milvus_index_params: str | None = setting(None, help="milvus backend: JSON build parameters merged over the "
                                               "defaults (HNSW: M and efConstruction from GMCO_SHARD_HNSW_*)")
-    milvus_consistency: str = setting("Bounded", help="milvus backend: search consistency level (the sealed "
+    milvus_consistency: str = setting(MilvusParams.consistency, help="milvus backend: search consistency level (the sealed "
                                       "collection is written once, then only read)", choices=MILVUS_CONSISTENCY_LEVELS)
-    milvus_vector_type: str = setting("auto", help="milvus backend: stored vector type (auto: float32 on Milvus "
+    milvus_vector_type: str = setting(MilvusParams.vector_type, help="milvus backend: stored vector type (auto: float32 on Milvus "
                                       "Lite, which has no FP16 vectors; float16 on a Milvus server)",
                                       choices=MILVUS_VECTOR_TYPES)
-    milvus_timeout_seconds: float = setting(30.0, help="milvus backend: timeout of one Milvus call",
+    milvus_timeout_seconds: float = setting(MilvusParams.timeout_seconds, help="milvus backend: timeout of one Milvus call",
                                             check=_pos, check_msg="must be > 0")
-    milvus_build_timeout_seconds: float = setting(3600.0, help="milvus backend: timeout of the slow calls of a "
+    milvus_build_timeout_seconds: float = setting(MilvusParams.build_timeout_seconds, help="milvus backend: timeout of the slow calls of a "
                                                   "build (insert, flush, load: load builds the HNSW index)",
                                                   check=_pos, check_msg="must be > 0")
 
@@ -101,14 +123,29 @@ class Settings(ServerSettings):
         if self.data_dir is not None and not (self.data_dir / "meta.json").is_file():
             raise ConfigError(f"{PREFIX}DATA_DIR={self.data_dir} is not a catalogue directory (no meta.json); "
                               "create one with `python -m gmco_common.datagen --out DIR`")
-        CagraParams.from_extra(self.index_params().extra)  # cross-field checks of the cagra_*/gpu_pool_* settings
         if self.index_backend == "milvus" and not self.milvus_uri:
             raise ConfigError(f"{PREFIX}INDEX_BACKEND=milvus needs {PREFIX}MILVUS_URI: a Milvus URI "
                               "(http://host:19530) or a Milvus Lite file path ending in .db")
+        self.index_params()  # the typed parameters' own cross-field checks, at start
 
     def index_params(self) -> IndexParams:
-        """The index backend's parameters; the milvus_*, cagra_* and gpu_pool_* settings travel in ``extra``."""
-        extra = {f.name: str(getattr(self, f.name)) for f in fields(self)
-                 if f.name.startswith(("milvus_", "cagra_", "gpu_pool_")) and getattr(self, f.name) is not None}
-        extra["milvus_collection"] = self.milvus_collection or f"gmco_shard_{self.shard_id}_r{self.replica_id}"
-        return IndexParams(self.metric, self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search, extra=extra)
+        """The index backends' typed parameters, built from these settings."""
+        cagra = CagraParams(
+            graph_degree=self.cagra_graph_degree, intermediate_graph_degree=self.cagra_intermediate_graph_degree,
+            build_algo=self.cagra_build_algo, itopk_size=self.cagra_itopk_size, search_width=self.cagra_search_width,
+            num_random_samplings=self.cagra_num_random_samplings, pool_bytes=self.gpu_pool_bytes,
+            pool_fraction=self.gpu_pool_fraction)
+        milvus = None
+        if self.milvus_uri:
+            milvus = MilvusParams(
+                uri=self.milvus_uri, token=self.milvus_token or "",
+                collection=self.milvus_collection or f"gmco_shard_{self.shard_id}_r{self.replica_id}",
+                index_type=self.milvus_index_type, index_params=self.milvus_index_params or "",
+                consistency=self.milvus_consistency, vector_type=self.milvus_vector_type,
+                timeout_seconds=self.milvus_timeout_seconds, build_timeout_seconds=self.milvus_build_timeout_seconds)
+        hnsw = HnswParams(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
+        ivf = IvfParams(lists_factor=self.ivf_lists_factor, nprobe=self.ivf_nprobe)
+        return IndexParams(self.metric, hnsw=hnsw, ivf=ivf, cagra=cagra, milvus=milvus)
+
+    def planner_costs(self) -> PlannerCosts:
+        return PlannerCosts(exact_max_rows=self.exact_max_rows, acorn_max_fraction=self.acorn_max_fraction)

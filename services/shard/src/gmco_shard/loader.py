@@ -1,4 +1,4 @@
-"""Start-up state: this shard's slots, and its rows from a snapshot or a datagen catalogue."""
+"""Start-up state: this shard's slots, and its rows from a snapshot or a catalogue directory."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from gmco_common.datagen import load_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
 from tqdm import tqdm
 
+from gmco_shard.columns import columns_from_catalogue
 from gmco_shard.config import Settings
-from gmco_shard.filters import columns_from_catalogue
 from gmco_shard.snapshot import load_snapshot, snapshot_exists
 from gmco_shard.store import ShardStore
 
@@ -27,7 +27,8 @@ def slot_map(settings: Settings) -> SlotMap:
 
 
 def load_catalogue_slots(store: ShardStore, data_dir: Path, owned: np.ndarray, progress: bool = True) -> int:
-    """Load the rows of ``data_dir`` whose slot is owned (bool mask over the 4096 slots); build the index."""
+    """Load the rows of ``data_dir`` whose slot is owned (bool mask over the 4096 slots); build the index.
+    The vectors are read from the memory-mapped catalogue in chunks while the index is built."""
     cat = load_catalogue(data_dir)
     if cat.dim != store.dim:
         raise ConfigError(f"catalogue {data_dir} has dimension {cat.dim}; GMCO_SHARD_DIM is {store.dim}: set it to "
@@ -38,15 +39,20 @@ def load_catalogue_slots(store: ShardStore, data_dir: Path, owned: np.ndarray, p
         ids = np.asarray(cat.media_ids[start:start + _CHUNK])
         keep_parts.append(start + np.flatnonzero(owned[slots_of(ids.tolist())]))
     rows = np.concatenate(keep_parts) if keep_parts else np.empty(0, np.int64)
-    store.bulk_load(np.asarray(cat.vectors[rows]), columns_from_catalogue(cat, rows), progress=progress)
+    everything = rows.shape[0] == len(cat)
+    store.bulk_load(cat.vectors, columns_from_catalogue(cat, rows), progress=progress,
+                    rows=None if everything else rows)
     return len(rows)
 
 
 def initial_load(store: ShardStore, settings: Settings, slots: list[int]) -> str:
-    """Fill ``store`` at start: a snapshot wins over the catalogue; returns what was loaded."""
+    """Fill ``store`` at start: a usable snapshot wins over the catalogue; returns what was loaded."""
     if settings.snapshot_dir is not None and snapshot_exists(settings.snapshot_dir):
         lsn = load_snapshot(store, settings.snapshot_dir)
-        return f"snapshot at lsn {lsn} ({store.stats()['item_count']} items)"
+        if lsn is not None:
+            return f"snapshot at lsn {lsn} ({store.stats()['item_count']} items)"
+        log.error("no usable snapshot in %s: starting from the catalogue and replaying the log from lsn 0",
+                  settings.snapshot_dir)
     if settings.data_dir is not None:
         owned = np.zeros(NUM_SLOTS, bool)
         owned[slots] = True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 import grpc
@@ -17,8 +16,8 @@ from gmco_common.vectors import as_fp16, decode_batch, decode_vector, encode_vec
 
 from gmco_shard import metrics
 from gmco_shard.batcher import MicroBatcher
+from gmco_shard.columns import check_attributes, read_attributes
 from gmco_shard.config import Settings
-from gmco_shard.filters import check_attributes, read_attributes
 from gmco_shard.replication import Replication
 from gmco_shard.snapshot import save_snapshot
 from gmco_shard.store import SearchResult, ShardStore
@@ -37,6 +36,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         self._replication = replication
         self._background = background
         self._compaction: asyncio.Task | None = None
+        self._maintenance: asyncio.Task | None = None
         self._batcher = (MicroBatcher(self._run_batch, settings.batch_window_ms / 1000, settings.batch_max)
                          if settings.batch_window_ms > 0 else None)
 
@@ -54,7 +54,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         key = (request.k, flt.SerializeToString(deterministic=True) if flt is not None else b"",
                request.params.ef, request.params.exact)
         res, mine = await self._batcher.submit(queries, key)
-        return dataclasses.replace(res, scores=res.scores[mine], media_ids=res.media_ids[mine], rows=res.rows[mine])
+        return res.take(mine)
 
     # -- validation -----------------------------------------------------------------------------
     def _check_loaded(self) -> None:
@@ -100,20 +100,21 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         start = time.perf_counter()
         res = await self._search(queries, request)
         metrics.SEARCH_SECONDS.labels("exact" if res.exact else "index").observe(time.perf_counter() - start)
-        t = res.table
         out = pb.SearchResponse(shard_id=s.shard_id, applied_lsn=self._store.applied_lsn, allowed_count=res.allowed,
-                                exact=res.exact)
+                                exact=res.exact, paths=res.paths)
+        segments = res.segments
         # Python lists, not numpy scalars: this loop is most of the reply's cost at batch 32 (0.48 vs 1.0 ms).
-        for scores, mids, rows in zip(res.scores.tolist(), res.media_ids.tolist(), res.rows.tolist(), strict=True):
+        for scores, mids, segs, rows in zip(res.scores.tolist(), res.media_ids.tolist(), res.segment_of.tolist(),
+                                            res.rows.tolist(), strict=True):
             items = out.results.add().items
-            for score, mid, row in zip(scores, mids, rows, strict=True):
+            for score, mid, seg, row in zip(scores, mids, segs, rows, strict=True):
                 if row < 0:
                     break
                 item = items.add(media_id=mid, score=score, shard_id=s.shard_id)
                 if request.include_vectors:
-                    item.vector.CopyFrom(encode_vector(t.vectors[row]))
+                    item.vector.CopyFrom(encode_vector(segments[seg].vectors[row]))
                 if request.include_attributes:
-                    item.attributes.CopyFrom(read_attributes(t.cols, row))
+                    item.attributes.CopyFrom(read_attributes(segments[seg].cols, row))
         return out
 
     async def Upsert(self, request: pb.UpsertRequest, context: grpc.aio.ServicerContext) -> pb.UpsertResponse:
@@ -133,7 +134,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         self._check_loaded()
         count = await asyncio.to_thread(self._store.upsert, ids, vectors, [it.attributes for it in request.items],
                                         request.lsn)
-        self._maybe_compact()
+        self.maintain_soon()
         return pb.UpsertResponse(upserted_count=count, applied_lsn=self._store.applied_lsn)
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
@@ -141,6 +142,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             raise InvalidArgument("media_ids", "the list is empty")
         self._check_loaded()
         deleted = self._store.delete(np.asarray(request.media_ids, np.uint64), request.lsn)
+        self.maintain_soon()
         return pb.DeleteResponse(deleted_count=deleted, not_found_count=len(request.media_ids) - deleted,
                                  applied_lsn=self._store.applied_lsn)
 
@@ -169,7 +171,7 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             replica_id=self._settings.replica_id, dimension=self._settings.dim,
             index_backend=self._store.backend, applied_lsn=self._store.applied_lsn,
             lag_entries=lag_entries, lag_seconds=lag_seconds, compacting=self._store.compacting,
-            slots=self._slots, **st,
+            slots=self._slots, search_paths=self._store.planner.counts, **st,
         )
 
     async def Compact(self, request: pb.CompactRequest, context: grpc.aio.ServicerContext) -> pb.CompactResponse:
@@ -181,8 +183,9 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             self._compaction = self._background.spawn("compaction", asyncio.to_thread(self._store.compact))
         if request.wait:
             await asyncio.shield(self._compaction)
-        t = self._store.table
-        return pb.CompactResponse(started=not running, index_generation=t.generation, sealed_count=t.sealed)
+        st = self._store.stats()
+        return pb.CompactResponse(started=not running, index_generation=self._store.generation,
+                                  sealed_count=st["sealed_count"])
 
     async def Snapshot(self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext) -> pb.SnapshotResponse:
         if self._settings.snapshot_dir is None:
@@ -192,11 +195,16 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         return pb.SnapshotResponse(path=str(path), applied_lsn=self._store.applied_lsn, bytes=size)
 
     # -- background -----------------------------------------------------------------------------
-    def _maybe_compact(self) -> None:
-        t = self._store.table
-        if t.n - t.sealed >= self._settings.compact_growing_rows and (
-                self._compaction is None or self._compaction.done()):
-            self._compaction = self._background.spawn("compaction", asyncio.to_thread(self._store.compact))
+    def maintain_soon(self) -> None:
+        """Start the background maintenance task (seal, purge, merge; one at a time) when there is work."""
+        if self._maintenance is not None and not self._maintenance.done():
+            return
+        if self._store.needs_maintenance():
+            self._maintenance = self._background.spawn("segment-maintenance", self._maintain())
+
+    async def _maintain(self) -> None:
+        while await asyncio.to_thread(self._store.maintain) is not None:
+            pass
 
     def refresh_metrics(self) -> None:
         st = self._store.stats()

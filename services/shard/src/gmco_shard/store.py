@@ -1,21 +1,31 @@
-"""Segments of one shard: a sealed segment with an ANN index, a growing segment searched exactly, and
-tombstones.
+"""One shard's rows: segments, writes without full rebuilds, filtered search through the planner.
 
-All rows live in one preallocated table (vectors as FP16 plus attribute columns). Rows ``[0, sealed)``
-are covered by the sealed index; rows ``[sealed, n)`` form the growing segment. A delete or a
-replacing upsert clears the row's ``alive`` bit (a tombstone). Compaction copies the live rows into a
-fresh table, builds its index off the lock, then carries over what changed meanwhile and swaps the
-new table in with one reference assignment, so a search always sees a whole index.
+Layout (see ``segment``): sealed segments with an ANN index, frozen segments waiting for theirs, and one
+growing segment that takes upserts. A delete or a replacing upsert tombstones the row's live version
+wherever it is. Searches run without locks over a snapshot of the segment list; writes and segment swaps
+take one lock and are short.
 
-Filtered searches evaluate the ``Filter`` in numpy into an allow mask (it also counts the allowed rows and
-picks exact search when few pass). An index that takes a mask gets the mask; a
-:class:`~gmco_shard.index.base.FilteringIndex` (Milvus) gets the ``Filter`` and the sealed tombstones instead.
+Background maintenance (``maintain``, one task at a time, driven by the servicer's supervisor):
+
+1. **Seal**: the growing segment is frozen when it reaches ``seal_rows`` (new writes go to a fresh one),
+   and an index is built over its live rows; the sealed segment replaces the frozen one atomically, with
+   the tombstones that arrived during the build carried over. Exactly-scanned rows stay below
+   ``2 x seal_rows``, and no write waits for an index build.
+2. **Merge** (tiered): sealed segments are grouped by size tier (factor ``merge_factor``); when a tier
+   holds ``merge_factor`` segments they are rebuilt as one. A row is re-indexed O(log_factor(N)) times
+   over its life, and each merge costs what it merges, not the shard.
+3. **Purge**: a segment whose tombstones exceed ``purge_fraction`` of its rows is rebuilt alone from its
+   live rows (amortised, at most 1 / purge_fraction rows rebuilt per deleted row).
+
+``compact`` (the Compact RPC) folds everything into one sealed segment. Rows of slots this shard no longer
+owns (resharding) are dropped whenever a segment is rebuilt.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,86 +34,76 @@ import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco_common.slots import NUM_SLOTS, slots_of
 
-from gmco_shard.filters import (
-    AttributeColumns,
-    empty_columns,
-    evaluate_filter,
-    is_trivial,
-    read_attributes,
-    write_attributes,
-)
-from gmco_shard.index.base import FilteringIndex, IndexParams, VectorIndex, create_index, topk
+from gmco_shard import bitmaps
+from gmco_shard.columns import AttributeColumns, copy_rows, empty_columns, read_attributes, write_attributes
+from gmco_shard.filters import AttributeIndex, evaluate_filter, is_trivial
+from gmco_shard.index.base import FilteringIndex, create_index, topk
 from gmco_shard.index.exact import exact_search
+from gmco_shard.index.params import IndexParams
+from gmco_shard.planner import ACORN, EXACT, INDEX, PREFILTER, Planner
+from gmco_shard.segment import IdIndex, Segment, new_growing
 
 log = logging.getLogger(__name__)
 
-# Below this allowed fraction, exact search over the allowed rows beats the HNSW pre-filter: measured by
-# `make bench-shard` (100k x 1024): the pre-filtered index lost recall (0.94 at 9.8% allowed, ef 256)
-# and its speed edge shrank to parity near 5%; exact is exact. See docs/benchmarks.md, "Shard".
-EXACT_FRACTION = 0.10
-
-
-@dataclass
-class Table:
-    vectors: np.ndarray  # float16 (capacity, dim)
-    cols: AttributeColumns
-    alive: np.ndarray  # bool (capacity,)
-    n: int  # rows in use
-    sealed: int  # rows covered by index
-    index: VectorIndex
-    generation: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.vectors.shape[0]
+SEAL_ROWS = 2_000
+MERGE_FACTOR = 4
+PURGE_FRACTION = 0.2
+_PURGE_MIN_DEAD = 1000
+# A replaced segment's index frees what it holds elsewhere (a Milvus collection) this long after the swap,
+# when no search that started before the swap can still be reading it.
+RETIRE_DELAY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
 class SearchResult:
     scores: np.ndarray  # (q, k)
     media_ids: np.ndarray  # (q, k) uint64, 0 where empty
-    rows: np.ndarray  # (q, k) rows in the table used, -1 where empty
-    table: Table
+    segment_of: np.ndarray  # (q, k) position in ``segments``, -1 where empty
+    rows: np.ndarray  # (q, k) row within that segment, -1 where empty
+    segments: tuple[Segment, ...]
     allowed: int
     exact: bool
+    paths: tuple[str, ...] = ()
+
+    def item(self, i: int, j: int) -> tuple[Segment, int]:
+        return self.segments[int(self.segment_of[i, j])], int(self.rows[i, j])
+
+    def take(self, mine: slice) -> SearchResult:
+        return SearchResult(self.scores[mine], self.media_ids[mine], self.segment_of[mine], self.rows[mine],
+                            self.segments, self.allowed, self.exact, self.paths)
 
 
-def _build_sealed(table: Table, progress: bool) -> None:
-    """Build ``table``'s index over its sealed rows; a FilteringIndex also gets their attribute columns."""
-    vectors = table.vectors[: table.sealed]
-    if isinstance(table.index, FilteringIndex):
-        table.index.build_with_columns(vectors, table.cols.head(table.sealed), progress=progress)
-    else:
-        table.index.build(vectors, progress=progress)
+@dataclass(frozen=True)
+class Cut:
+    """A consistent view for a snapshot: segments with copies of their mutable parts, and the lsn."""
 
-
-def exact_sealed(table: Table, queries: np.ndarray, k: int, allow: np.ndarray,
-                 metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over the sealed rows set in ``allow``: the index's own exact path where it has one
-    (HNSW's float32 storage, GPU brute force on the device copy), else the segment's FP16 rows."""
-    if hasattr(table.index, "exact_search"):
-        return table.index.exact_search(queries, k, allow)
-    return exact_search(table.vectors, queries, k, metric, np.flatnonzero(allow))
+    segments: list[tuple[Segment, int, np.ndarray]]  # (segment, rows in use, alive bitmap copy)
+    applied_lsn: int
+    generation: int
 
 
 class ShardStore:
-    def __init__(self, dim: int, backend: str, params: IndexParams, exact_fraction: float = EXACT_FRACTION,
-                 capacity: int = 1024, owned_slots: Sequence[int] | None = None) -> None:
+    def __init__(self, dim: int, backend: str, params: IndexParams, planner: Planner | None = None,
+                 owned_slots: Sequence[int] | None = None, seal_rows: int = SEAL_ROWS,
+                 merge_factor: int = MERGE_FACTOR, purge_fraction: float = PURGE_FRACTION) -> None:
         self.dim = dim
         self.backend = backend
         self.params = params
-        # Below this fraction of allowed sealed rows, search exactly over the allowed rows.
-        self.exact_fraction = exact_fraction
+        self.planner = planner or Planner()
+        self.seal_rows = seal_rows
+        self.merge_factor = merge_factor
+        self.purge_fraction = purge_fraction
         self._lock = threading.RLock()
-        self._compact_lock = threading.Lock()
-        self._ids: dict[int, int] = {}  # media_id -> row of its live version
-        self.table = self._new_table(capacity)
+        self._maintenance = threading.Lock()
+        self._sealed: tuple[Segment, ...] = ()  # sealed and frozen, oldest first
+        self._growing = new_growing(dim, seal_rows)
         self.applied_lsn = 0
+        self.generation = 0
         self.compacting = False
         # False until the start-up data is in (bulk load, snapshot, or mark_loaded for an empty start).
         self.loaded = False
-        # Slots this shard owns (bool over the 4096 slots); compaction drops rows of other slots,
-        # which is how a shard lets go of slots moved away by resharding. None = keep everything.
+        # Slots this shard owns (bool over the 4096 slots); rebuilds drop rows of other slots, which is how
+        # a shard lets go of slots moved away by resharding. None = keep everything.
         self.owned_slots: np.ndarray | None = None
         if owned_slots is not None:
             self.owned_slots = np.zeros(NUM_SLOTS, bool)
@@ -112,179 +112,394 @@ class ShardStore:
     def mark_loaded(self) -> None:
         self.loaded = True
 
-    # -- construction -------------------------------------------------------------------------
-    def _new_table(self, capacity: int, index: VectorIndex | None = None, generation: int = 0) -> Table:
-        return Table(np.zeros((capacity, self.dim), np.float16), empty_columns(capacity),
-                     np.zeros(capacity, bool), 0, 0, index or create_index(self.backend, self.dim, self.params),
-                     generation)
+    def segments(self) -> tuple[Segment, ...]:
+        """The current segments, oldest first, the growing one last (a snapshot: the list never mutates)."""
+        return (*self._sealed, self._growing)
 
-    def bulk_load(self, vectors: np.ndarray, cols: AttributeColumns, progress: bool = False) -> None:
-        """Replace everything with ``vectors``/``cols`` and build the sealed index over them."""
-        n = vectors.shape[0]
-        table = self._new_table(max(n + n // 4, 1024))
-        table.vectors[:n] = vectors
-        for name in cols.__dataclass_fields__:
-            getattr(table.cols, name)[:n] = getattr(cols, name)
-        table.alive[:n] = True
-        table.n = table.sealed = n
-        _build_sealed(table, progress)
+    # -- building segments -------------------------------------------------------------------------
+    def _seal(self, vectors: Any, cols: AttributeColumns, rows: np.ndarray | None, progress: bool) -> Segment:
+        """A sealed segment over ``vectors[rows]`` (all rows when None) and their columns (already taken)."""
+        n = len(cols)
+        index = create_index(self.backend, self.dim, self.params)
+        source = _Rows(vectors, rows, self.dim) if rows is not None else vectors
+        order = index.layout(source)
+        if order is not None and not np.array_equal(order, np.arange(n)):
+            rows = order if rows is None else rows[order]
+            cols = cols.take(order)
+            source = _Rows(vectors, rows, self.dim)
+        if isinstance(index, FilteringIndex):
+            index.build_with_columns(source, cols, progress=progress)
+        else:
+            index.build(source, progress=progress)
+        table = index.vectors
+        if table is None:  # the backend keeps no host copy (GPU, Milvus): the segment keeps the rows
+            table = np.ascontiguousarray(vectors[rows] if rows is not None else vectors, dtype=np.float16)
+        alive = bitmaps.full(n)
+        return Segment(table, cols, alive, n, n, index=index, attrs=AttributeIndex(cols),
+                       ids=IdIndex(np.asarray(cols.media_ids)))
+
+    def _owned(self, cols: AttributeColumns, rows: np.ndarray) -> np.ndarray:
+        if self.owned_slots is None or rows.shape[0] == 0:
+            return rows
+        return rows[self.owned_slots[slots_of(cols.media_ids[rows].tolist())]]
+
+    def bulk_load(self, vectors: Any, cols: AttributeColumns, progress: bool = False,
+                  rows: np.ndarray | None = None) -> None:
+        """Replace everything with one sealed segment over ``vectors`` (or ``vectors[rows]``) and ``cols``
+        (the columns of those rows). A repeated id keeps its last row, as a replacing upsert would."""
+        ids = np.asarray(cols.media_ids)
+        _, last = np.unique(ids[::-1], return_index=True)
+        if last.shape[0] != ids.shape[0]:
+            keep = np.sort(ids.shape[0] - 1 - last)
+            cols = cols.take(keep)
+            rows = keep if rows is None else rows[keep]
+        segment = self._seal(vectors, cols, rows, progress) if len(cols) else None
         with self._lock:
-            self.table = table
-            self._ids = {int(m): r for r, m in enumerate(table.cols.media_ids[:n])}
+            self._sealed = (segment,) if segment is not None else ()
+            self._growing = new_growing(self.dim, self.seal_rows)
             self.loaded = True
 
-    # -- writes ---------------------------------------------------------------------------------
-    def _grow(self, need: int) -> None:
-        t = self.table
-        if t.n + need <= t.capacity:
+    def install(self, segments: Sequence[Segment], applied_lsn: int, generation: int) -> None:
+        """Make ``segments`` (from a snapshot) the store's content; the last one becomes the growing one when
+        it has no index."""
+        sealed = [s for s in segments if s.sealed]
+        growing = [s for s in segments if not s.sealed]
+        grow = new_growing(self.dim, max(self.seal_rows, *(s.n for s in growing))) if growing else \
+            new_growing(self.dim, self.seal_rows)
+        for seg in growing:  # rows of unsealed segments are replayed into one growing segment
+            live = seg.live_rows()
+            self._append(grow, np.asarray(seg.cols.media_ids)[live], seg.vectors, seg.cols, live)
+        with self._lock:
+            self._sealed = tuple(sealed)
+            self._growing = grow
+            self.applied_lsn = applied_lsn
+            self.generation = generation
+            self.loaded = True
+
+    # -- writes ------------------------------------------------------------------------------------
+    def _kill(self, media_ids: np.ndarray) -> int:
+        """Tombstone the live version of each id, wherever it is; returns how many died."""
+        died = 0
+        for seg in self.segments():
+            if seg.live == 0:
+                continue
+            rows = seg.rows_of(media_ids)
+            if (rows >= 0).any():
+                died += seg.kill(rows[rows >= 0])
+        return died
+
+    @staticmethod
+    def _append(seg: Segment, media_ids: np.ndarray, vectors: np.ndarray, cols: AttributeColumns,
+                src: np.ndarray) -> None:
+        assert seg.lookup is not None
+        count = src.shape[0]
+        start = seg.n
+        seg.vectors[start:start + count] = vectors[src]
+        copy_rows(seg.cols, start, cols, src)
+        bitmaps.set_rows(seg.alive, np.arange(start, start + count))
+        for i, m in enumerate(media_ids.tolist()):
+            seg.lookup[int(m)] = start + i
+        seg.live += count
+        seg.n = start + count  # last: a concurrent search reads n, then only rows below it
+
+    def _freeze(self) -> None:
+        """Move the growing segment to the frozen ones (searched exactly until sealed); start a new one."""
+        if self._growing.n == 0:
             return
-        cap = max(t.capacity * 2, t.n + need)
-        vectors = np.zeros((cap, self.dim), np.float16)
-        vectors[: t.n] = t.vectors[: t.n]
-        cols = empty_columns(cap)
-        for name in cols.__dataclass_fields__:
-            getattr(cols, name)[: t.n] = getattr(t.cols, name)[: t.n]
-        alive = np.zeros(cap, bool)
-        alive[: t.n] = t.alive[: t.n]
-        # The sealed index keeps pointing at its own rows: they are unchanged in the new arrays.
-        if t.index.name == "exact":  # it only references rows; point it at the new array
-            t.index.build(vectors[: t.sealed])
-        self.table = Table(vectors, cols, alive, t.n, t.sealed, t.index, t.generation)
+        self._growing.frozen = True
+        self._sealed = (*self._sealed, self._growing)
+        self._growing = new_growing(self.dim, self.seal_rows)
 
     def upsert(self, media_ids: np.ndarray, vectors: np.ndarray,
-               attrs: list[common_pb2.MediaAttributes], lsn: int = 0) -> int:
+               attrs: Sequence[common_pb2.MediaAttributes] | AttributeColumns, lsn: int = 0) -> int:
+        """Insert or replace; a repeated id within the batch keeps its last version."""
+        ids = np.asarray(media_ids, np.uint64)
+        if isinstance(attrs, AttributeColumns):
+            cols = attrs
+        else:
+            cols = empty_columns(len(ids))
+            for i, (m, a) in enumerate(zip(ids.tolist(), attrs, strict=True)):
+                write_attributes(cols, i, m, a)
+        _, last = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(ids.shape[0] - 1 - last)
         with self._lock:
-            self._grow(len(media_ids))
-            t = self.table
-            for i, mid in enumerate(media_ids):
-                mid = int(mid)
-                old = self._ids.get(mid)
-                if old is not None:
-                    t.alive[old] = False
-                row = t.n
-                t.vectors[row] = vectors[i]
-                write_attributes(t.cols, row, mid, attrs[i])
-                t.alive[row] = True
-                t.n += 1
-                self._ids[mid] = row
+            self._kill(ids[keep])
+            start = 0
+            while start < keep.shape[0]:
+                if self._growing.n == self._growing.capacity:
+                    self._freeze()
+                room = self._growing.capacity - self._growing.n
+                part = keep[start:start + room]
+                self._append(self._growing, ids[part], vectors, cols, part)
+                start += part.shape[0]
             self.applied_lsn = max(self.applied_lsn, lsn)
-            return len(media_ids)
+        return int(ids.shape[0])
 
     def delete(self, media_ids: np.ndarray, lsn: int = 0) -> int:
-        deleted = 0
         with self._lock:
-            for mid in media_ids:
-                row = self._ids.pop(int(mid), None)
-                if row is not None:
-                    self.table.alive[row] = False
-                    deleted += 1
+            died = self._kill(np.unique(np.asarray(media_ids, np.uint64)))
             self.applied_lsn = max(self.applied_lsn, lsn)
-        return deleted
+        return died
 
     def mark_applied(self, lsn: int) -> None:
         with self._lock:
             self.applied_lsn = max(self.applied_lsn, lsn)
 
-    # -- reads ----------------------------------------------------------------------------------
-    def get(self, media_ids: list[int]) -> list[tuple[int, np.ndarray, common_pb2.MediaAttributes] | None]:
-        with self._lock:
-            t = self.table
-            rows = [self._ids.get(int(m)) for m in media_ids]
-            return [None if r is None else (m, t.vectors[r].copy(), read_attributes(t.cols, r))
-                    for m, r in zip(media_ids, rows, strict=True)]
+    # -- reads -------------------------------------------------------------------------------------
+    def locate(self, media_ids: Sequence[int]) -> list[tuple[Segment, int] | None]:
+        """(segment, row) of each id's live version, or None."""
+        ids = np.asarray(media_ids, np.uint64)
+        found: list[tuple[Segment, int] | None] = [None] * ids.shape[0]
+        for seg in reversed(self.segments()):  # newest first: a live version is there if anywhere
+            rows = seg.rows_of(ids)
+            alive = seg.is_alive(rows)
+            for i in np.flatnonzero(alive).tolist():
+                if found[i] is None:
+                    found[i] = (seg, int(rows[i]))
+        return found
+
+    def get(self, media_ids: Sequence[int]) -> list[tuple[int, np.ndarray, common_pb2.MediaAttributes] | None]:
+        return [None if loc is None else (int(m), loc[0].vectors[loc[1]].copy(), read_attributes(loc[0].cols, loc[1]))
+                for m, loc in zip(media_ids, self.locate(media_ids), strict=True)]
+
+    def _allow(self, seg: Segment, n: int, flt: common_pb2.Filter | None) -> np.ndarray | None:
+        """The rows of ``seg`` a search may return (live, passing ``flt``) as a bitmap; None = all n rows."""
+        alive = seg.alive[: bitmaps.words_for(n)]
+        if is_trivial(flt):
+            return None if seg.live == n else alive.copy()
+        assert flt is not None
+        if seg.attrs is not None:
+            words = seg.attrs.evaluate(flt)
+            if flt.excluded_media_ids:
+                rows = seg.rows_of(np.asarray(flt.excluded_media_ids, np.uint64))
+                bitmaps.clear_rows(words, rows[rows >= 0])
+        else:
+            words = bitmaps.from_bools(evaluate_filter(seg.cols.head(n), flt))
+        words &= alive
+        return words
 
     def search(self, queries: np.ndarray, k: int, flt: common_pb2.Filter | None = None, ef: int = 0,
                force_exact: bool = False) -> SearchResult:
-        """Filtered top-k over sealed and growing rows. Thread-safe; runs without the write lock."""
-        t = self.table
-        n, sealed = t.n, t.sealed
+        """Filtered top-k over every segment. Thread-safe; runs without the write lock."""
+        segments = self.segments()
         metric = self.params.metric
-        q = np.asarray(queries, dtype=np.float32)
-        allow = t.alive[:n].copy()
-        if not is_trivial(flt):
-            allow &= evaluate_filter(t.cols.head(n), flt)
-        allowed = int(allow.sum())
-        sealed_allow = allow[:sealed]
-        sealed_allowed = int(sealed_allow.sum())
-        exact = force_exact or sealed == 0 or sealed_allowed <= max(k, self.exact_fraction * sealed)
-        if sealed_allowed == 0:
-            s1 = np.full((q.shape[0], k), -np.inf, np.float32)
-            r1 = np.full((q.shape[0], k), -1, np.int64)
-        elif exact:
-            s1, r1 = exact_sealed(t, q, k, sealed_allow, metric)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        nq = q.shape[0]
+        graph_ef = ef or self.params.hnsw.ef_search  # the beam of a graph search; other backends read ef as given
+        part_s, part_r, part_seg = [], [], []
+        allowed_total = 0
+        paths = []
+        for si, seg in enumerate(segments):
+            n = seg.n
+            if n == 0 or seg.live == 0:
+                continue
+            allow = self._allow(seg, n, flt)
+            allowed = n if allow is None else bitmaps.count(allow)
+            allowed_total += allowed
+            if allowed == 0:
+                continue
+            index = seg.index
+            has_index = index is not None and not index.exact and not force_exact
+            path = self.planner.choose(n, allowed, has_index, has_index and index.graph is not None,
+                                       filtering=isinstance(index, FilteringIndex))
+            self.planner.count(path)
+            paths.append(path)
+            vectors = seg.vectors[:n]
+            if path == EXACT:
+                if index is not None and not index.exact and hasattr(index, "exact_search"):
+                    s, r = index.exact_search(q, k, allow)  # on the device, where the rows are
+                else:
+                    s, r = exact_search(vectors, q, k, metric, allow=allow)
+            elif path == INDEX:
+                s, r = index.search(q, k, allow, ef)
+            elif path == PREFILTER:
+                # a graph's beam is widened by the filter; IVF keeps probing lists by itself
+                widened = self.planner.widen(graph_ef, n, allowed) if index.graph is not None else ef
+                s, r = index.search(q, k, allow, widened)
+            elif path == ACORN:
+                graph = index.graph
+                s = np.empty((nq, k), np.float32)
+                r = np.empty((nq, k), np.int64)
+                for i in range(nq):
+                    s[i], r[i], _ = graph.search(q[i], vectors, k, graph_ef, allow, metric)
+            else:  # NATIVE: the backend evaluates the Filter; it is told which rows are dead
+                dead = np.flatnonzero(~bitmaps.to_bools(seg.alive, n)) if seg.dead else np.empty(0, np.int64)
+                s, r = index.search_filter(q, k, flt, dead, ef)
+            part_s.append(s)
+            part_r.append(r)
+            part_seg.append(np.full(r.shape, si, np.int64))
+        if not part_s:
+            empty = np.full((nq, k), -1, np.int64)
+            return SearchResult(np.full((nq, k), -np.inf, np.float32), np.zeros((nq, k), np.uint64), empty,
+                                empty.copy(), segments, 0, True, ())
+        scores = np.concatenate(part_s, 1)
+        rows = np.concatenate(part_r, 1)
+        seg_of = np.concatenate(part_seg, 1)
+        if len(part_s) > 1:
+            order = np.arange(scores.shape[1])
+            s, pos = topk(scores, np.broadcast_to(order, scores.shape).astype(np.int64), k)
+            valid = pos >= 0
+            p = np.maximum(pos, 0)
+            rows = np.where(valid, np.take_along_axis(rows, p, 1), -1)
+            seg_of = np.where(valid, np.take_along_axis(seg_of, p, 1), -1)
+            scores = s
         else:
-            pre = None if sealed_allowed == sealed else sealed_allow
-            if pre is not None and isinstance(t.index, FilteringIndex):
-                # The backend filters natively: the Filter itself, plus the tombstones it cannot know about.
-                s1, r1 = t.index.search_filter(q, k, flt, np.flatnonzero(~t.alive[:sealed]), ef)
-            else:
-                s1, r1 = t.index.search(q, k, pre, ef)
-        growing = np.flatnonzero(allow[sealed:]) + sealed
-        if growing.size:
-            s2, r2 = exact_search(t.vectors, q, k, metric, growing)
-            s1, r1 = topk(np.concatenate([s1, s2], 1), np.concatenate([r1, r2], 1), k)
-        ids = np.where(r1 >= 0, t.cols.media_ids[np.maximum(r1, 0)], 0).astype(np.uint64)
-        return SearchResult(s1, ids, r1, t, allowed, exact)
+            seg_of = np.where(rows >= 0, seg_of, -1)
+        media_ids = np.zeros(rows.shape, np.uint64)
+        for si in np.unique(seg_of[seg_of >= 0]).tolist():
+            mask = seg_of == si
+            media_ids[mask] = segments[si].cols.media_ids[rows[mask]]
+        return SearchResult(scores.astype(np.float32, copy=False), media_ids, seg_of, rows, segments,
+                            allowed_total, all(p == EXACT for p in paths), tuple(paths))
 
-    # -- compaction -----------------------------------------------------------------------------
-    def compact(self, progress: bool = False) -> Table:
-        """Fold growing rows and tombstones into a fresh sealed index; swap it in atomically."""
-        with self._compact_lock:
+    # -- maintenance -------------------------------------------------------------------------------
+    def _rebuild(self, sources: Sequence[Segment], progress: bool = False) -> Segment | None:
+        """One sealed segment over the live, owned rows of ``sources`` (outside the lock: they keep serving)."""
+        parts = []
+        for seg in sources:
+            live = self._owned(seg.cols, seg.live_rows())
+            parts.append((seg, live))
+        total = sum(p[1].shape[0] for p in parts)
+        if total == 0:
+            return None
+        vectors = np.empty((total, self.dim), np.float16)
+        cols = empty_columns(total)
+        at = 0
+        for seg, live in parts:
+            vectors[at:at + live.shape[0]] = seg.vectors[live]
+            copy_rows(cols, at, seg.cols, live)
+            at += live.shape[0]
+        new = self._seal(vectors, cols, None, progress)
+        new._sources = parts  # type: ignore[attr-defined]  # (source, rows) for the tombstone carry-over
+        return new
+
+    def _swap(self, old: Sequence[Segment], new: Segment | None) -> None:
+        """Under the lock: replace ``old`` with ``new``, carrying over rows that died during the rebuild."""
+        with self._lock:
+            if new is not None:
+                at = 0
+                died = []
+                for seg, live in new._sources:  # type: ignore[attr-defined]
+                    gone = ~seg.is_alive(live)
+                    died.append(np.flatnonzero(gone) + at)
+                    at += live.shape[0]
+                del new._sources  # type: ignore[attr-defined]
+                dead = np.concatenate(died) if died else np.empty(0, np.int64)
+                if dead.shape[0]:
+                    new.kill(dead)
+            old_ids = {s.seg_id for s in old}
+            kept = [s for s in self._sealed if s.seg_id not in old_ids]
+            # the new segment takes the place of the oldest it replaces, so segment age order holds
+            first = min((i for i, s in enumerate(self._sealed) if s.seg_id in old_ids), default=len(kept))
+            if new is not None:
+                kept.insert(min(first, len(kept)), new)
+            self._sealed = tuple(kept)
+            self.generation += 1
+        for seg in old:
+            if seg.index is not None:
+                timer = threading.Timer(RETIRE_DELAY_SECONDS, seg.index.retire)
+                timer.daemon = True
+                timer.start()
+
+    def _plan(self) -> tuple[str, list[Segment]] | None:
+        """The next maintenance step, or None when there is nothing to do."""
+        frozen = [s for s in self._sealed if s.frozen]
+        if frozen:
+            return "seal", frozen[:1]
+        if self._growing.n >= self.seal_rows:
+            return "seal", []
+        sealed = [s for s in self._sealed if not s.frozen]
+        for seg in sealed:
+            if seg.dead >= max(_PURGE_MIN_DEAD, self.purge_fraction * seg.n) or (seg.live == 0 and seg.n):
+                return "purge", [seg]
+        tiers: dict[int, list[Segment]] = {}
+        for seg in sealed:
+            tier = int(np.log(max(seg.live, 1) / self.seal_rows) / np.log(self.merge_factor)) if seg.live > \
+                self.seal_rows else 0
+            tiers.setdefault(tier, []).append(seg)
+        for tier in sorted(tiers):
+            if len(tiers[tier]) >= self.merge_factor:
+                return "merge", tiers[tier][: self.merge_factor]
+        return None
+
+    def needs_maintenance(self) -> bool:
+        return self._plan() is not None
+
+    def maintain(self, progress: bool = False) -> str | None:
+        """Run one maintenance step (seal, purge or merge); returns what it did, None when idle."""
+        with self._maintenance:
+            with self._lock:
+                step = self._plan()
+                if step is None:
+                    return None
+                what, sources = step
+                if what == "seal" and not sources:
+                    self._freeze()
+                    sources = [self._sealed[-1]]
+            start = time.perf_counter()
+            new = self._rebuild(sources, progress)
+            self._swap(sources, new)
+            log.info("%s: %d segment(s), %d rows -> %d rows in %.1f s; %d segments now", what, len(sources),
+                     sum(s.n for s in sources), 0 if new is None else new.n, time.perf_counter() - start,
+                     len(self._sealed) + 1)
+            return what
+
+    def compact(self, progress: bool = False) -> Segment | None:
+        """Fold every segment (the growing one too) into one sealed segment; swap it in atomically."""
+        with self._maintenance:
             self.compacting = True
             try:
                 with self._lock:
-                    old = self.table
-                    n0 = old.n
-                    live = old.alive[:n0].copy()
-                    if self.owned_slots is not None:
-                        live &= self.owned_slots[slots_of(old.cols.media_ids[:n0].tolist())]
-                    keep = np.flatnonzero(live)
-                    new = self._new_table(max(len(keep) + len(keep) // 4, 1024), generation=old.generation + 1)
-                    new.vectors[: len(keep)] = old.vectors[keep]
-                    for name in new.cols.__dataclass_fields__:
-                        getattr(new.cols, name)[: len(keep)] = getattr(old.cols, name)[keep]
-                    new.alive[: len(keep)] = True
-                    new.n = new.sealed = len(keep)
-                # The expensive part runs without the lock: writes and searches go on against `old`.
-                _build_sealed(new, progress)
-                with self._lock:
-                    cur = self.table
-                    remap = np.full(n0, -1, np.int64)
-                    remap[keep] = np.arange(len(keep))
-                    # Rows deleted or replaced while building.
-                    gone = keep[~cur.alive[keep]]
-                    new.alive[remap[gone]] = False
-                    # Rows appended while building become the new growing segment.
-                    extra = cur.n - n0
-                    if new.n + extra > new.capacity:
-                        self.table = new
-                        self._grow(extra)
-                        new = self.table
-                    new.vectors[new.n:new.n + extra] = cur.vectors[n0:cur.n]
-                    for name in new.cols.__dataclass_fields__:
-                        getattr(new.cols, name)[new.n:new.n + extra] = getattr(cur.cols, name)[n0:cur.n]
-                    new.alive[new.n:new.n + extra] = cur.alive[n0:cur.n]
-                    new.n += extra
-                    ids = new.cols.media_ids[: new.n]
-                    live = np.flatnonzero(new.alive[: new.n])
-                    self._ids = {int(ids[r]): int(r) for r in live}
-                    self.table = new
-                    log.info("compaction: generation %d, %d sealed rows, %d growing", new.generation,
-                             new.sealed, new.n - new.sealed)
-                    return new
+                    self._freeze()
+                    sources = list(self._sealed)
+                new = self._rebuild(sources, progress)
+                self._swap(sources, new)
+                log.info("compaction: %d rows in one segment, generation %d", 0 if new is None else new.n,
+                         self.generation)
+                return new
             finally:
                 self.compacting = False
 
-    # -- stats ----------------------------------------------------------------------------------
+    # -- snapshots ---------------------------------------------------------------------------------
+    def cut(self) -> Cut:
+        """A consistent view: each segment with its row count and a copy of its tombstones, and the lsn."""
+        with self._lock:
+            segs = [(s, s.n, s.alive[: bitmaps.words_for(s.n)].copy()) for s in self.segments() if s.n]
+            return Cut(segs, self.applied_lsn, self.generation)
+
+    # -- stats -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        t = self.table
-        alive = t.alive[: t.n]
+        segs = self.segments()
+        sealed = [s for s in segs if s.sealed]
+        unsealed = [s for s in segs if not s.sealed]
         return {
-            "item_count": int(alive.sum()),
-            "sealed_count": t.sealed,
-            "growing_count": t.n - t.sealed,
-            "tombstone_count": int(t.n - alive.sum()),
-            "index_bytes": t.index.nbytes,
-            "vector_bytes": t.n * self.dim * 2,
-            "index_generation": t.generation,
+            "item_count": sum(s.live for s in segs),
+            "sealed_count": sum(s.n for s in sealed),
+            "growing_count": sum(s.n for s in unsealed),
+            "tombstone_count": sum(s.dead for s in segs),
+            "index_bytes": sum(s.index.nbytes for s in sealed if s.index is not None),
+            "vector_bytes": sum(s.n for s in segs) * self.dim * 2,
+            "index_generation": self.generation,
+            "segment_count": len(segs),
         }
+
+
+class _Rows:
+    """``vectors[rows]`` read lazily in chunks (an index build reads a memory-mapped catalogue this way,
+    without first copying the shard's rows)."""
+
+    def __init__(self, vectors: Any, rows: np.ndarray, dim: int) -> None:
+        self._vectors = vectors
+        self._rows = rows
+        self.shape = (rows.shape[0], dim)
+        self.dtype = np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        return np.asarray(self._vectors[self._rows[item]])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.asarray(self._vectors[self._rows])
+        return out if dtype is None else out.astype(dtype)

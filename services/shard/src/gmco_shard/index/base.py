@@ -1,50 +1,46 @@
-"""The index interface every backend implements (exact, HNSW, CAGRA, Milvus) and the lazy registry.
+"""The interface every index backend implements (exact, HNSW, CAGRA, Milvus) and the lazy registry.
 
 An index covers the rows of one sealed segment, numbered 0..n-1. Search returns, per query, the top-k
 row numbers with scores (higher is better: inner product, or the negated squared L2 distance), padded
-with row -1 and score -inf. ``allow`` is an optional boolean pre-filter over the rows.
+with row -1 and score -inf. ``allow`` is an optional row bitmap (``gmco_shard.bitmaps``) pre-filter.
+
+One copy of the vectors: an index that keeps the segment's FP16 rows on the host (HNSW over FP16 storage)
+hands them out as ``vectors``, and the segment reads its rows from there instead of keeping its own.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError
 
-from gmco_shard.filters import AttributeColumns
+from gmco_shard.columns import AttributeColumns
+from gmco_shard.index.params import IndexParams
 
-METRICS = ("ip", "l2")
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """Backend build/search parameters; each backend reads the ones it knows."""
-
-    metric: str = "ip"
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 128
-    extra: dict[str, str] = field(default_factory=dict)
+if TYPE_CHECKING:
+    from gmco_kernels import Graph
 
 
 class VectorIndex(ABC):
     name: str = "?"
+    # The backend searches its own rows exactly (no ANN structure): the store scans them with the kernels.
+    exact: bool = False
+    # ``save`` writes the FP16 rows too (in the index's own file), so the snapshot need not write them again.
+    saves_rows: bool = False
 
     def __init__(self, dim: int, params: IndexParams) -> None:
-        if params.metric not in METRICS:
-            raise ConfigError(f"unknown metric {params.metric!r}; use one of {', '.join(METRICS)}")
         self.dim = dim
         self.params = params
         self.count = 0
 
     @abstractmethod
     def build(self, vectors: np.ndarray, progress: bool = False) -> None:
-        """Index ``vectors`` (n x dim, float16). Replaces any previous content."""
+        """Index ``vectors`` (n x dim, float16; may be a memory map, read in chunks). Replaces any content."""
 
     @abstractmethod
     def search(self, queries: np.ndarray, k: int, allow: np.ndarray | None = None,
@@ -55,13 +51,35 @@ class VectorIndex(ABC):
     def save(self, directory: Path) -> None: ...
 
     @abstractmethod
-    def load(self, directory: Path, vectors: np.ndarray) -> None:
-        """Restore from ``save``; ``vectors`` are the segment's rows (backends that keep none ignore it)."""
+    def load(self, directory: Path, vectors: np.ndarray | None) -> None:
+        """Restore from ``save``; ``vectors`` are the segment's rows when the backend keeps none itself
+        (None when it does: its own file holds them)."""
+
+    @property
+    def vectors(self) -> np.ndarray | None:
+        """The segment's FP16 rows as this index stores them on the host, or None when it keeps none."""
+        return None
+
+    def layout(self, vectors: np.ndarray) -> np.ndarray | None:
+        """The row order this index wants its segment in (IVF groups rows by list), or None for any order.
+        The store permutes the rows and their columns by it, then calls ``build`` with them in that order."""
+        return None
+
+    @property
+    def graph(self) -> Graph | None:
+        """The proximity graph, for the filtered (ACORN-style) search; None when the backend has none."""
+        return None
 
     @property
     @abstractmethod
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """Host bytes of the index beyond the FP16 rows it may share with the segment."""
 
+    def close(self) -> None:
+        """Release what the index holds outside this process (a remote collection's client, say)."""
+
+    def retire(self) -> None:
+        """The store replaced this index's segment: free what it holds elsewhere (a Milvus collection)."""
 
 
 class FilteringIndex(VectorIndex):
@@ -69,9 +87,9 @@ class FilteringIndex(VectorIndex):
 
     For a backend that cannot take a row bitmap (Milvus takes a boolean expression), the store builds it
     with the sealed rows' columns and, for a filtered search, hands over the request's ``Filter`` plus
-    the sealed rows it must hide (tombstones) instead of an allow mask. ``search`` with an allow mask
-    still works (the backend turns the mask into a row list), and ``build`` without columns indexes rows
-    that carry no attributes, which is enough for mask-only use.
+    the sealed rows it must hide (tombstones) instead of an allow bitmap. ``search`` with an allow bitmap
+    still works (the backend turns it into a row list), and ``build`` without columns indexes rows
+    that carry no attributes, which is enough for bitmap-only use.
     """
 
     @abstractmethod
@@ -83,9 +101,11 @@ class FilteringIndex(VectorIndex):
                       ef: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search``, over the rows that pass ``flt`` and are not in ``hidden_rows``."""
 
+
 # name -> ("module:Class", what to install when the import fails)
 BACKENDS: dict[str, tuple[str, str]] = {
     "exact": ("gmco_shard.index.exact:ExactIndex", ""),
+    "ivf": ("gmco_shard.index.ivf:IvfIndex", "faiss-cpu"),
     "hnsw": ("gmco_shard.index.hnsw:HnswIndex", "faiss-cpu"),
     "cuvs": ("gmco_shard.index.cuvs:CagraIndex", "the shard's gpu extra: uv sync --package gmco-shard --extra gpu"),
     "milvus": ("gmco_shard.index.milvus:MilvusIndex", "the shard's milvus extra: uv sync --package gmco-shard --extra milvus"),
@@ -123,12 +143,3 @@ def topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     s, r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
     r[~np.isfinite(s)] = -1
     return s.astype(np.float32), r.astype(np.int64)
-
-
-def score_block(queries: np.ndarray, block: np.ndarray, metric: str) -> np.ndarray:
-    """Similarity of float32 queries against a float16/float32 block (higher is better)."""
-    b = np.asarray(block, dtype=np.float32)
-    ip = queries @ b.T
-    if metric == "ip":
-        return ip
-    return 2 * ip - (queries * queries).sum(1, keepdims=True) - (b * b).sum(1)[None, :]

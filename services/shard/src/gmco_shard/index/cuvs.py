@@ -1,7 +1,7 @@
 """CAGRA on an NVIDIA GPU (cuVS) for the sealed segment, with GPU brute force beside it.
 
 - The segment's rows live on the device as FP16; the CAGRA graph and a brute-force index share them.
-- Build/search parameters come from :class:`~gmco_shard.index.cagra_config.CagraParams` (settings
+- Build/search parameters come from :class:`~gmco_shard.index.params.CagraParams` (settings
   ``GMCO_SHARD_CAGRA_*``); a request's ``ef`` overrides ``itopk_size``.
 - The store's allow mask becomes a cuVS bitset pre-filter (``filters.from_bitset``). The store calls
   :meth:`CagraIndex.exact_search` (GPU brute force over the allowed rows) instead of its CPU exact path
@@ -38,8 +38,10 @@ from cuvs.neighbors import brute_force, cagra, filters
 from gmco_common.errors import ResourceExhausted
 from rmm.allocators.cupy import rmm_cupy_allocator
 
+from gmco_shard import bitmaps
 from gmco_shard.index.base import VectorIndex
-from gmco_shard.index.cagra_config import CagraParams, bitset, check_fits, is_out_of_memory
+from gmco_shard.index.cuvs_support import bitset, check_fits, is_out_of_memory
+from gmco_shard.index.params import CagraParams
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ class CagraIndex(VectorIndex):
 
     def __init__(self, dim, params) -> None:
         super().__init__(dim, params)
-        self.cagra = CagraParams.from_extra(params.extra)
+        self.cagra = params.cagra
         _POOL.ensure(self.cagra)
         self._metric = "inner_product" if params.metric == "ip" else "sqeuclidean"
         self._local = threading.local()
@@ -169,7 +171,7 @@ class CagraIndex(VectorIndex):
             q = cp.asarray(np.ascontiguousarray(queries, dtype=np.float16))
             dist = cp.empty((q.shape[0], k), cp.float32)
             rows = cp.empty((q.shape[0], k), cp.uint32)
-            pre = None if allow is None else filters.from_bitset(cp.asarray(bitset(allow[: self.count])))
+            pre = None if allow is None else filters.from_bitset(cp.asarray(bitset(allow, self.count)))
             cagra.search(sp, self._index, q, k, neighbors=rows, distances=dist, resources=res, filter=pre)
             return self._finish(stream, dist, rows, allow)
 
@@ -181,7 +183,7 @@ class CagraIndex(VectorIndex):
             q = cp.asarray(np.ascontiguousarray(queries, dtype=np.float16))
             dist = cp.empty((q.shape[0], k), cp.float32)
             rows = cp.empty((q.shape[0], k), cp.int64)
-            pre = None if allow is None else filters.from_bitset(cp.asarray(bitset(allow[: self.count])))
+            pre = None if allow is None else filters.from_bitset(cp.asarray(bitset(allow, self.count)))
             brute_force.search(self._bf, q, k, neighbors=rows, distances=dist, resources=res, prefilter=pre)
             return self._finish(stream, dist, rows, allow)
 
@@ -193,7 +195,8 @@ class CagraIndex(VectorIndex):
         stream.synchronize()
         bad = (r < 0) | (r >= self.count) | ~np.isfinite(d) | (np.abs(d) >= _EMPTY_DISTANCE)
         if allow is not None:  # never hand out a row the filter excluded, whatever fills an empty slot
-            bad |= ~allow[np.clip(r, 0, max(self.count - 1, 0))]
+            allowed = bitmaps.to_bools(allow, self.count)
+            bad |= ~allowed[np.clip(r, 0, max(self.count - 1, 0))]
         scores = d if self._metric == "inner_product" else -d
         scores[bad] = -np.inf
         r[bad] = -1
@@ -210,7 +213,8 @@ class CagraIndex(VectorIndex):
         meta = {"rows": self.count, "dim": self.dim, "metric": self._metric, "graph_degree": int(graph.shape[1])}
         (directory / _META).write_text(json.dumps(meta))
 
-    def load(self, directory: Path, vectors: np.ndarray) -> None:
+    def load(self, directory: Path, vectors: np.ndarray | None) -> None:
+        assert vectors is not None
         rows = vectors.shape[0]
         if not self._has_graph(rows):
             self.build(vectors)

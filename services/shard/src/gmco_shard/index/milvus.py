@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,9 @@ from pymilvus.exceptions import (
 )
 from pymilvus.grpc_gen import common_pb2 as milvus_common
 
-from gmco_shard.config import MILVUS_CONSISTENCY_LEVELS, MILVUS_INDEX_TYPES, MILVUS_VECTOR_TYPES
-from gmco_shard.filters import MAX_GENRES, AttributeColumns, empty_columns
-from gmco_shard.index.base import FilteringIndex, IndexParams
+from gmco_shard import bitmaps
+from gmco_shard.columns import MAX_GENRES, AttributeColumns, empty_columns
+from gmco_shard.index.base import FilteringIndex
 from gmco_shard.index.milvus_filter import (
     FORMAT_BITS,
     GENRES,
@@ -64,6 +63,7 @@ from gmco_shard.index.milvus_filter import (
     filter_expression,
     rows_expression,
 )
+from gmco_shard.index.params import IndexParams, MilvusParams
 
 log = logging.getLogger(__name__)
 
@@ -74,72 +74,26 @@ _BREADTH = {"HNSW": "ef", "HNSW_SQ": "ef", "GPU_CAGRA": "itopk_size", "IVF_FLAT"
             "GPU_IVF_FLAT": "nprobe"}
 
 
-@dataclass(frozen=True)
-class MilvusSettings:
-    """The ``milvus_*`` entries of :class:`IndexParams.extra` (from GMCO_SHARD_MILVUS_* settings)."""
-
-    uri: str
-    token: str = ""
-    collection: str = "gmco_shard"
-    index_type: str = "HNSW"
-    index_params: str = ""  # JSON object merged over the defaults
-    consistency: str = "Bounded"
-    vector_type: str = "auto"
-    timeout_seconds: float = 30.0
-    build_timeout_seconds: float = 3600.0  # insert, flush, index and load of a whole segment
-
-    @classmethod
-    def from_params(cls, params: IndexParams) -> MilvusSettings:
-        e = params.extra
-        if not e.get("milvus_uri"):
-            raise ConfigError("the milvus backend needs GMCO_SHARD_MILVUS_URI: a Milvus URI (http://host:19530) "
-                              "or a Milvus Lite file path ending in .db")
-        s = cls(uri=e["milvus_uri"], token=e.get("milvus_token", ""),
-                collection=e.get("milvus_collection") or cls.collection,
-                index_type=e.get("milvus_index_type") or cls.index_type,
-                index_params=e.get("milvus_index_params", ""),
-                consistency=e.get("milvus_consistency") or cls.consistency,
-                vector_type=e.get("milvus_vector_type") or cls.vector_type,
-                timeout_seconds=float(e.get("milvus_timeout_seconds") or cls.timeout_seconds),
-                build_timeout_seconds=float(e.get("milvus_build_timeout_seconds") or cls.build_timeout_seconds))
-        for name, value, allowed in (("INDEX_TYPE", s.index_type, MILVUS_INDEX_TYPES),
-                                     ("CONSISTENCY", s.consistency, MILVUS_CONSISTENCY_LEVELS),
-                                     ("VECTOR_TYPE", s.vector_type, MILVUS_VECTOR_TYPES)):
-            if value not in allowed:
-                raise ConfigError(f"GMCO_SHARD_MILVUS_{name}={value!r}: use one of {', '.join(allowed)}")
-        if s.lite and s.vector_type == "float16":
-            raise ConfigError("Milvus Lite has no FLOAT16_VECTOR: set GMCO_SHARD_MILVUS_VECTOR_TYPE=float32 (or auto)")
-        return s
-
-    @property
-    def lite(self) -> bool:
-        return self.uri.endswith(".db")
-
-    @property
-    def vector_dtype(self) -> np.dtype:
-        if self.vector_type == "auto":
-            return np.dtype(np.float32 if self.lite else np.float16)
-        return np.dtype(self.vector_type)
-
-    def build_params(self, params: IndexParams) -> dict[str, Any]:
-        defaults: dict[str, Any] = {
-            "HNSW": {"M": params.hnsw_m, "efConstruction": params.hnsw_ef_construction},
-            "HNSW_SQ": {"M": params.hnsw_m, "efConstruction": params.hnsw_ef_construction},
-            "GPU_CAGRA": {"intermediate_graph_degree": 64, "graph_degree": 32},
-            "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "GPU_IVF_FLAT": {"nlist": 1024},
-        }.get(self.index_type, {})
-        if self.index_params:
-            try:
-                extra = json.loads(self.index_params)
-            except ValueError as exc:
-                raise ConfigError(f"GMCO_SHARD_MILVUS_INDEX_PARAMS is not JSON: {exc}") from None
-            if not isinstance(extra, dict):
-                raise ConfigError("GMCO_SHARD_MILVUS_INDEX_PARAMS must be a JSON object, e.g. {\"M\": 32}")
-            defaults.update(extra)
-        return defaults
+def vector_dtype(settings: MilvusParams) -> np.dtype:
+    """The stored vector type: FP16 on a Milvus server, float32 on Milvus Lite (which has no FP16 vectors)."""
+    if settings.vector_type == "auto":
+        return np.dtype(np.float32 if settings.lite else np.float16)
+    return np.dtype(settings.vector_type)
 
 
-def milvus_error(exc: Exception, action: str, settings: MilvusSettings, field: str = "") -> GmcoError:
+def build_params(settings: MilvusParams, params: IndexParams) -> dict[str, Any]:
+    """The index build parameters: the defaults of the index type, then GMCO_SHARD_MILVUS_INDEX_PARAMS."""
+    defaults: dict[str, Any] = {
+        "HNSW": {"M": params.hnsw.m, "efConstruction": params.hnsw.ef_construction},
+        "HNSW_SQ": {"M": params.hnsw.m, "efConstruction": params.hnsw.ef_construction},
+        "GPU_CAGRA": {"intermediate_graph_degree": 64, "graph_degree": 32},
+        "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "GPU_IVF_FLAT": {"nlist": 1024},
+    }.get(settings.index_type, {})
+    defaults.update(settings.extra_build_params())
+    return defaults
+
+
+def milvus_error(exc: Exception, action: str, settings: MilvusParams, field: str = "") -> GmcoError:
     """A gmco_common error for a pymilvus/gRPC failure; the raw text goes to the log only."""
     log.warning("milvus %s failed: %r", action, exc)
     where = f"Milvus at {settings.uri}"
@@ -190,8 +144,12 @@ class MilvusIndex(FilteringIndex):
         if params.metric != "ip":
             raise ConfigError("the milvus backend supports GMCO_SHARD_METRIC=ip only (Milvus Lite and Milvus "
                               "report L2 distances differently)")
-        self.settings = MilvusSettings.from_params(params)
-        self.build_params = self.settings.build_params(params)
+        if params.milvus is None:
+            raise ConfigError("the milvus backend needs GMCO_SHARD_MILVUS_URI: a Milvus URI (http://host:19530) "
+                              "or a Milvus Lite file path ending in .db")
+        self.settings = params.milvus
+        self.vector_dtype = vector_dtype(self.settings)
+        self.build_params = build_params(self.settings, params)
         self.collection: str | None = None
         self._client: MilvusClient | None = None
 
@@ -218,7 +176,7 @@ class MilvusIndex(FilteringIndex):
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         s.add_field(ROW, DataType.INT64, is_primary=True)
         s.add_field(MEDIA_ID, DataType.INT64)
-        vtype = DataType.FLOAT16_VECTOR if self.settings.vector_dtype == np.float16 else DataType.FLOAT_VECTOR
+        vtype = DataType.FLOAT16_VECTOR if self.vector_dtype == np.float16 else DataType.FLOAT_VECTOR
         s.add_field(VECTOR, vtype, dim=self.dim)
         s.add_field(GENRES, DataType.ARRAY, element_type=DataType.INT32, max_capacity=MAX_GENRES)
         s.add_field(RATING, DataType.INT32)
@@ -265,7 +223,7 @@ class MilvusIndex(FilteringIndex):
         for start in tqdm(range(0, n, _INSERT_BATCH), desc="milvus insert", unit="batch", disable=not progress):
             stop = min(n, start + _INSERT_BATCH)
             batch = entity_rows(vectors[start:stop], cols.take(np.arange(start, stop)), start,
-                                self.settings.vector_dtype)
+                                self.vector_dtype)
             self._call("insert", "insert", name, batch, build=True)
         self._call("flush", "flush", name, build=True)
         self._wait_indexed(name, n)
@@ -273,22 +231,20 @@ class MilvusIndex(FilteringIndex):
         got = self._count(name)
         if got != n:
             raise Unavailable(f"Milvus collection {name} holds {got} rows after the build, expected {n}; retry")
-        previous, self.collection, self.count = self.collection, name, n
-        self._drop_stale(keep={name, previous})
+        self.collection, self.count = name, n
         log.info("milvus: built %s (%d rows, %s, %s)", name, n, self.settings.index_type, self.build_params)
 
-    def _drop_stale(self, keep: set[str | None]) -> None:
-        """Drop this shard's older collections: all but the newest two (the new one and the one that may
-        still be serving until the store swaps tables)."""
-        prefix = self.settings.collection + "_"
-        ours = sorted((c for c in self._call("list collections", "list_collections")
-                       if c.startswith(prefix) and c[len(prefix):].isdigit()), key=lambda c: int(c[len(prefix):]))
-        for old in ours[:-2]:
-            if old not in keep:
-                self._call("drop collection", "drop_collection", old)
+    def retire(self) -> None:
+        """Drop this index's collection: the store has replaced the segment (and waited for the searches
+        that still read it). A snapshot that names it is then refused at load, and the replica rebuilds."""
+        if self.collection is not None:
+            self._call("drop collection", "drop_collection", self.collection)
+            self.collection = None
 
     def search(self, queries, k, allow=None, ef=0):
-        return self._search(queries, k, "" if allow is None else rows_expression(allow[: self.count]), ef)
+        if allow is None:
+            return self._search(queries, k, "", ef)
+        return self._search(queries, k, rows_expression(bitmaps.to_bools(allow, self.count)), ef)
 
     def search_filter(self, queries, k, flt, hidden_rows, ef=0):
         return self._search(queries, k, filter_expression(flt, hidden_rows), ef)
@@ -296,11 +252,11 @@ class MilvusIndex(FilteringIndex):
     def _search(self, queries: np.ndarray, k: int, expr: str, ef: int) -> tuple[np.ndarray, np.ndarray]:
         if self.collection is None:
             raise FailedPrecondition("the milvus index has not been built or loaded yet")
-        q = np.ascontiguousarray(queries, dtype=self.settings.vector_dtype)
+        q = np.ascontiguousarray(queries, dtype=self.vector_dtype)
         breadth = _BREADTH.get(self.settings.index_type)
         search_params: dict[str, Any] = {"metric_type": "IP", "params": {}}
         if breadth == "ef":
-            search_params["params"]["ef"] = max(ef or self.params.hnsw_ef_search, k)
+            search_params["params"]["ef"] = max(ef or self.params.hnsw.ef_search, k)
         elif breadth is not None and ef:
             search_params["params"][breadth] = max(ef, k) if breadth == "itopk_size" else ef
         hits = self._call("search", "search", self.collection, data=list(q), limit=k, filter=expr,
@@ -318,11 +274,12 @@ class MilvusIndex(FilteringIndex):
         if self.collection is None:
             raise FailedPrecondition("the milvus index has not been built yet; nothing to snapshot")
         meta = {"collection": self.collection, "count": self.count, "index_type": self.settings.index_type,
-                "vector_type": str(self.settings.vector_dtype)}
+                "vector_type": str(self.vector_dtype)}
         (directory / _FILE).write_text(json.dumps(meta))
 
-    def load(self, directory: Path, vectors: np.ndarray) -> None:
+    def load(self, directory: Path, vectors: np.ndarray | None) -> None:
         """Reconnect to the snapshot's collection (its data lives in Milvus, not in the snapshot)."""
+        assert vectors is not None
         meta = json.loads((directory / _FILE).read_text())
         name = meta["collection"]
         if not self._call("check collection", "has_collection", name):
@@ -339,4 +296,4 @@ class MilvusIndex(FilteringIndex):
     def nbytes(self) -> int:
         # Held by Milvus, not by the shard: vectors plus (for graph indexes) ~2*M int32 links per row.
         links = 2 * int(self.build_params.get("M", self.build_params.get("graph_degree", 0))) * 4
-        return self.count * (self.dim * self.settings.vector_dtype.itemsize + links)
+        return self.count * (self.dim * self.vector_dtype.itemsize + links)

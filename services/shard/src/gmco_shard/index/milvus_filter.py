@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from gmco.common.v1 import common_pb2
 
-from gmco_shard.filters import AttributeColumns, is_trivial
+from gmco_shard.columns import AttributeColumns
+from gmco_shard.filters import is_trivial
 
 # Field names of the collection (see MilvusIndex for the schema).
 ROW, MEDIA_ID, VECTOR = "row", "media_id", "vector"
