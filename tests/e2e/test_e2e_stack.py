@@ -113,7 +113,8 @@ def test_feedback_changes_the_next_answer_and_makes_the_cache_stale(envoy) -> No
 @pytest.mark.parametrize(("request_", "metadata", "field"), [
     (pb.RecommendRequest(context=ctx(), k=10), [], "user_id"),
     (pb.RecommendRequest(user_id="bad", context=ctx(), k=0), [("x-user-id", "bad")], "k"),
-    (pb.RecommendRequest(user_id="bad", context=common_pb2.RequestContext(region=REGION, device=DEVICE), k=10),
+    (pb.RecommendRequest(user_id="bad", context=common_pb2.RequestContext(surface=42, region=REGION,
+                                                                         device=DEVICE), k=10),
      [("x-user-id", "bad")], "context.surface"),
     (pb.RecommendRequest(user_id="bad", context=ctx(region="ZZ-unknown"), k=10), [("x-user-id", "bad")],
      "region"),

@@ -20,13 +20,15 @@ from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_common.config import ServerSettings
 from gmco_common.errors import InvalidArgument, Unavailable
+from gmco_common.features import DEFAULT_SEED, feature_version, features
 from gmco_common.server import Registration, RunningServer, start_server
 from gmco_common.slots import SlotMap
-from gmco_common.vectors import decode_batch, encode_vector, normalize
+from gmco_common.vectors import decode_batch, encode_batch, encode_vector, normalize
 from gmco_router.app import start
 from gmco_router.config import Settings
 
 DIM = 8
+FEATURE_DIM = 16
 GENRES = {"genre:drama": 1, "genre:horror": 2, "genre:comedy": 3}
 
 
@@ -59,12 +61,14 @@ class Catalogue:
 
     vectors: dict[int, np.ndarray]
     genres: dict[int, int]
+    popularity: dict[int, float]
 
     @classmethod
     def make(cls, n: int = 200, seed: int = 1) -> Catalogue:
         rng = np.random.default_rng(seed)
         vecs = normalize(rng.normal(size=(n, DIM))).astype(np.float16)
-        return cls({i + 1: vecs[i] for i in range(n)}, {i + 1: 1 + i % 3 for i in range(n)})
+        return cls({i + 1: vecs[i] for i in range(n)}, {i + 1: 1 + i % 3 for i in range(n)},
+                   {i + 1: float(rng.random()) for i in range(n)})
 
     def of_shard(self, shard_id: int, shard_count: int) -> list[int]:
         slots = SlotMap.even(shard_count)
@@ -93,16 +97,31 @@ class FakeShard(shard_service_pb2_grpc.ShardServiceServicer):
         await self.switch.enter("Search", context)
         self.searches.append(request)
         queries = decode_batch(request.queries, "queries", DIM).astype(np.float32)
-        f = request.filter
-        allowed = [m for m in sorted(self.ids) if m not in set(f.excluded_media_ids)
-                   and self.catalogue.genres[m] not in set(f.blocked_genre_ids)]
+        filters = list(request.query_filters) or [request.filter] * len(queries)
         results = []
-        for q in queries:
-            scored = sorted(((float(self.catalogue.vectors[m].astype(np.float32) @ q), m) for m in allowed),
-                            reverse=True)[: request.k]
-            results.append(shard_service_pb2.QueryResult(
-                items=[self._item(m, s, request.include_vectors) for s, m in scored]))
-        return shard_service_pb2.SearchResponse(results=results, shard_id=self.shard_id)
+        for q, f in zip(queries, filters, strict=True):
+            allowed = [m for m in sorted(self.ids) if m not in set(f.excluded_media_ids)
+                       and self.catalogue.genres[m] not in set(f.blocked_genre_ids)]
+            if request.order == shard_service_pb2.SEARCH_ORDER_POPULARITY:
+                scored = sorted(((self.catalogue.popularity[m], m) for m in allowed), reverse=True)[: request.k]
+            else:
+                scored = sorted(((float(self.catalogue.vectors[m].astype(np.float32) @ q), m) for m in allowed),
+                                reverse=True)[: request.k]
+            if request.columnar:
+                ids = np.asarray([m for _, m in scored], "<u8")
+                result = shard_service_pb2.QueryResult(
+                    media_ids=ids.tobytes(), scores=np.asarray([s for s, _ in scored], "<f4").tobytes(),
+                    popularities=np.asarray([self.catalogue.popularity[m] for m in ids], "<f4").tobytes())
+            else:
+                result = shard_service_pb2.QueryResult(
+                    items=[self._item(m, s, request.include_vectors) for s, m in scored])
+            if request.include_features:
+                vecs = np.stack([self.catalogue.vectors[m] for _, m in scored]) if scored else \
+                    np.zeros((0, DIM), np.float16)
+                result.features.CopyFrom(encode_batch(features(vecs, FEATURE_DIM, DEFAULT_SEED), "float32"))
+            results.append(result)
+        return shard_service_pb2.SearchResponse(results=results, shard_id=self.shard_id,
+                                                feature_version=feature_version(DIM, FEATURE_DIM, DEFAULT_SEED))
 
     async def GetMedia(self, request, context):
         await self.switch.enter("GetMedia", context)
@@ -130,6 +149,8 @@ class FakeCache(cache_service_pb2_grpc.CacheServiceServicer):
     def __init__(self) -> None:
         self.switch = Switch()
         self.store: dict[tuple[str, str, int], bytes] = {}
+        self.put_delay = 0.0
+        self.puts_fail = False
 
     async def GetRecommendations(self, request, context):
         await self.switch.enter("Get", context)
@@ -141,6 +162,10 @@ class FakeCache(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def PutRecommendations(self, request, context):
         await self.switch.enter("Put", context)
+        if self.puts_fail:
+            raise Unavailable("cache writes are switched off")
+        if self.put_delay:
+            await asyncio.sleep(self.put_delay)
         self.store[(request.user_id, request.context_hash, request.user_version)] = \
             request.recommendations.SerializeToString()
         return cache_service_pb2.PutRecommendationsResponse(stored=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2
 from gmco.router.v1 import router_service_pb2 as pb
+from gmco.shard.v1 import shard_service_pb2
 from gmco_common.slots import SlotMap
 from gmco_common.vectors import encode_vector
 
@@ -24,9 +26,11 @@ async def test_miss_then_hit(h) -> None:
     assert len(first.items) == 5 and not first.cache_hit and not first.degraded
     assert first.router_id == "router-test" and first.user_id == "u1" and first.policy == "fake"
     stages = [t.stage for t in first.timings]
-    for stage in ("user_state", "cache_get", "constraints", "shard_search", "merge", "rank", "cache_put"):
+    for stage in ("user_state", "cache_get", "constraints", "shard_search", "merge", "rank"):
         assert stage in stages
+    assert "cache_put" not in stages  # written after the reply
     assert {i.shard_id for i in first.items} <= {0, 1}
+    await _eventually(lambda: h.cache.switch.calls.get("Put", 0) == 1)
     second = await h.stub.Recommend(req(), timeout=5)
     assert second.cache_hit and [i.media_id for i in second.items] == [i.media_id for i in first.items]
     # The version was learnt on the first call and the list kept in the router: no rl_state call, and
@@ -69,8 +73,11 @@ async def test_merge_is_the_global_top_k(h) -> None:
     assert {i.shard_id for i in resp.items} == {0, 1}
     ranked = h.rl.ranks[-1]
     assert len(ranked.candidate_media_ids) == len(set(ranked.candidate_media_ids))
-    assert ranked.candidate_vectors.count == len(ranked.candidate_media_ids)
-    assert ranked.candidate_vectors.dimension == h.dim
+    # candidates travel as the shards' bandit features, never as vectors
+    assert ranked.candidate_features.count == len(ranked.candidate_media_ids)
+    assert ranked.candidate_features.dimension == 16 and not ranked.candidate_vectors.count
+    assert ranked.feature_version == "jl-8x16-s20240601"
+    assert len(ranked.popularities) == len(ranked.candidate_media_ids)
 
 
 async def test_blocked_genre_and_seen_items_reach_the_shards(h) -> None:
@@ -81,7 +88,8 @@ async def test_blocked_genre_and_seen_items_reach_the_shards(h) -> None:
     sent = h.shards[0][0].searches[-1].filter
     assert list(sent.blocked_genre_ids) == [h.genre_codes["genre:horror"]]
     assert {7, 8, 9} <= set(sent.excluded_media_ids)
-    assert h.shards[0][0].searches[-1].include_vectors
+    search = h.shards[0][0].searches[-1]
+    assert search.include_features and search.columnar and not search.include_vectors
 
 
 async def test_feedback_fills_vectors_and_makes_the_cache_stale(h) -> None:
@@ -135,7 +143,6 @@ async def test_stale_filter_is_used_when_the_ontology_fails(h) -> None:
     (pb.RecommendRequest(user_id="a", context=CTX, k=5), (("x-user-id", "b"),), "user_id"),
     (pb.RecommendRequest(user_id="a", context=CTX, k=0), (), "k"),
     (pb.RecommendRequest(user_id="a", context=CTX, k=101), (), "k"),
-    (pb.RecommendRequest(user_id="a", context=common_pb2.RequestContext(region="US"), k=5), (), "context.surface"),
     (pb.RecommendRequest(user_id="a", context=common_pb2.RequestContext(surface=99, region="US"), k=5), (),
      "context.surface"),
     (pb.RecommendRequest(user_id="a", context=common_pb2.RequestContext(surface=1, region="XX"), k=5), (),
@@ -149,6 +156,64 @@ async def test_bad_input_is_invalid_argument(h, request_, metadata, field: str) 
         await h.stub.Recommend(request_, metadata=metadata, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.value.details()
+
+
+async def test_a_request_without_context_gets_the_documented_defaults(h) -> None:
+    resp = await h.stub.Recommend(pb.RecommendRequest(user_id="plain", k=3), timeout=5)
+    assert len(resp.items) == 3 and not resp.degraded
+
+
+async def test_batched_misses_with_different_filters_each_get_their_own(make_harness) -> None:
+    async with make_harness(batch_window_ms=30.0) as h:
+        h.rl.seen["w0"] = [m for m in h.catalogue.vectors if m % 2 == 0]  # w0 has seen every even item
+        prefs = [common_pb2.UserPreferences(blocked_genres=["genre:horror"]), common_pb2.UserPreferences(),
+                 common_pb2.UserPreferences(blocked_genres=["genre:comedy"])]
+        answers = await asyncio.gather(*(h.stub.Recommend(req(user=f"w{i}", k=10, preferences=prefs[i]), timeout=5)
+                                         for i in range(3)))
+        shard_calls = h.shards[0][0].switch.calls["Search"]
+        assert shard_calls == 1 and h.shards[0][0].searches[0].queries.count == 3  # one shared Search
+        assert len(h.shards[0][0].searches[0].query_filters) == 3
+        assert all(m % 2 for m in (i.media_id for i in answers[0].items))  # w0's own seen items stayed out
+        assert not any(h.catalogue.genres[i.media_id] == h.genre_codes["genre:horror"] for i in answers[0].items)
+        assert not any(h.catalogue.genres[i.media_id] == h.genre_codes["genre:comedy"] for i in answers[2].items)
+        assert any(h.catalogue.genres[i.media_id] == h.genre_codes["genre:horror"] for i in answers[1].items)
+
+
+async def test_a_failed_or_dropped_cache_put_never_reaches_the_caller(make_harness) -> None:
+    from prometheus_client import REGISTRY
+
+    def puts(result: str) -> float:
+        return REGISTRY.get_sample_value("gmco_router_cache_puts_total", {"result": result}) or 0.0
+
+    async with make_harness() as h:
+        failed = puts("failed")
+        h.cache.puts_fail = True
+        resp = await h.stub.Recommend(req(user="p1"), timeout=5)
+        assert resp.items and not resp.degraded  # the reply went out before the write failed
+        await _eventually(lambda: puts("failed") > failed)
+    async with make_harness(cache_put_max_pending=1) as h:
+        dropped = puts("dropped")
+        h.cache.put_delay = 1.0  # writes pile up
+        answers = await asyncio.gather(*(h.stub.Recommend(req(user=f"d{i}"), timeout=5) for i in range(4)))
+        assert all(a.items and not a.degraded for a in answers)
+        assert puts("dropped") > dropped
+
+
+async def test_a_user_without_state_gets_the_most_popular_allowed_items(h) -> None:
+    h.rl.query = np.zeros(h.dim, np.float32)  # the cold-start state: no preference vector
+    resp = await h.stub.Recommend(req(user="newcomer", k=5, skip_cache=True), timeout=5)
+    search = h.shards[0][0].searches[-1]
+    assert search.order == shard_service_pb2.SEARCH_ORDER_POPULARITY
+    allowed = sorted(h.catalogue.popularity, key=lambda m: -h.catalogue.popularity[m])
+    assert {i.media_id for i in resp.items} <= set(allowed[:40])
+
+
+async def _eventually(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    assert predicate()
 
 
 async def test_user_id_from_metadata(h) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
 from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2
+from gmco_common.cache_key import context_key
 from gmco_common.config import ConfigError
+from gmco_common.vectors import encode_batch
 from gmco_router.local import SingleFlight
-from gmco_router.recommend import context_key, merge
+from gmco_router.recommend import merge
 from gmco_router.replicas import (
     LatencyWindow,
     Replica,
@@ -140,14 +143,18 @@ def test_context_key_ignores_preference_order() -> None:
 
 
 def test_merge_dedupes_and_sorts() -> None:
-    def item(media_id: int, score: float) -> common_pb2.ScoredItem:
-        return common_pb2.ScoredItem(media_id=media_id, score=score, vector=common_pb2.Vector(dimension=1))
+    def answer(*items: tuple[int, float]) -> shard_service_pb2.SearchResponse:
+        ids = np.asarray([m for m, _ in items], "<u8")
+        feats = np.arange(len(items) * 2, dtype="<f4").reshape(len(items), 2) + ids[:, None]
+        result = shard_service_pb2.QueryResult(
+            media_ids=ids.tobytes(), scores=np.asarray([s for _, s in items], "<f4").tobytes(),
+            popularities=np.full(len(items), 0.5, "<f4").tobytes(), features=encode_batch(feats, "float32"))
+        return shard_service_pb2.SearchResponse(results=[result], feature_version="v1")
 
-    def answer(*items: common_pb2.ScoredItem) -> shard_service_pb2.SearchResponse:
-        return shard_service_pb2.SearchResponse(results=[shard_service_pb2.QueryResult(items=items)])
-
-    answers = {0: answer(item(1, 0.9), item(2, 0.5)), 1: answer(item(3, 0.7), item(1, 0.9)), 2: None}
+    answers = {0: answer((1, 0.9), (2, 0.5)), 1: answer((3, 0.7), (1, 0.9)), 2: None}
     merged = merge(answers, 0, 10)
-    assert [i.media_id for i in merged] == [1, 3, 2]
-    assert [i.shard_id for i in merged] == [0, 1, 0]
+    assert merged.media_ids.tolist() == [1, 3, 2]
+    assert merged.shard_ids.tolist() == [0, 1, 0]
+    assert merged.features[:, 0].tolist() == [1.0, 3.0, 4.0]  # each candidate keeps its own features
+    assert merged.feature_version == "v1"
     assert len(merge(answers, 0, 2)) == 2

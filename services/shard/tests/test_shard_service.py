@@ -290,3 +290,50 @@ async def test_micro_batched_searches_match_unbatched(catalogue_dir, small_catal
         want = svc.parts["store"].search(q.astype(np.float16).astype(np.float32), 5, f)
     for i, resp in enumerate(got):
         assert [it.media_id for it in resp.results[0].items] == want.media_ids[i].tolist()
+
+
+async def test_columnar_results_with_features_and_popularity(shard, small_catalogue) -> None:
+    from gmco_common.features import feature_version, features
+
+    stub, _ = shard
+    q = generate_queries(small_catalogue, 3)
+    items = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=7, include_vectors=True))
+    cols = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=7, columnar=True, include_features=True))
+    assert cols.feature_version == feature_version(DIM, 32, 20240601)
+    for by_item, col in zip(items.results, cols.results, strict=True):
+        ids = np.frombuffer(col.media_ids, "<u8")
+        assert ids.tolist() == [i.media_id for i in by_item.items]
+        assert np.allclose(np.frombuffer(col.scores, "<f4"), [i.score for i in by_item.items])
+        pops = np.frombuffer(col.popularities, "<f4")
+        assert np.allclose(pops, small_catalogue.popularity[ids.astype(np.int64) - 1])
+        vecs = np.stack([np.frombuffer(i.vector.data, np.float16) for i in by_item.items])
+        got = np.frombuffer(col.features.data, "<f4").reshape(col.features.count, col.features.dimension)
+        assert np.allclose(got, features(vecs, 32, 20240601), atol=1e-6)
+
+
+async def test_per_query_filters_each_get_their_own_results(shard, small_catalogue) -> None:
+    stub, _ = shard
+    q = generate_queries(small_catalogue, 4)
+    genres = [int(g) for g in small_catalogue.genre_ids[:4, 0]]
+    filters = [common_pb2.Filter(allowed_genre_ids=[g]) for g in genres[:3]] + [common_pb2.Filter()]
+    batched = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5, query_filters=filters,
+                                                 include_attributes=True))
+    for i, (flt, result) in enumerate(zip(filters, batched.results, strict=True)):
+        alone = await stub.Search(pb.SearchRequest(queries=encode_batch(q[i:i + 1]), k=5, filter=flt))
+        assert [it.media_id for it in result.items] == [it.media_id for it in alone.results[0].items]
+        if flt.allowed_genre_ids:
+            assert all(flt.allowed_genre_ids[0] in it.attributes.genre_ids for it in result.items)
+    code, details = await _code(stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5, query_filters=filters[:2])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "query_filters" in details
+
+
+async def test_popularity_order_returns_the_most_popular_allowed_items(shard, small_catalogue) -> None:
+    stub, _ = shard
+    flt = common_pb2.Filter(max_rating=2)
+    resp = await stub.Search(pb.SearchRequest(queries=encode_batch(np.zeros((1, DIM))), k=10, filter=flt,
+                                              order=pb.SEARCH_ORDER_POPULARITY, columnar=True))
+    ids = np.frombuffer(resp.results[0].media_ids, "<u8").astype(np.int64)
+    allowed = np.flatnonzero(small_catalogue.rating <= 2)
+    want = allowed[np.argsort(-small_catalogue.popularity[allowed], kind="stable")[:10]] + 1
+    assert ids.tolist() == want.tolist() and "popularity" in resp.paths
+    assert np.allclose(np.frombuffer(resp.results[0].scores, "<f4"), small_catalogue.popularity[ids - 1])

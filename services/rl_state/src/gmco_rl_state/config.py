@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
+from gmco_common.features import DEFAULT_DIM, DEFAULT_SEED
 
 PREFIX = "GMCO_RL_STATE_"
 
@@ -27,10 +28,11 @@ class Settings(ServerSettings):
     sqlite_path: Path = setting(Path(".run/rl_state.sqlite3"), help="SQLite file (':memory:' for tests)")
     media_dim: int = setting(1024, help="dimension of item embeddings", check=_positive, check_msg="> 0")
     bandit_dim: int = setting(
-        32, help="bandit dimension d (random projection of item vectors)",
+        DEFAULT_DIM, help="bandit dimension d (random projection of item vectors; GMCO_SHARD_FEATURE_DIM must match)",
         check=lambda v: 16 <= v <= 32, check_msg="must be in 16..32",
     )
-    projection_seed: int = setting(20240601, help="seed of the fixed random projection")
+    projection_seed: int = setting(DEFAULT_SEED, help="seed of the fixed random projection (the shards' "
+                                   "GMCO_SHARD_FEATURE_SEED must match)")
     policy: str = setting(
         "thompson", help="ranking policy for users with state; greedy = no exploration",
         choices=("thompson", "greedy"),

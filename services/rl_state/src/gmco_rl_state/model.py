@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from gmco_common.features import feature_version, projection
 
 F16 = np.dtype("<f2")
 F32 = np.dtype("<f4")
@@ -88,9 +89,9 @@ class Learner:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         d = config.bandit_dim
-        rng = np.random.default_rng(config.projection_seed)
-        # Gaussian JL projection; entries N(0, 1/d) keep E|Px|^2 = |x|^2.
-        self.projection = (rng.standard_normal((config.media_dim, d)) / np.sqrt(d)).astype(np.float32)
+        # The Gaussian JL projection the shards compute candidate features with (gmco_common.features).
+        self.projection = projection(config.media_dim, d, config.projection_seed)
+        self.feature_version = feature_version(config.media_dim, d, config.projection_seed)
         self._triu = np.triu_indices(d)
 
     @property

@@ -74,12 +74,22 @@ class Ranker:
         self.config = config
 
     def rank_user(self, state: UserState, vectors: np.ndarray, k: int, rng: np.random.Generator) -> Ranking:
-        """Top ``k`` of ``vectors`` (n x media_dim, unit rows) for a user with state."""
+        """Top ``k`` of ``vectors`` (n x media_dim, unit rows) for a user with state: projects them, and
+        takes the preference term as their similarity to the user's preference vector."""
+        preference = None
+        if state.pref is not None:
+            preference = (vectors @ state.pref).astype(np.float64)
+        return self.rank_features(state, self._learner.project(vectors), preference, k, rng)
+
+    def rank_features(self, state: UserState, z: np.ndarray, preference: np.ndarray | None, k: int,
+                      rng: np.random.Generator) -> Ranking:
+        """Top ``k`` of candidates given as bandit features ``z`` (n x d) and their similarity to the user's
+        vector (``preference``; None when the user has none yet)."""
         cfg = self.config
-        z = self._learner.project(vectors)
-        base = np.zeros(len(vectors))
-        if state.pref is not None and cfg.preference_weight > 0:
-            base = cfg.preference_weight * (vectors @ state.pref).astype(np.float64)
+        z = np.asarray(z, dtype=np.float64)
+        base = np.zeros(len(z))
+        if preference is not None and state.pref is not None and cfg.preference_weight > 0:
+            base = cfg.preference_weight * np.asarray(preference, dtype=np.float64)
         chol = np.linalg.cholesky(state.a)
         theta_hat = np.linalg.solve(chol.T, np.linalg.solve(chol, state.b))
         mean = z @ theta_hat + base

@@ -13,7 +13,7 @@ import numpy as np
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2 as pb
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
-from gmco_common.errors import InvalidArgument, Unavailable
+from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable, echo
 from gmco_common.ids import check_id, check_user_id
 from gmco_common.vectors import decode_batch, decode_vector, encode_vector, normalize
 
@@ -46,6 +46,14 @@ def dedupe(events: Sequence[Event]) -> tuple[dict[str, list[Event]], int]:
             seen.add(event.event_id)
             groups.setdefault(event.user_id, []).append(event)
     return groups, len(events) - len(seen)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What Rank was given: full vectors, or the shards' bandit features."""
+
+    vectors: np.ndarray | None = None
+    features: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -140,10 +148,7 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
         n = len(request.candidate_media_ids)
         if n == 0:
             raise InvalidArgument("candidate_media_ids", "no candidates to rank")
-        vectors = decode_batch(request.candidate_vectors, "candidate_vectors", self._media_dim)
-        if vectors.shape[0] != n:
-            raise InvalidArgument("candidate_vectors.count", f"is {vectors.shape[0]}; expected {n}, one per "
-                                  "candidate_media_ids")
+        candidates = self._candidates(request, n)
         if request.k == 0:
             raise InvalidArgument("k", "must be > 0")
         if request.k > n:
@@ -158,7 +163,7 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
             metrics.RANK_DEGRADED.inc()
         ids = np.asarray(request.candidate_media_ids, dtype=U64)
         out = await asyncio.get_running_loop().run_in_executor(
-            None, self._rank, row, ids, vectors, request.k, request.context.surface, retrieval, popularity
+            None, self._rank, row, ids, candidates, request.k, request.context.surface, retrieval, popularity
         )
         ranking = out.ranking
         items = [
@@ -169,16 +174,41 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
         ]
         metrics.RANK_SECONDS.labels(ranking.policy).observe(time.perf_counter() - start)
         return pb.RankResponse(items=items, policy=ranking.policy, degraded=degraded, user_version=out.version,
-                               excluded_seen_count=out.excluded)
+                               excluded_seen_count=out.excluded, feature_version=self._learner.feature_version)
 
-    def _rank(self, row: StateRow | None, ids: np.ndarray, vectors: np.ndarray, k: int, surface: int,
+    def _candidates(self, request: pb.RankRequest, n: int) -> Candidates:
+        """The candidates as vectors (projected here) or as the shards' features (version checked)."""
+        if request.HasField("candidate_features") and request.candidate_features.count:
+            if request.feature_version != self._learner.feature_version:
+                raise FailedPrecondition(
+                    f"candidate features are {echo(request.feature_version)} but this rl_state ranks in "
+                    f"{self._learner.feature_version!r}: set GMCO_SHARD_FEATURE_DIM / GMCO_SHARD_FEATURE_SEED to "
+                    "GMCO_RL_STATE_BANDIT_DIM / GMCO_RL_STATE_PROJECTION_SEED (or send candidate_vectors)")
+            z = decode_batch(request.candidate_features, "candidate_features", self._learner.dim)
+            if z.shape[0] != n:
+                raise InvalidArgument("candidate_features.count", f"is {z.shape[0]}; expected {n}, one per "
+                                      "candidate_media_ids")
+            return Candidates(features=z.astype(np.float64))
+        vectors = decode_batch(request.candidate_vectors, "candidate_vectors", self._media_dim)
+        if vectors.shape[0] != n:
+            raise InvalidArgument("candidate_vectors.count", f"is {vectors.shape[0]}; expected {n}, one per "
+                                  "candidate_media_ids")
+        return Candidates(vectors=vectors)
+
+    def _rank(self, row: StateRow | None, ids: np.ndarray, candidates: Candidates, k: int, surface: int,
               retrieval: np.ndarray | None, popularity: np.ndarray | None) -> RankOutcome:
         rng = np.random.default_rng()
         if row is None:
             return RankOutcome(self._ranker.rank_cold(len(ids), k, surface, retrieval, popularity, rng), ids, 0, 0)
         state = self._learner.decode(row)
         keep = np.flatnonzero(~np.isin(ids, state.seen))
-        ranking = self._ranker.rank_user(state, normalize(vectors[keep]), min(k, len(keep)), rng)
+        if candidates.vectors is not None:
+            ranking = self._ranker.rank_user(state, normalize(candidates.vectors[keep]), min(k, len(keep)), rng)
+        else:
+            assert candidates.features is not None
+            preference = None if retrieval is None else retrieval[keep]
+            ranking = self._ranker.rank_features(state, candidates.features[keep], preference, min(k, len(keep)),
+                                                 rng)
         return RankOutcome(ranking, ids[keep], len(ids) - len(keep), state.version)
 
 

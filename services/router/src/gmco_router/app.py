@@ -45,7 +45,8 @@ async def start(s: Settings, stack: contextlib.AsyncExitStack) -> RunningServer:
     rl_stub = rl_state_service_pb2_grpc.RLStateServiceStub(rl_state)
     recommender = Recommender(s, pool, catalogue, cache_service_pb2_grpc.CacheServiceStub(cache),
                               ontology_service_pb2_grpc.OntologyServiceStub(ontology), rl_stub)
-    servicer = RecommendationServicer(recommender, catalogue, rl_stub, s.max_k, s.max_batch)
+    stack.push_async_callback(recommender.close)  # after the server stopped: the last cache writes finish
+    servicer = RecommendationServicer(recommender, catalogue, rl_stub, s)
     running = await start_server(s, [Registration(
         router_service_pb2_grpc.add_RecommendationServiceServicer_to_server, servicer, SERVICE)], stack=stack)
     running.parts.update(pool=pool, recommender=recommender, catalogue=catalogue)

@@ -84,6 +84,17 @@ class Settings(ServerSettings):
                                     check=_positive, check_msg="> 0")
     breaker_cooldown_seconds: float = setting(2.0, help="how long an open circuit stays open before a probe",
                                               check=_positive, check_msg="> 0")
+    batch_window_ms: float = setting(
+        1.0, help="misses arriving within this window share one Search per shard (0 = every miss searches "
+        "alone; measured: docs/benchmarks.md, 'Miss path')", check=lambda v: 0 <= v <= 50, check_msg="0..50 ms")
+    batch_max: int = setting(32, help="most misses in one shared Search", check=_positive, check_msg="> 0")
+    cache_put_max_pending: int = setting(
+        1000, help="cache writes run after the reply; beyond this many in flight a write is dropped (counted in "
+        "gmco_router_cache_puts_total{result=dropped})", check=_positive, check_msg="> 0")
+    default_surface: str = setting("HOMEPAGE", help="surface of a request that names none",
+                                   choices=("HOMEPAGE", "VIDEO_PAGE", "SEARCH_RESULTS"))
+    default_region: str = setting("US", help="ontology Region id of a request that names none")
+    default_device: str = setting("smart_tv", help="ontology Device id of a request that names none")
     hedge: bool = setting(True, help="hedge a shard call slower than its replica's recent p95")
     hedge_min_delay_ms: float = setting(2.0, help="never hedge earlier than this", check=_non_negative,
                                         check_msg=">= 0")

@@ -1,43 +1,45 @@
 """The Recommend flow of shared/DESIGN.md ("Request path"), for one request or a batch.
 
-Cache key. A cached list is stored under (user, context hash, user-state version). The context hash is
-computed here from the canonical bytes of (context, preferences) and k, so the cache is asked first,
-before the ontology. The version comes from an in-process map user → version, filled from every
-GetUserState, Rank and RecordFeedback answer this router sees and trusted for ``user_version_ttl``
-seconds. Envoy keeps a user on one router, and feedback for the user passes through that router, so
-the map is exact in the normal case and a feedback makes the old key unreachable at once; after a
-failover to another router, an entry older than the TTL is re-read from rl_state. When the version is
-unknown, GetUserState runs first and its version makes the key. A change of ontology reaches cached
-lists within the cache TTL, and compiled filters within ``filter_cache_ttl``.
+Cache key. A cached list is stored under (user, context hash, user-state version); the context hash is
+``gmco_common.cache_key.context_hash`` of (context, preferences, k), so the cache is asked before the
+ontology. The version comes from an in-process map user -> version, filled from every GetUserState, Rank
+and RecordFeedback answer this router sees and trusted for ``user_version_ttl`` seconds. Envoy keeps a user
+on one router, and feedback for the user passes through that router, so the map is exact in the normal
+case and a feedback makes the old key unreachable at once; after a failover to another router, an entry
+older than the TTL is re-read from rl_state. When the version is unknown, GetUserState runs first.
 
-Miss path: user state, constraints and the video-page anchor are fetched concurrently; the shards are
-searched with one Search per shard for the whole batch (grouped by filter); per-request top-k' lists are
-merged; rl_state ranks each; the result is cached unless the answer is degraded. Concurrent identical
-misses (same user, context, k and version) share one computation (single-flight).
+Miss path. User state, constraints and the video-page anchor are fetched concurrently. Concurrent misses
+arriving within ``batch_window_ms`` share one ``Search`` per shard (a batch with one filter per query row:
+each user's seen items differ), as one RecommendBatch does. Shards answer in columns (ids, scores,
+popularity) with each candidate's bandit features (32 floats, not its 1024-d vector); candidates are
+merged per request with numpy; rl_state ranks from the features. A user without state (and no anchor)
+gets the most popular allowed items of every shard instead of a search for a zero vector. The answer is
+sent before the list is written to the cache service: that put runs in the background, bounded by
+``cache_put_max_pending`` (a put that does not fit is dropped and counted, never an error to anyone).
+Concurrent identical misses (same user, context, k and version) share one computation (single-flight).
 
 Router-local lists. In front of the cache service each router keeps an LRU of the lists it computed or
 fetched (``list_cache_entries``, ``list_cache_ttl_seconds``), under the same key; since Envoy's ring hash
-keeps a user on one router, most hits are answered there without the cache service's round trip. An
-entry can outlive its cache-service copy by at most ``list_cache_ttl_seconds``.
+keeps a user on one router, most hits are answered there without the cache service's round trip.
 
 Degradation. A failed cache lookup or put is a miss (component "cache"). A failed GetUserState or Rank
-gives "rl_state": the query falls back to the anchor item or a zero vector, and candidates keep their
-retrieval order. A failed ontology gives "ontology": the last filter compiled for the same context is
-used when there is one, otherwise only recently seen items are filtered. A shard with no replica that
-answers gives "shard-<id>". With no shard at all the call fails UNAVAILABLE. INVALID_ARGUMENT from a
-dependency (an unknown region, say) is the caller's error and is passed through, never degraded.
+gives "rl_state": the user is served as a cold start, and candidates keep their retrieval order. A failed
+ontology gives "ontology": the last filter compiled for the same context is used when there is one,
+otherwise only recently seen items are filtered. A shard with no replica that answers gives "shard-<id>".
+With no shard at all the call fails UNAVAILABLE. A dependency's verdict on the input (INVALID_ARGUMENT:
+an unknown region, say) is the caller's error and is passed through, never degraded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import contextvars
 import logging
 import math
 import time
-from collections.abc import Awaitable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -48,7 +50,8 @@ from gmco.ontology.v1 import ontology_service_pb2, ontology_service_pb2_grpc
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2
 from gmco.shard.v1 import shard_service_pb2
-from gmco_common.context import time_remaining
+from gmco_common.cache_key import context_hash, context_key
+from gmco_common.context import deadline_var, time_remaining
 from gmco_common.errors import DeadlineExceeded, Unavailable, from_rpc_error, is_dependency_failure
 from gmco_common.lru import TtlLru
 from gmco_common.vectors import decode_vector, encode_batch, normalize
@@ -62,14 +65,21 @@ from gmco_router.replicas import NoReplicaAvailable, ShardPool
 log = logging.getLogger(__name__)
 
 STAGE_SECONDS = Histogram(
-    "gmco_router_stage_seconds", "Time spent in each stage of Recommend.", ["stage"],
+    "gmco_router_stage_seconds", "Time spent in each stage of Recommend (cache_put: after the reply).", ["stage"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
 )
 CACHE_LOOKUPS = Counter("gmco_router_cache_lookups_total", "Recommendation cache lookups by result.", ["result"])
+CACHE_PUTS = Counter("gmco_router_cache_puts_total",
+                     "Recommendation lists written to the cache service after the reply, by result "
+                     "(stored, bypassed, failed, dropped: more pending puts than cache_put_max_pending).",
+                     ["result"])
 DEGRADED = Counter("gmco_router_degraded_total", "Answers that skipped a component, by component.",
                    ["component"])
+SEARCH_ROWS = Histogram("gmco_router_search_batch_rows", "Query rows per shard Search (misses sharing a call).",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 FlightKey = tuple[str, str, int | None]
+_EMPTY_F32 = np.empty(0, np.float32)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,21 @@ class Outcome:
     degraded: frozenset[str] = frozenset()
 
 
+@dataclass
+class Candidates:
+    """The merged candidates of one request, best first (columns)."""
+
+    media_ids: np.ndarray  # uint64
+    scores: np.ndarray  # float32: similarity, or popularity for a cold start
+    popularities: np.ndarray  # float32
+    features: np.ndarray  # float32 (n, d)
+    shard_ids: np.ndarray  # int32
+    feature_version: str = ""
+
+    def __len__(self) -> int:
+        return int(self.media_ids.shape[0])
+
+
 class Plan:
     """One request on its way through the flow."""
 
@@ -90,14 +115,14 @@ class Plan:
         self.request = request
         self.field_prefix = field_prefix
         self.context_key = context_key(request.context, request.preferences)
-        self.context_hash = f"{self.context_key}:k{request.k}"
+        self.context_hash = context_hash(request.context, request.preferences, request.k)
         self.version: int | None = None
         self.state: rl_state_service_pb2.UserState | None = None
         self.state_failed = False
         self.filter = common_pb2.Filter()
         self.anchor: np.ndarray | None = None
-        self.query: np.ndarray | None = None
-        self.candidates: list[common_pb2.ScoredItem] = []
+        self.query: np.ndarray | None = None  # None: a cold start, searched by popularity
+        self.candidates: Candidates | None = None
         self.no_shard = False
         self.outcome: Outcome | None = None
         self.cache_hit = False
@@ -133,6 +158,15 @@ class Plan:
         log.warning("%s failed: %s", dependency, exc.code().name)
         self.degrade(component)
 
+    def search_filter(self, seen_max: int) -> common_pb2.Filter:
+        """The compiled filter plus this user's recently seen items (never recommended again)."""
+        if self.state is None or not self.state.seen_media_ids:
+            return self.filter
+        f = common_pb2.Filter()
+        f.CopyFrom(self.filter)
+        f.excluded_media_ids.extend(self.state.seen_media_ids[:seen_max])
+        return f
+
     def response(self, router_id: str) -> router_service_pb2.RecommendResponse:
         assert self.outcome is not None
         degraded = sorted(self.degraded | self.outcome.degraded)
@@ -141,17 +175,6 @@ class Plan:
             degraded_components=degraded, timings=self.timings, user_version=self.outcome.user_version,
             router_id=router_id, policy=self.outcome.policy, user_id=self.user_id,
         )
-
-
-def context_key(context: common_pb2.RequestContext, preferences: common_pb2.UserPreferences) -> str:
-    """A stable hash of the context and the (order-insensitive) preferences."""
-    prefs = common_pb2.UserPreferences(blocked_genres=sorted(set(preferences.blocked_genres)),
-                                       allowed_genres=sorted(set(preferences.allowed_genres)))
-    digest = hashlib.blake2b(digest_size=12)
-    digest.update(context.SerializeToString(deterministic=True))
-    digest.update(b"\x00")
-    digest.update(prefs.SerializeToString(deterministic=True))
-    return digest.hexdigest()
 
 
 async def run_all(*aws: Awaitable[Any]) -> list[Any]:
@@ -167,12 +190,99 @@ async def run_all(*aws: Awaitable[Any]) -> list[Any]:
         raise
 
 
-def _lean(item: common_pb2.ScoredItem, **overrides: Any) -> common_pb2.ScoredItem:
-    """The item without its vector and attributes (what callers and the cache get)."""
-    fields = {"media_id": item.media_id, "score": item.score, "exploration": item.exploration,
-              "propensity": item.propensity, "shard_id": item.shard_id}
-    fields.update(overrides)
-    return common_pb2.ScoredItem(**fields)
+@dataclass
+class _Group:
+    plans: list[Plan] = field(default_factory=list)
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
+    rows: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class SearchBatcher:
+    """Misses that arrive within ``window`` seconds go to the shards together, one Search per shard.
+
+    Requests are grouped by what one SearchRequest can carry only once (the order: similarity or
+    popularity, and min_lsn); filters travel per query row. A group is sent when ``window`` has passed
+    since its first request or when it holds ``max_rows`` rows; ``window`` 0 sends every miss at once."""
+
+    def __init__(self, run: Callable[[list[Plan]], Awaitable[None]], window: float, max_rows: int) -> None:
+        self._run = run
+        self._window = window
+        self._max = max_rows
+        self._groups: dict[tuple, _Group] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def search(self, plans: list[Plan]) -> None:
+        if self._window <= 0 or len(plans) >= self._max:
+            await self._run(plans)
+            return
+        loop = asyncio.get_running_loop()
+        waits = []
+        for p in plans:
+            key = (p.query is None, p.request.min_lsn)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group()
+                group.timer = loop.call_later(self._window, self._flush, key)
+            fut: asyncio.Future[None] = loop.create_future()
+            group.plans.append(p)
+            group.futures.append(fut)
+            group.rows += 1
+            waits.append(fut)
+            if group.rows >= self._max:
+                self._flush(key)
+        await asyncio.gather(*waits)
+
+    def _flush(self, key: tuple) -> None:
+        group = self._groups.pop(key, None)
+        if group is None:
+            return
+        if group.timer is not None:
+            group.timer.cancel()
+        task = asyncio.ensure_future(self._execute(group))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, group: _Group) -> None:
+        try:
+            await self._run(group.plans)
+        except BaseException as exc:  # every caller of the group gets the error
+            for fut in group.futures:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else Unavailable("search cancelled"))
+                    fut.exception()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for fut in group.futures:
+            if not fut.done():
+                fut.set_result(None)
+
+
+def _columns(result: shard_service_pb2.QueryResult, shard_id: int, dim: int) -> tuple[np.ndarray, ...]:
+    ids = np.frombuffer(result.media_ids, "<u8")
+    n = ids.shape[0]
+    feats = (np.frombuffer(result.features.data, "<f4").reshape(n, result.features.dimension)
+             if result.features.count else np.zeros((n, dim), np.float32))
+    return (ids, np.frombuffer(result.scores, "<f4"), np.frombuffer(result.popularities, "<f4"), feats,
+            np.full(n, shard_id, np.int32))
+
+
+def merge(answers: dict[int, shard_service_pb2.SearchResponse | None], row: int, limit: int,
+          feature_dim: int = 0) -> Candidates:
+    """(``feature_dim``: the width of the zero features given to candidates whose shard sent none.)"""
+    """The global top-``limit`` of one query row over every shard's answer, best score first, each id once."""
+    parts = [_columns(answer.results[row], shard_id, feature_dim) for shard_id, answer in answers.items()
+             if answer is not None and row < len(answer.results)]
+    version = next((a.feature_version for a in answers.values() if a is not None and a.feature_version), "")
+    if not parts:
+        return Candidates(np.empty(0, np.uint64), _EMPTY_F32, _EMPTY_F32, np.zeros((0, feature_dim), np.float32),
+                          np.empty(0, np.int32), version)
+    ids, scores, pops, feats, shards = (np.concatenate(col) for col in zip(*parts, strict=True))
+    order = np.argsort(-scores, kind="stable")
+    _, first = np.unique(ids[order], return_index=True)  # the best-scored copy of each id
+    keep = order[np.sort(first)][:limit]
+    return Candidates(ids[keep], scores[keep], pops[keep], feats[keep], shards[keep], version)
 
 
 class Recommender:
@@ -194,6 +304,8 @@ class Recommender:
             TtlLru(settings.list_cache_entries, settings.list_cache_ttl_seconds) if settings.list_cache_entries
             else None)
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
+        self._batcher = SearchBatcher(self._search, settings.batch_window_ms / 1000, settings.batch_max)
+        self._puts: set[asyncio.Task[None]] = set()
         self._dimension: int | None = None
 
     def note_version(self, user_id: str, version: int) -> None:
@@ -205,6 +317,11 @@ class Recommender:
     def candidate_count(self, k: int) -> int:
         """k': how many candidates each shard returns for a request of k."""
         return min(self._s.shard_max_k, max(self._s.min_candidates, math.ceil(k * self._s.overfetch)))
+
+    async def close(self) -> None:
+        """Let the background cache puts finish (at shutdown; bounded by their own deadlines)."""
+        if self._puts:
+            await asyncio.gather(*list(self._puts), return_exceptions=True)
 
     # -- entry point -----------------------------------------------------------------------------------
 
@@ -223,14 +340,16 @@ class Recommender:
                 leaders.append(p)
             else:
                 followers.append(self._follow(p, flight))
-        await run_all(self._lead(leaders), *followers)
+        await run_all(self._lead(leaders, batched), *followers)
+        for p in leaders:
+            self._store(p)
         return [p.response(self._s.router_id) for p in plans]
 
-    async def _lead(self, plans: list[Plan]) -> None:
+    async def _lead(self, plans: list[Plan], batched: bool) -> None:
         if not plans:
             return
         try:
-            await self._compute(plans)
+            await self._compute(plans, batched)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else Unavailable("the shared computation was cancelled")
             for p in plans:
@@ -243,7 +362,7 @@ class Recommender:
         try:
             p.outcome = await asyncio.shield(flight)
         except Exception:  # noqa: BLE001 - the leader failed; compute for this request alone
-            await self._compute([p])
+            await self._compute([p], batched=False)
 
     # -- stage 1: cache --------------------------------------------------------------------------------
 
@@ -321,11 +440,12 @@ class Recommender:
         if p.state is None and not p.state_failed:
             jobs.append(self._user_state(p))
         await run_all(*jobs)
-        p.query = await self._query_vector(p)
+        p.query = self._query_vector(p)
 
-    async def _query_vector(self, p: Plan) -> np.ndarray:
-        """The user's vector, blended with the anchor item on a video page; a zero vector when neither
-        exists (the shards then return allowed items and the ranking orders them by popularity)."""
+    @staticmethod
+    def _query_vector(p: Plan) -> np.ndarray | None:
+        """The user's vector, blended with the anchor item on a video page; None when neither exists (a
+        cold start: the shards return their most popular allowed items)."""
         user = None
         if p.state is not None and p.state.vector.dimension:
             user = normalize(decode_vector(p.state.vector, "user_state.vector"))
@@ -333,9 +453,7 @@ class Recommender:
                 user = None
         if user is not None and p.anchor is not None:
             return normalize(user + p.anchor)
-        if user is not None or p.anchor is not None:
-            return user if user is not None else p.anchor  # type: ignore[return-value]
-        return np.zeros(await self._catalogue_dimension(), dtype=np.float32)
+        return user if user is not None else p.anchor
 
     async def _catalogue_dimension(self) -> int:
         if self._dimension is None:
@@ -350,36 +468,42 @@ class Recommender:
                 raise Unavailable("no shard answered GetStats; retry later")
         return self._dimension
 
-    # -- stages 4-7 --------------------------------------------------------------------------------------
+    # -- stages 4-6 --------------------------------------------------------------------------------------
 
-    async def _compute(self, plans: list[Plan]) -> None:
+    async def _compute(self, plans: list[Plan], batched: bool) -> None:
         await run_all(*(self._prepare(p) for p in plans))
-        groups: dict[tuple[bytes, int], list[Plan]] = {}
-        for p in plans:
-            groups.setdefault((p.filter.SerializeToString(deterministic=True), p.request.min_lsn), []).append(p)
-        await run_all(*(self._search(group) for group in groups.values()))
+        if batched:  # the caller's batch is one search already; split only what one call cannot carry
+            groups: dict[tuple, list[Plan]] = {}
+            for p in plans:
+                groups.setdefault((p.query is None, p.request.min_lsn), []).append(p)
+            await run_all(*(self._search(group) for group in groups.values()))
+        else:
+            await self._batcher.search(plans)
         if any(p.no_shard for p in plans):
             if time_remaining() == 0:
                 raise DeadlineExceeded("the deadline passed while searching the shards")
             raise Unavailable("no shard could answer; retry later")
         await run_all(*(self._rank(p) for p in plans))
-        await run_all(*(self._cache_put(p) for p in plans))
 
     async def _search(self, plans: list[Plan]) -> None:
-        """One Search per shard for every request of the group (they share a filter)."""
-        search_filter = common_pb2.Filter()
-        search_filter.CopyFrom(plans[0].filter)
-        excluded = dict.fromkeys(search_filter.excluded_media_ids)
-        for p in plans:
-            if p.state is not None:
-                excluded.update(dict.fromkeys(p.state.seen_media_ids[: self._s.excluded_seen_max]))
-        del search_filter.excluded_media_ids[:]
-        search_filter.excluded_media_ids.extend(excluded)
+        """One Search per shard for every request of the group, each with its own filter."""
+        cold = plans[0].query is None
+        dim = await self._catalogue_dimension() if cold else plans[0].query.shape[0]  # type: ignore[union-attr]
+        queries = np.zeros((len(plans), dim), np.float32)
+        if not cold:
+            for i, p in enumerate(plans):
+                queries[i] = p.query
+        filters = [p.search_filter(self._s.excluded_seen_max) for p in plans]
         k_prime = max(self.candidate_count(p.request.k) for p in plans)
         request = shard_service_pb2.SearchRequest(
-            queries=encode_batch(np.stack([p.query for p in plans]), "float16"), k=k_prime,
-            filter=search_filter, min_lsn=plans[0].request.min_lsn, include_vectors=True, include_attributes=True,
-        )
+            queries=encode_batch(queries, "float16"), k=k_prime, min_lsn=plans[0].request.min_lsn,
+            include_features=True, columnar=True,
+            order=shard_service_pb2.SEARCH_ORDER_POPULARITY if cold else shard_service_pb2.SEARCH_ORDER_UNSPECIFIED)
+        if len(plans) == 1:
+            request.filter.CopyFrom(filters[0])
+        else:
+            request.query_filters.extend(filters)
+        SEARCH_ROWS.observe(len(plans))
 
         async def one(shard_id: int) -> shard_service_pb2.SearchResponse | None:
             try:
@@ -393,87 +517,80 @@ class Recommender:
         shard_ids = list(self._pool.shards)
         answers = dict(zip(shard_ids, await asyncio.gather(*(one(s) for s in shard_ids)), strict=True))
         elapsed = time.perf_counter() - start
-        for p in plans:
+        for i, p in enumerate(plans):
             p.record("shard_search", elapsed)
             for shard_id, answer in answers.items():
                 if answer is None:
                     p.degrade(f"shard-{shard_id}")
             p.no_shard = all(a is None for a in answers.values())
-        for i, p in enumerate(plans):
             with p.stage("merge"):
                 p.candidates = merge(answers, i, self.candidate_count(p.request.k))
 
     async def _rank(self, p: Plan) -> None:
         version = p.version or 0
-        if not p.candidates:
+        c = p.candidates
+        if c is None or not len(c):
             p.outcome = Outcome((), "none", version)
             return
-        first = p.candidates[0].vector
         request = rl_state_service_pb2.RankRequest(
-            user_id=p.user_id, context=p.request.context, k=min(p.request.k, len(p.candidates)),
-            candidate_media_ids=[c.media_id for c in p.candidates],
-            candidate_vectors=common_pb2.VectorBatch(
-                data=b"".join(c.vector.data for c in p.candidates), dtype=first.dtype, dimension=first.dimension,
-                count=len(p.candidates)),
-            retrieval_scores=[c.score for c in p.candidates],
-            popularities=[c.attributes.popularity for c in p.candidates],
+            user_id=p.user_id, context=p.request.context, k=min(p.request.k, len(c)),
+            candidate_media_ids=c.media_ids.tolist(), retrieval_scores=c.scores.tolist(),
+            popularities=c.popularities.tolist(), feature_version=c.feature_version,
+            candidate_features=encode_batch(c.features, "float32"),
         )
         with p.stage("rank"):
             try:
                 resp = await self._rl.Rank(request)
             except grpc.aio.AioRpcError as exc:
-                log.warning("Rank failed (%s): answering in retrieval order", exc.code().name)
-                p.degrade("rl_state")
-                top = p.candidates[: p.request.k]
-                p.outcome = Outcome(tuple(_lean(c, propensity=1.0) for c in top), "retrieval_order", version)
+                p.dependency_failed(exc, "rl_state Rank", "rl_state")
+                top = slice(0, p.request.k)
+                p.outcome = Outcome(tuple(common_pb2.ScoredItem(media_id=m, score=s, propensity=1.0, shard_id=sh)
+                                          for m, s, sh in zip(c.media_ids[top].tolist(), c.scores[top].tolist(),
+                                                              c.shard_ids[top].tolist(), strict=True)),
+                                    "retrieval_order", version)
                 return
         if resp.degraded:
             p.degrade("rl_state")
         if resp.user_version:
             self.note_version(p.user_id, resp.user_version)
-        shard_of = {c.media_id: c.shard_id for c in p.candidates}
-        items = tuple(_lean(i, shard_id=shard_of.get(i.media_id, i.shard_id)) for i in resp.items)
+        shard_of = dict(zip(c.media_ids.tolist(), c.shard_ids.tolist(), strict=True))
+        items = tuple(common_pb2.ScoredItem(media_id=i.media_id, score=i.score, exploration=i.exploration,
+                                            propensity=i.propensity, shard_id=shard_of.get(i.media_id, i.shard_id))
+                      for i in resp.items)
         p.outcome = Outcome(items, resp.policy, version)
 
-    async def _cache_put(self, p: Plan) -> None:
+    # -- stage 7, after the reply: the cache ----------------------------------------------------------
+
+    def _store(self, p: Plan) -> None:
+        """Keep the list in this router's LRU now and write it to the cache service in the background."""
         # A degraded answer is not cached: it would outlive the failure for the whole TTL.
         if p.version is None or p.degraded - {"cache"} or p.outcome is None:
             return
         if self._lists is not None:
             self._lists.put(p.flight_key, p.outcome)
-        with p.stage("cache_put"):
-            try:
-                resp = await self._cache.PutRecommendations(cache_service_pb2.PutRecommendationsRequest(
-                    user_id=p.user_id, context_hash=p.context_hash, user_version=p.version,
-                    recommendations=cache_service_pb2.RecommendationList(
-                        items=p.outcome.items, computed_at_unix_ms=int(time.time() * 1000)),
-                    ttl_seconds=self._s.cache_ttl_seconds))
-            except grpc.aio.AioRpcError as exc:
-                log.warning("cache put failed: %s", exc.code().name)
-                p.degrade("cache")
-                return
-        if resp.bypassed:
-            p.degrade("cache")
+        if len(self._puts) >= self._s.cache_put_max_pending:
+            CACHE_PUTS.labels("dropped").inc()
+            return
+        # Outside the request's context: the caller's deadline no longer bounds work done after the reply.
+        ctx = contextvars.copy_context()
+        ctx.run(deadline_var.set, None)
+        task = asyncio.get_running_loop().create_task(
+            self._cache_put(p.user_id, p.context_hash, p.version, p.outcome), context=ctx)
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
 
-
-def merge(answers: dict[int, shard_service_pb2.SearchResponse | None], row: int,
-          limit: int) -> list[common_pb2.ScoredItem]:
-    """The global top-``limit`` of one query row over every shard's answer, best score first, each id once."""
-    pooled: list[common_pb2.ScoredItem] = []
-    for shard_id, answer in answers.items():
-        if answer is None or row >= len(answer.results):
-            continue
-        for item in answer.results[row].items:
-            if not item.shard_id:
-                item.shard_id = shard_id
-            pooled.append(item)
-    pooled.sort(key=lambda item: item.score, reverse=True)
-    seen: set[int] = set()
-    merged = []
-    for item in pooled:
-        if item.media_id not in seen and item.vector.dimension:
-            seen.add(item.media_id)
-            merged.append(item)
-            if len(merged) == limit:
-                break
-    return merged
+    async def _cache_put(self, user_id: str, ctx_hash: str, version: int, outcome: Outcome) -> None:
+        start = time.perf_counter()
+        try:
+            resp = await self._cache.PutRecommendations(cache_service_pb2.PutRecommendationsRequest(
+                user_id=user_id, context_hash=ctx_hash, user_version=version,
+                recommendations=cache_service_pb2.RecommendationList(
+                    items=outcome.items, computed_at_unix_ms=int(time.time() * 1000)),
+                ttl_seconds=self._s.cache_ttl_seconds), timeout=self._s.call_timeout_seconds)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cache put failed: %s", exc.code().name)
+            CACHE_PUTS.labels("failed").inc()
+            return
+        finally:
+            STAGE_SECONDS.labels("cache_put").observe(time.perf_counter() - start)
+        CACHE_PUTS.labels("bypassed" if resp.bypassed else "stored").inc()

@@ -12,6 +12,7 @@ from gmco_common.errors import InvalidArgument, echo, from_rpc_error
 from gmco_common.ids import check_user_id
 
 from gmco_router.catalogue import Catalogue
+from gmco_router.config import Settings
 from gmco_router.recommend import Recommender
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,17 @@ def metadata_user(context: grpc.aio.ServicerContext) -> str:
         if key == USER_HEADER:
             return value if isinstance(value, str) else value.decode()
     return ""
+
+
+def apply_defaults(request: router_service_pb2.RecommendRequest, settings: Settings) -> None:
+    """A context without a surface, region or device gets the router's defaults (GMCO_ROUTER_DEFAULT_*)."""
+    ctx = request.context
+    if ctx.surface == common_pb2.SURFACE_UNSPECIFIED:
+        ctx.surface = common_pb2.Surface.Value(f"SURFACE_{settings.default_surface}")
+    if not ctx.region:
+        ctx.region = settings.default_region
+    if not ctx.device:
+        ctx.device = settings.default_device
 
 
 def validate(request: router_service_pb2.RecommendRequest, header_user: str, max_k: int,
@@ -51,15 +63,17 @@ def validate(request: router_service_pb2.RecommendRequest, header_user: str, max
 
 class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServicer):
     def __init__(self, recommender: Recommender, catalogue: Catalogue,
-                 rl_state: rl_state_service_pb2_grpc.RLStateServiceStub, max_k: int, max_batch: int) -> None:
+                 rl_state: rl_state_service_pb2_grpc.RLStateServiceStub, settings: Settings) -> None:
         self._recommender = recommender
         self._catalogue = catalogue
         self._rl = rl_state
-        self._max_k = max_k
-        self._max_batch = max_batch
+        self._settings = settings
+        self._max_k = settings.max_k
+        self._max_batch = settings.max_batch
 
     async def Recommend(self, request: router_service_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> router_service_pb2.RecommendResponse:
+        apply_defaults(request, self._settings)
         user = validate(request, metadata_user(context), self._max_k)
         (response,) = await self._recommender.recommend([(user, request)], batched=False)
         return response
@@ -71,6 +85,8 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
         if len(request.requests) > self._max_batch:
             raise InvalidArgument("requests", f"has {len(request.requests)} entries; the maximum is {self._max_batch}")
         header = metadata_user(context)
+        for r in request.requests:
+            apply_defaults(r, self._settings)
         users = [validate(r, header, self._max_k, f"requests[{i}].", strict_header=False)
                  for i, r in enumerate(request.requests)]
         responses = await self._recommender.recommend(list(zip(users, request.requests, strict=True)), batched=True)

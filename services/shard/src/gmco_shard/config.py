@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
+from gmco_common.features import DEFAULT_DIM, DEFAULT_SEED
 
 from gmco_shard.index.base import BACKENDS
 from gmco_shard.index.params import (
@@ -88,6 +89,11 @@ class Settings(ServerSettings):
     gpu_pool_fraction: float = setting(CagraParams.pool_fraction, help="cuvs backend: share of device memory "
                                        "(less 512 MiB headroom) for the rmm pool", check=lambda v: 0 < v <= 1,
                                        check_msg="in (0, 1]")
+    feature_dim: int = setting(DEFAULT_DIM, help="width of the bandit features a search returns with "
+                               "include_features (must equal GMCO_RL_STATE_BANDIT_DIM)", check=lambda v: 1 <= v <= 256,
+                               check_msg="1..256")
+    feature_seed: int = setting(DEFAULT_SEED, help="seed of the feature projection (must equal "
+                                "GMCO_RL_STATE_PROJECTION_SEED)")
     max_k: int = setting(1000, help="largest k a Search may ask for", check=_pos, check_msg="must be > 0")
     max_batch: int = setting(4096, help="largest query batch", check=_pos, check_msg="must be > 0")
     max_get: int = setting(10000, help="largest GetMedia id list", check=_pos, check_msg="must be > 0")

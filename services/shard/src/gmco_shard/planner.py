@@ -13,6 +13,7 @@ Paths:
   1 / allowed fraction (at most 4x). Chosen when most rows are allowed.
 - ``index``: nothing filtered out: the plain ANN search.
 - ``native``: the backend evaluates the ``Filter`` itself (Milvus).
+- ``popularity``: a cold-start search ranks what passes the filter by popularity, not by a vector.
 
 The two thresholds default to the crossovers ``make bench-shard-scale`` measured on a 1M x 1024 shard
 (docs/benchmarks.md, "Shard at scale"); ``GMCO_SHARD_EXACT_MAX_ROWS`` and ``GMCO_SHARD_ACORN_MAX_FRACTION``
@@ -32,7 +33,8 @@ ACORN = "acorn"
 PREFILTER = "prefilter"
 INDEX = "index"
 NATIVE = "native"
-PATHS = (EXACT, ACORN, PREFILTER, INDEX, NATIVE)
+POPULARITY = "popularity"
+PATHS = (EXACT, ACORN, PREFILTER, INDEX, NATIVE, POPULARITY)
 
 SEARCH_PATHS = PromCounter("gmco_shard_search_path_total",
                            "Segment searches by the path the planner chose (per segment, per request).", ["path"])

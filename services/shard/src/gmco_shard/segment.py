@@ -64,6 +64,13 @@ class Segment:
     lookup: dict[int, int] | None = None
     seg_id: int = field(default_factory=lambda: next(_ids))
     frozen: bool = False
+    _popularity_order: np.ndarray | None = None
+
+    def popularity_order(self) -> np.ndarray:
+        """Rows most popular first (a sealed segment's columns do not change: computed once)."""
+        if self._popularity_order is None:
+            self._popularity_order = np.argsort(-self.cols.popularity[: self.n], kind="stable").astype(np.int64)
+        return self._popularity_order
 
     @property
     def sealed(self) -> bool:

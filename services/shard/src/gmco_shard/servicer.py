@@ -11,8 +11,9 @@ from gmco.common.v1 import common_pb2
 from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from gmco_common.features import feature_version, features
 from gmco_common.supervisor import Supervisor
-from gmco_common.vectors import as_fp16, decode_batch, decode_vector, encode_vector
+from gmco_common.vectors import as_fp16, decode_batch, decode_vector, encode_batch, encode_vector
 
 from gmco_shard import metrics
 from gmco_shard.batcher import MicroBatcher
@@ -39,20 +40,25 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         self._maintenance: asyncio.Task | None = None
         self._batcher = (MicroBatcher(self._run_batch, settings.batch_window_ms / 1000, settings.batch_max)
                          if settings.batch_window_ms > 0 else None)
+        self._feature_version = feature_version(settings.dim, settings.feature_dim, settings.feature_seed)
 
     async def _run_batch(self, queries: np.ndarray, key: tuple) -> SearchResult:
-        """One store search for a merged batch of requests that share (k, filter, ef, exact)."""
-        k, flt_bytes, ef, exact = key
+        """One store search for a merged batch of requests that share (k, filter, ef, exact, order)."""
+        k, flt_bytes, ef, exact, popularity = key
         flt = common_pb2.Filter.FromString(flt_bytes) if flt_bytes else None
-        return await asyncio.to_thread(self._store.search, queries, k, flt, ef, exact)
+        return await asyncio.to_thread(self._store.search, queries, k, flt, ef, exact, None, popularity)
 
     async def _search(self, queries: np.ndarray, request: pb.SearchRequest) -> SearchResult:
+        popularity = request.order == pb.SEARCH_ORDER_POPULARITY
+        if request.query_filters:
+            return await asyncio.to_thread(self._store.search, queries, request.k, None, request.params.ef,
+                                           request.params.exact, list(request.query_filters), popularity)
         flt = request.filter if request.HasField("filter") else None
         if self._batcher is None:
             return await asyncio.to_thread(self._store.search, queries, request.k, flt, request.params.ef,
-                                           request.params.exact)
+                                           request.params.exact, None, popularity)
         key = (request.k, flt.SerializeToString(deterministic=True) if flt is not None else b"",
-               request.params.ef, request.params.exact)
+               request.params.ef, request.params.exact, popularity)
         res, mine = await self._batcher.submit(queries, key)
         return res.take(mine)
 
@@ -94,6 +100,12 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             raise InvalidArgument("k", f"must be in 1..{s.max_k}, got {request.k}")
         if request.params.ef > MAX_EF:
             raise InvalidArgument("params.ef", f"is {request.params.ef}; at most {MAX_EF} (0 = the shard's default)")
+        if request.query_filters and len(request.query_filters) != queries.shape[0]:
+            raise InvalidArgument("query_filters", f"has {len(request.query_filters)} filters for "
+                                  f"{queries.shape[0]} queries; give one per query row, or none")
+        if request.order not in (pb.SEARCH_ORDER_UNSPECIFIED, pb.SEARCH_ORDER_POPULARITY):
+            raise InvalidArgument("order", f"unknown order {request.order}; use SEARCH_ORDER_UNSPECIFIED or "
+                                  "SEARCH_ORDER_POPULARITY")
         self._check_metric(request.metric)
         self._check_loaded()
         await self._await_lsn(request.min_lsn, context)
@@ -102,11 +114,56 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         metrics.SEARCH_SECONDS.labels("exact" if res.exact else "index").observe(time.perf_counter() - start)
         out = pb.SearchResponse(shard_id=s.shard_id, applied_lsn=self._store.applied_lsn, allowed_count=res.allowed,
                                 exact=res.exact, paths=res.paths)
+        if request.include_features:
+            out.feature_version = self._feature_version
+        if request.columnar:
+            self._columnar(res, request, out)
+        else:
+            self._items(res, request, out)
+        return out
+
+    def _gather(self, res: SearchResult, valid: np.ndarray, what: str) -> np.ndarray:
+        """Per valid result (in row-major order): its vector (``vectors``) or its popularity."""
+        seg_of = res.segment_of[valid]
+        rows = res.rows[valid]
+        out = (np.empty((rows.shape[0], self._settings.dim), np.float16) if what == "vectors"
+               else np.empty(rows.shape[0], np.float32))
+        for si in np.unique(seg_of).tolist():
+            mask = seg_of == si
+            seg = res.segments[si]
+            out[mask] = seg.vectors[rows[mask]] if what == "vectors" else seg.cols.popularity[rows[mask]]
+        return out
+
+    def _features(self, res: SearchResult, valid: np.ndarray) -> np.ndarray:
+        return features(self._gather(res, valid, "vectors"), self._settings.feature_dim, self._settings.feature_seed)
+
+    def _columnar(self, res: SearchResult, request: pb.SearchRequest, out: pb.SearchResponse) -> None:
+        valid = res.rows >= 0
+        counts = valid.sum(1)
+        popularity = self._gather(res, valid, "popularity")
+        feats = self._features(res, valid) if request.include_features else None
+        at = 0
+        for i in range(res.rows.shape[0]):
+            n = int(counts[i])
+            row = out.results.add(media_ids=res.media_ids[i, :n].tobytes(), scores=res.scores[i, :n].tobytes(),
+                                  popularities=popularity[at:at + n].tobytes())
+            if feats is not None:
+                row.features.CopyFrom(encode_batch(feats[at:at + n], "float32") if n else
+                                      common_pb2.VectorBatch(dtype=common_pb2.D_TYPE_FLOAT32,
+                                                             dimension=self._settings.feature_dim))
+            at += n
+
+    def _items(self, res: SearchResult, request: pb.SearchRequest, out: pb.SearchResponse) -> None:
+        s = self._settings
         segments = res.segments
+        valid = res.rows >= 0
+        feats = self._features(res, valid) if request.include_features else None
+        at = 0
         # Python lists, not numpy scalars: this loop is most of the reply's cost at batch 32 (0.48 vs 1.0 ms).
         for scores, mids, segs, rows in zip(res.scores.tolist(), res.media_ids.tolist(), res.segment_of.tolist(),
                                             res.rows.tolist(), strict=True):
-            items = out.results.add().items
+            result = out.results.add()
+            items = result.items
             for score, mid, seg, row in zip(scores, mids, segs, rows, strict=True):
                 if row < 0:
                     break
@@ -115,7 +172,10 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
                     item.vector.CopyFrom(encode_vector(segments[seg].vectors[row]))
                 if request.include_attributes:
                     item.attributes.CopyFrom(read_attributes(segments[seg].cols, row))
-        return out
+            if feats is not None:
+                result.features.CopyFrom(encode_batch(feats[at:at + len(items)], "float32") if len(items) else
+                                         common_pb2.VectorBatch(dtype=common_pb2.D_TYPE_FLOAT32, dimension=s.feature_dim))
+                at += len(items)
 
     async def Upsert(self, request: pb.UpsertRequest, context: grpc.aio.ServicerContext) -> pb.UpsertResponse:
         if not request.items:

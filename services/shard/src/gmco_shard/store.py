@@ -40,7 +40,7 @@ from gmco_shard.filters import AttributeIndex, evaluate_filter, is_trivial
 from gmco_shard.index.base import FilteringIndex, create_index, topk
 from gmco_shard.index.exact import exact_search
 from gmco_shard.index.params import IndexParams
-from gmco_shard.planner import ACORN, EXACT, INDEX, PREFILTER, Planner
+from gmco_shard.planner import ACORN, EXACT, INDEX, POPULARITY, PREFILTER, Planner
 from gmco_shard.segment import IdIndex, Segment, new_growing
 
 log = logging.getLogger(__name__)
@@ -279,11 +279,41 @@ class ShardStore:
         return words
 
     def search(self, queries: np.ndarray, k: int, flt: common_pb2.Filter | None = None, ef: int = 0,
-               force_exact: bool = False) -> SearchResult:
-        """Filtered top-k over every segment. Thread-safe; runs without the write lock."""
+               force_exact: bool = False, row_filters: Sequence[common_pb2.Filter | None] | None = None,
+               popularity: bool = False) -> SearchResult:
+        """Filtered top-k over every segment. Thread-safe; runs without the write lock.
+
+        ``row_filters`` gives each query row its own filter (rows with equal filters search together);
+        ``popularity`` orders what passes the filter by the popularity column instead of similarity (the
+        query vectors are then only counted, not read)."""
         segments = self.segments()
-        metric = self.params.metric
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if row_filters is None:
+            return self._search_in(segments, q, k, flt, ef, force_exact, popularity)
+        groups: dict[bytes, list[int]] = {}
+        for i, f in enumerate(row_filters):
+            groups.setdefault(b"" if is_trivial(f) else f.SerializeToString(deterministic=True), []).append(i)
+        if len(groups) == 1:
+            return self._search_in(segments, q, k, row_filters[0], ef, force_exact, popularity)
+        nq = q.shape[0]
+        scores = np.full((nq, k), -np.inf, np.float32)
+        media_ids = np.zeros((nq, k), np.uint64)
+        seg_of = np.full((nq, k), -1, np.int64)
+        rows = np.full((nq, k), -1, np.int64)
+        allowed, exact, paths = 0, True, []
+        for members in groups.values():
+            idx = np.asarray(members)
+            part = self._search_in(segments, q[idx], k, row_filters[members[0]], ef, force_exact, popularity)
+            scores[idx], media_ids[idx], seg_of[idx], rows[idx] = part.scores, part.media_ids, part.segment_of, \
+                part.rows
+            allowed = max(allowed, part.allowed)
+            exact &= part.exact
+            paths.extend(part.paths)
+        return SearchResult(scores, media_ids, seg_of, rows, segments, allowed, exact, tuple(paths))
+
+    def _search_in(self, segments: tuple[Segment, ...], q: np.ndarray, k: int, flt: common_pb2.Filter | None,
+                   ef: int, force_exact: bool, popularity: bool) -> SearchResult:
+        metric = self.params.metric
         nq = q.shape[0]
         graph_ef = ef or self.params.hnsw.ef_search  # the beam of a graph search; other backends read ef as given
         part_s, part_r, part_seg = [], [], []
@@ -297,6 +327,15 @@ class ShardStore:
             allowed = n if allow is None else bitmaps.count(allow)
             allowed_total += allowed
             if allowed == 0:
+                continue
+            if popularity:
+                s, r = _most_popular(seg, n, allow, k)
+                s, r = np.broadcast_to(s, (nq, k)), np.broadcast_to(r, (nq, k))
+                paths.append(POPULARITY)
+                self.planner.count(POPULARITY)
+                part_s.append(s)
+                part_r.append(r)
+                part_seg.append(np.full(r.shape, si, np.int64))
                 continue
             index = seg.index
             has_index = index is not None and not index.exact and not force_exact
@@ -349,8 +388,8 @@ class ShardStore:
         for si in np.unique(seg_of[seg_of >= 0]).tolist():
             mask = seg_of == si
             media_ids[mask] = segments[si].cols.media_ids[rows[mask]]
-        return SearchResult(scores.astype(np.float32, copy=False), media_ids, seg_of, rows, segments,
-                            allowed_total, all(p == EXACT for p in paths), tuple(paths))
+        return SearchResult(np.ascontiguousarray(scores, dtype=np.float32), media_ids, seg_of, np.ascontiguousarray(rows),
+                            segments, allowed_total, all(p == EXACT for p in paths), tuple(paths))
 
     # -- maintenance -------------------------------------------------------------------------------
     def _rebuild(self, sources: Sequence[Segment], progress: bool = False) -> Segment | None:
@@ -482,6 +521,30 @@ class ShardStore:
             "index_generation": self.generation,
             "segment_count": len(segs),
         }
+
+
+def _most_popular(seg: Segment, n: int, allow: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(popularity scores (k,), rows (k,)) of the k most popular allowed rows of ``seg``: a sealed segment
+    walks its rows in popularity order (computed once) in chunks until k pass, so the cost is ~k / allowed
+    fraction; the growing segment sorts its few rows."""
+    popularity = seg.cols.popularity[:n]
+    order = seg.popularity_order() if seg.sealed else np.argsort(-popularity, kind="stable")
+    found: list[np.ndarray] = []
+    need, chunk, start = k, max(4 * k, 1024), 0
+    while need > 0 and start < order.shape[0]:
+        part = order[start:start + chunk]
+        if allow is not None:
+            part = part[((allow[part >> 6] >> (part & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)]
+        found.append(part[:need])
+        need -= min(need, part.shape[0])
+        start += chunk
+        chunk *= 2
+    rows = np.concatenate(found) if found else np.empty(0, np.int64)
+    scores = np.full(k, -np.inf, np.float32)
+    out = np.full(k, -1, np.int64)
+    scores[: rows.shape[0]] = popularity[rows]
+    out[: rows.shape[0]] = rows
+    return scores, out
 
 
 class _Rows:
