@@ -1,15 +1,18 @@
 """make bench-milvus: the project's HNSW shard vs Milvus, side by side, on the 100,000 x 1024 clustered reference.
 
-Same data, same queries, k=10, exact ground truth. Three systems:
+Same data, same queries, k=10, exact ground truth. Five systems:
   (a) the shard service with the hnsw backend, through gRPC (a server process that loads a snapshot);
   (b) the shard service with the milvus backend on Milvus Lite, through gRPC (same way);
-  (c) pymilvus querying that Milvus Lite collection directly (Milvus Lite runs inside the client process).
-(b) builds the Milvus Lite collection (insert, flush, index on load); (c) opens the same .db file afterwards,
-so its build time is (b)'s and its own figure is the load time. Each system sweeps the search breadth (ef)
-and reports recall@10 and QPS at batch 1 and 32; the QPS ratio is taken at the smallest swept ef that
-reaches recall@10 >= 0.95. It also measures the Milvus Lite loading caveat on a small collection: search
-time right after inserting into a loaded collection vs after release + load.
-Writes bench/results/bench_milvus.{json,png}.
+  (c) pymilvus querying that Milvus Lite collection directly (Milvus Lite runs inside the client process);
+  (d) the shard service with the milvus backend on a Milvus 2.3.5 standalone server, through gRPC (same way);
+  (e) pymilvus querying that server's collection directly.
+The server is gmco_testing.milvus.MilvusServer (the `milvus` wheel's binary, data in a temporary directory,
+loopback ports). (b) and (d) build their collections (insert, flush, index, load); (c) and (e) open the
+same collections afterwards, so their build time is (b)'s and (d)'s and their own figure is the load time.
+Each system sweeps the search breadth (ef) and reports recall@10 and QPS at batch 1 and 32; QPS ratios
+are taken at the smallest swept ef that reaches recall@10 >= 0.95. It also measures the Milvus Lite loading
+caveat on a small collection: search time right after inserting into a loaded collection vs after
+release + load. Writes bench/results/<--name>.{json,png} (default bench_milvus).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.datagen import exact_ground_truth, generate_catalogue, generate_queries
 from gmco_common.vectors import encode_batch
 from gmco_shard.columns import columns_from_catalogue
+from gmco_shard.index.milvus import vector_dtype
 from gmco_shard.index.params import HnswParams, IndexParams, MilvusParams
 from gmco_shard.snapshot import save_snapshot
 from gmco_shard.store import ShardStore
+from gmco_testing.milvus import MilvusServer
 from gmco_testing.procs import stop_process
 
 K = 10
@@ -96,25 +101,29 @@ def shard_system(name: str, backend: str, params: IndexParams, env_extra: dict[s
     return {"build_seconds": build, "load_seconds": load, "sweep": points}
 
 
-def pymilvus_system(db: str, cat, queries, gt_ids, a) -> dict:
+def pymilvus_system(name: str, uri: str, cat, queries, gt_ids, a) -> dict:
+    """pymilvus straight at the collection the shard built at ``uri`` (a Lite file or a server)."""
     from pymilvus import MilvusClient
 
-    client = MilvusClient(db)
-    name = next(c for c in client.list_collections() if c.startswith(COLLECTION + "_"))
+    client = MilvusClient(uri)
+    params = MilvusParams(uri=uri)
+    version = "lite" if params.lite else client.get_server_version()
+    dtype = vector_dtype(params, None if params.lite else version)  # what the shard's build chose
+    collection = next(c for c in client.list_collections() if c.startswith(COLLECTION + "_"))
     t = time.perf_counter()
-    client.load_collection(name)
+    client.load_collection(collection)
     load = time.perf_counter() - t
-    print(f"pymilvus: loaded {name} in {load:.1f}s", flush=True)
+    print(f"{name}: loaded {collection} in {load:.1f}s", flush=True)
 
     def search(batch: np.ndarray, ef: int) -> np.ndarray:
-        hits = client.search(name, data=list(np.asarray(batch, np.float32)), limit=K, output_fields=["row"],
+        hits = client.search(collection, data=list(np.asarray(batch, dtype)), limit=K, output_fields=["row"],
                              search_params={"metric_type": "IP", "params": {"ef": max(ef, K)}})
         rows = np.asarray([[h.id for h in found] + [-1] * (K - len(found)) for found in hits], np.int64)
         return np.where(rows >= 0, cat.media_ids[np.maximum(rows, 0)], 0)
 
-    points = sweep("pymilvus", search, queries, gt_ids, a.ef, a.seconds)
+    points = sweep(name, search, queries, gt_ids, a.ef, a.seconds)
     client.close()
-    return {"load_seconds": load, "sweep": points}
+    return {"load_seconds": load, "milvus_version": version, "vector_type": str(dtype), "sweep": points}
 
 
 def lite_caveat(tmp: Path, dim: int, n: int) -> dict:
@@ -161,6 +170,7 @@ def main() -> None:
     ap.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     ap.add_argument("--seconds", type=float, default=1.0, help="length of each timed run (3 runs, median)")
     ap.add_argument("--caveat-rows", type=int, default=10_000)
+    ap.add_argument("--name", default="bench_milvus", help="results file name under bench/results/")
     a = ap.parse_args()
     from milvus_lite.server_manager import server_manager_instance
 
@@ -174,36 +184,47 @@ def main() -> None:
                  "ef_construction": a.ef_construction, "systems": {}}
     hnsw_env = {"GMCO_SHARD_HNSW_M": str(a.hnsw_m), "GMCO_SHARD_HNSW_EF_CONSTRUCTION": str(a.ef_construction)}
     params = IndexParams(hnsw=HnswParams(m=a.hnsw_m, ef_construction=a.ef_construction))
+    systems = out["systems"]
+
+    def milvus_system(name: str, uri: str, **serving) -> dict:
+        env = {**hnsw_env, "GMCO_SHARD_MILVUS_URI": uri, "GMCO_SHARD_MILVUS_COLLECTION": COLLECTION}
+        milvus = IndexParams(hnsw=HnswParams(m=a.hnsw_m, ef_construction=a.ef_construction),
+                             milvus=MilvusParams(uri=uri, collection=COLLECTION))
+        return shard_system(name, "milvus", milvus, env, cat, cols, queries, gt_ids, a, **serving)
+
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "milvus.db")
-        out["systems"]["shard_hnsw"] = shard_system("shard hnsw", "hnsw", params, hnsw_env, cat, cols, queries,
-                                                    gt_ids, a)
-        milvus_env = {**hnsw_env, "GMCO_SHARD_MILVUS_URI": db, "GMCO_SHARD_MILVUS_COLLECTION": COLLECTION}
-        out["systems"]["shard_milvus"] = shard_system(
-            "shard milvus", "milvus", IndexParams(hnsw=HnswParams(m=a.hnsw_m, ef_construction=a.ef_construction),
-                                                  milvus=MilvusParams(uri=db, collection=COLLECTION)),
-            milvus_env, cat, cols, queries, gt_ids, a,
-            # Milvus Lite runs inside the process that opened the file: let the server process have it.
-            before_serving=lambda: server_manager_instance.release_server(db))
-        direct = pymilvus_system(db, cat, queries, gt_ids, a)
-        direct["build_seconds"] = out["systems"]["shard_milvus"]["build_seconds"]
-        out["systems"]["pymilvus_lite"] = direct
+        systems["shard_hnsw"] = shard_system("shard hnsw", "hnsw", params, hnsw_env, cat, cols, queries, gt_ids, a)
+        # Milvus Lite runs inside the process that opened the file: let the server process have it.
+        systems["shard_milvus_lite"] = milvus_system(
+            "shard milvus lite", db, before_serving=lambda: server_manager_instance.release_server(db))
+        systems["pymilvus_lite"] = pymilvus_system("pymilvus lite", db, cat, queries, gt_ids, a)
+        systems["pymilvus_lite"]["build_seconds"] = systems["shard_milvus_lite"]["build_seconds"]
         server_manager_instance.release_server(db)
+        t = time.perf_counter()
+        with MilvusServer() as server:
+            print(f"Milvus {server.version} server at {server.uri}: started in {time.perf_counter() - t:.1f}s",
+                  flush=True)
+            systems["shard_milvus_server"] = milvus_system("shard milvus server", server.uri)
+            systems["pymilvus_server"] = pymilvus_system("pymilvus server", server.uri, cat, queries, gt_ids, a)
+            systems["pymilvus_server"]["build_seconds"] = systems["shard_milvus_server"]["build_seconds"]
+            out["milvus_server"] = {"wheel": server.version, "settings": server.settings}
         out["lite_caveat"] = lite_caveat(Path(tmp), a.dim, a.caveat_rows)
 
-    ref = at_target(out["systems"]["pymilvus_lite"]["sweep"])
-    out["at_recall_0.95"] = {name: at_target(s["sweep"]) for name, s in out["systems"].items()}
-    own = out["at_recall_0.95"]["shard_hnsw"]
-    if own and ref:
-        out["qps_ratio_shard_hnsw_vs_pymilvus_lite"] = {b: own[f"qps_{b}"] / ref[f"qps_{b}"] for b in ("b1", "b32")}
-    print(f"at recall@10 >= {TARGET}: {out['at_recall_0.95']}")
-    print(f"ratio: {out.get('qps_ratio_shard_hnsw_vs_pymilvus_lite')}")
-    path = write_json("bench_milvus", out)
-    plot(out)
+    best = out["at_recall_0.95"] = {name: at_target(s["sweep"]) for name, s in systems.items()}
+    own = best["shard_hnsw"]
+    out["qps_ratio_shard_hnsw_vs"] = {name: {b: own[f"qps_{b}"] / ref[f"qps_{b}"] for b in ("b1", "b32")}
+                                      for name, ref in best.items() if own and ref and name != "shard_hnsw"}
+    if "pymilvus_lite" in out["qps_ratio_shard_hnsw_vs"]:
+        out["qps_ratio_shard_hnsw_vs_pymilvus_lite"] = out["qps_ratio_shard_hnsw_vs"]["pymilvus_lite"]
+    print(f"at recall@10 >= {TARGET}: {best}")
+    print(f"QPS ratios of the hnsw shard: {out['qps_ratio_shard_hnsw_vs']}")
+    path = write_json(a.name, out)
+    plot(out, a.name)
     print(f"wrote {path}")
 
 
-def plot(out: dict) -> None:
+def plot(out: dict, results_name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -216,7 +237,7 @@ def plot(out: dict) -> None:
                title=f"QPS vs recall, batch {batch[1:]} ({out['items']:,} x {out['dim']})")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(plot_path("bench_milvus"))
+    fig.savefig(plot_path(results_name))
 
 
 if __name__ == "__main__":

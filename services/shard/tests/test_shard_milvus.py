@@ -1,8 +1,14 @@
-"""The milvus backend against a real Milvus Lite file in tmp_path: build, search, filtered search,
-tombstones, snapshot reconnect, compaction, the Filter -> expression equivalence, and error mapping
-(also through gRPC)."""
+"""The milvus backend against real Milvus: build, search, filtered search, tombstones, snapshot reconnect,
+compaction, retirement, the Filter -> expression equivalence, and error mapping (also through gRPC).
+
+The contract tests run twice, through the module-scoped ``target``: on Milvus Lite files under a temporary
+directory, and on the session's Milvus 2.3.5 standalone server (``milvus_server``, gmco_testing.milvus),
+where each build makes its own collection."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -25,7 +31,7 @@ from gmco_shard.columns import columns_from_catalogue
 from gmco_shard.config import Settings
 from gmco_shard.filters import evaluate_filter
 from gmco_shard.index.exact import exact_search
-from gmco_shard.index.milvus import MilvusIndex, milvus_error
+from gmco_shard.index.milvus import MilvusIndex, milvus_error, vector_dtype
 from gmco_shard.index.milvus_filter import ROW, filter_expression
 from gmco_shard.index.params import HnswParams, IndexParams, MilvusParams
 from gmco_shard.snapshot import load_snapshot, save_snapshot
@@ -52,9 +58,22 @@ def _sealed(store: ShardStore):
     return seg
 
 
-@pytest.fixture(scope="module")
-def lite_uri(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("milvus") / "shard.db")
+@dataclass(frozen=True)
+class Target:
+    """Where a test's collections live: a Milvus Lite file per name, or the session's Milvus server."""
+
+    directory: Path | None = None
+    server_uri: str = ""
+
+    def uri(self, name: str) -> str:
+        return str(self.directory / f"{name}.db") if self.directory is not None else self.server_uri
+
+
+@pytest.fixture(scope="module", params=["lite", "server"])
+def target(request, tmp_path_factory) -> Target:
+    if request.param == "lite":
+        return Target(directory=tmp_path_factory.mktemp("milvus"))
+    return Target(server_uri=request.getfixturevalue("milvus_server").uri)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +84,8 @@ def columns(small_catalogue):
 
 
 @pytest.fixture(scope="module")
-def milvus_store(small_catalogue, columns, lite_uri) -> ShardStore:
-    store = ShardStore(DIM, "milvus", _params(lite_uri))
+def milvus_store(small_catalogue, columns, target) -> ShardStore:
+    store = ShardStore(DIM, "milvus", _params(target.uri("shard")))
     store.bulk_load(np.asarray(small_catalogue.vectors), columns)
     return store
 
@@ -151,8 +170,8 @@ def test_allow_mask_search(milvus_store) -> None:
     assert (rows >= 0).all() and (rows % 3 == 0).all()
 
 
-def test_tombstones_and_growing_rows(small_catalogue, columns, tmp_path) -> None:
-    store = ShardStore(DIM, "milvus", _params(str(tmp_path / "t.db")))
+def test_tombstones_and_growing_rows(small_catalogue, columns, target) -> None:
+    store = ShardStore(DIM, "milvus", _params(target.uri("tombstones")))
     store.bulk_load(np.asarray(small_catalogue.vectors[:1000]), columns.head(1000))
     q = np.asarray(small_catalogue.vectors[:3], np.float32)
     first = store.search(q, K, common_pb2.Filter(max_rating=9)).media_ids[:, 0]
@@ -164,24 +183,50 @@ def test_tombstones_and_growing_rows(small_catalogue, columns, tmp_path) -> None
     assert 77_777 in store.search(vec.astype(np.float32), K, common_pb2.Filter(max_rating=1)).media_ids
 
     # Compaction builds a new collection; the growing row and the deletes carry over.
-    old = _sealed(store).index.collection
+    old_index = _sealed(store).index
+    old = old_index.collection
     store.compact()
-    assert _sealed(store).index.collection != old and store.stats()["sealed_count"] == 1000 - 3 + 1
+    new_index = _sealed(store).index
+    assert new_index.collection != old and store.stats()["sealed_count"] == 1000 - 3 + 1
     assert 77_777 in store.search(vec.astype(np.float32), K).media_ids
     assert not set(first.tolist()) & set(store.search(q, K).media_ids.ravel().tolist())
+    # What the store does RETIRE_DELAY_SECONDS after the swap: the replaced collection is dropped.
+    assert new_index._call("check", "has_collection", old)
+    old_index.retire()
+    assert old_index.collection is None and not new_index._call("check", "has_collection", old)
 
 
-def test_snapshot_reconnects_to_the_collection(milvus_store, lite_uri, small_catalogue, tmp_path) -> None:
+def test_snapshot_reconnects_to_the_collection(milvus_store, target, small_catalogue, tmp_path) -> None:
     path, _ = save_snapshot(milvus_store, tmp_path)
-    other = ShardStore(DIM, "milvus", _params(lite_uri))
+    other = ShardStore(DIM, "milvus", _params(target.uri("shard")))
     load_snapshot(other, tmp_path)
     q = generate_queries(small_catalogue, 5, seed=9)
     np.testing.assert_array_equal(other.search(q, K).media_ids, milvus_store.search(q, K).media_ids)
     assert (path / "seg-000" / "milvus.json").is_file()
 
 
-def test_missing_collection_is_failed_precondition(small_catalogue, columns, tmp_path) -> None:
-    store = ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db")))
+def test_vectors_are_float32_on_lite_and_on_a_2_3_server(milvus_store) -> None:
+    # Lite has no FLOAT16_VECTOR; Milvus 2.3.5 has one that scores wrongly: vector_type=auto avoids both.
+    assert _sealed(milvus_store).index.vector_dtype == np.float32
+
+
+def test_float16_on_a_2_3_server_is_refused(milvus_server, small_catalogue) -> None:
+    index = MilvusIndex(DIM, _params(milvus_server.uri, vector_type="float16"))
+    with pytest.raises(FailedPrecondition, match="GMCO_SHARD_MILVUS_VECTOR_TYPE=auto"):
+        index.build(np.asarray(small_catalogue.vectors[:10]))
+    assert index.collection is None
+
+
+def test_index_type_the_server_lacks_is_failed_precondition(milvus_server, small_catalogue) -> None:
+    index = MilvusIndex(DIM, _params(milvus_server.uri, index_type="HNSW_SQ"))  # HNSW_SQ: Milvus 2.5+
+    before = set(index._call("list", "list_collections"))
+    with pytest.raises(FailedPrecondition, match="invalid index type.*GMCO_SHARD_MILVUS_INDEX_TYPE"):
+        index.build(np.asarray(small_catalogue.vectors[:10]))
+    assert set(index._call("list", "list_collections")) == before  # the failed build dropped its collection
+
+
+def test_missing_collection_is_failed_precondition(small_catalogue, columns, target, tmp_path) -> None:
+    store = ShardStore(DIM, "milvus", _params(target.uri("gone")))
     store.bulk_load(np.asarray(small_catalogue.vectors[:500]), columns.head(500))
     save_snapshot(store, tmp_path / "snap")
     index = _sealed(store).index
@@ -190,7 +235,7 @@ def test_missing_collection_is_failed_precondition(small_catalogue, columns, tmp
         store.search(np.asarray(small_catalogue.vectors[:1], np.float32), K)
     # A snapshot whose collection is gone is refused at load (logged), and the replica rebuilds from its
     # catalogue instead of serving nothing.
-    assert load_snapshot(ShardStore(DIM, "milvus", _params(str(tmp_path / "gone.db"))), tmp_path / "snap") is None
+    assert load_snapshot(ShardStore(DIM, "milvus", _params(target.uri("gone"))), tmp_path / "snap") is None
 
 
 def test_unreachable_milvus_is_unavailable(small_catalogue, columns) -> None:
@@ -222,6 +267,13 @@ def test_milvus_errors_map_to_precise_codes_without_raw_text(exc, expected) -> N
     assert "[secret]" not in err.message and "Milvus" in err.message
 
 
+def test_a_refused_setting_names_it() -> None:
+    err = milvus_error(MilvusException(65535, "invalid index type: HNSW_SQ"), "create index", _S,
+                       setting="GMCO_SHARD_MILVUS_INDEX_TYPE")
+    assert isinstance(err, FailedPrecondition) and "GMCO_SHARD_MILVUS_INDEX_TYPE" in err.message
+    assert "invalid index type: HNSW_SQ" in err.message
+
+
 def test_input_errors_name_the_field() -> None:
     err = milvus_error(ParamError(message="ef out of range"), "search", _S, field="params.ef")
     assert isinstance(err, InvalidArgument) and err.field == "params.ef" and "ef out of range" in err.reason
@@ -241,12 +293,15 @@ def test_configuration_is_checked(tmp_path) -> None:
         MilvusIndex(DIM, _params("a.db", index_params="[1]"))
     remote = MilvusIndex(DIM, _params("http://milvus:19530", index_type="GPU_CAGRA"))
     assert remote.vector_dtype == np.float16 and "graph_degree" in remote.build_params
+    server = MilvusParams(uri="http://milvus:19530")  # vector_type=auto: FP16 from Milvus 2.4 on
+    assert vector_dtype(server, "v2.4.13") == np.float16 and vector_dtype(server, "2.5.0") == np.float16
+    assert vector_dtype(server, "v2.3.5-lite") == np.float32 and vector_dtype(server, "master-2024") == np.float32
 
 
 # -- through gRPC ------------------------------------------------------------------------------------
-async def test_grpc_search_and_error_status(small_catalogue, tmp_path) -> None:
+async def test_grpc_search_and_error_status(small_catalogue, target, tmp_path) -> None:
     data_dir = write_catalogue(small_catalogue.subset(np.arange(800)), tmp_path / "cat")
-    settings_ = shard_settings(data_dir, index_backend="milvus", milvus_uri=str(tmp_path / "g.db"),
+    settings_ = shard_settings(data_dir, index_backend="milvus", milvus_uri=target.uri("grpc"),
                                hnsw_ef_search=128)
     async with serve_shard(settings_) as svc:
         stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)

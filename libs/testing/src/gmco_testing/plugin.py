@@ -2,6 +2,7 @@
 
 - ``postgres``: one throwaway PostgreSQL 15 for the session (tests that stop or kill it start their own).
 - ``redis_cluster``: one 6-node Redis Cluster for the session; ``fresh_cluster`` flushes it first.
+- ``milvus_server``: one Milvus 2.3.5 standalone server for the session (the ``milvus`` wheel's binary).
 - ``fake_clock``: a settable monotonic clock for breakers, LRUs and TTLs.
 - the ``gpu`` marker: skipped, visibly, where no usable GPU is present.
 
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from gmco_testing.gpu import gpu_skip_reason
+from gmco_testing.milvus import MilvusServer
 from gmco_testing.postgres import PostgresServer
 from gmco_testing.redis_cluster import RedisCluster
 
@@ -49,6 +51,13 @@ def redis_cluster() -> Iterator[RedisCluster]:
     """One cluster for the session; the kill -9 tests start their own."""
     with RedisCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def milvus_server() -> Iterator[MilvusServer]:
+    """One Milvus standalone server for the session; tests keep apart by collection name."""
+    with MilvusServer() as server:
+        yield server
 
 
 @pytest.fixture

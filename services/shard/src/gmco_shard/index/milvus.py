@@ -5,18 +5,21 @@ Each build makes a fresh collection ``<base>_<time_ns>``: ``row`` (the store's r
 ``media_id``, the vector, and the attribute fields of :mod:`gmco_shard.index.milvus_filter`. The store's
 filtered searches arrive as a ``Filter`` translated into a boolean expression (Milvus cannot take a row
 bitmap). Milvus errors are mapped to gmco_common errors with a message that says what to do; the raw
-Milvus text is logged, and only input errors quote its first line.
+Milvus text is logged, and only errors in the input or the settings quote its first line.
 
-Loading: a collection is created released, filled, flushed, indexed and only then loaded. Milvus Lite
+Loading: a collection is created unloaded, filled, flushed, indexed and only then loaded. Milvus Lite
 searches rows that were inserted into a loaded collection by brute force until the collection is released
-and loaded again (load builds or reads each segment's HNSW index); building released and loading once at
-the end avoids that and a second, concurrent index build by Lite's background worker. See docs/milvus.md.
+and loaded again (load builds or reads each segment's HNSW index); building unloaded and loading once at
+the end avoids that and a second, concurrent index build by Lite's background worker. A failed build drops
+its collection. See docs/milvus.md, also for what a Milvus 2.3 server lacks (FLOAT16_VECTOR that works,
+HNSW_SQ, GPU index types on its CPU build).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -74,11 +77,27 @@ _BREADTH = {"HNSW": "ef", "HNSW_SQ": "ef", "GPU_CAGRA": "itopk_size", "IVF_FLAT"
             "GPU_IVF_FLAT": "nprobe"}
 
 
-def vector_dtype(settings: MilvusParams) -> np.dtype:
-    """The stored vector type: FP16 on a Milvus server, float32 on Milvus Lite (which has no FP16 vectors)."""
-    if settings.vector_type == "auto":
-        return np.dtype(np.float32 if settings.lite else np.float16)
-    return np.dtype(settings.vector_type)
+# FLOAT16_VECTOR is a Milvus 2.4 feature. A 2.3 server accepts the field type, the rows and the queries,
+# and returns wrong scores without an error (2.3.5: IP "distances" of 6.8e-41 or -3.2e10 where the true
+# ones lie within +-10), so vector_type=auto stores float32 there. See docs/milvus.md.
+FLOAT16_SINCE = (2, 4)
+
+
+def server_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a Milvus version string such as ``v2.3.5-lite`` or ``2.4.13``; None if it has none."""
+    m = re.match(r"v?(\d+)\.(\d+)", version.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def vector_dtype(settings: MilvusParams, version: str | None = None) -> np.dtype:
+    """The stored vector type: float32 on Milvus Lite (which has no FP16 vectors); FP16 on a Milvus server
+    from 2.4 on (``version`` None: assume one) and float32 on older or unrecognised ones."""
+    if settings.vector_type != "auto":
+        return np.dtype(settings.vector_type)
+    if settings.lite:
+        return np.dtype(np.float32)
+    release = server_release(version) if version is not None else FLOAT16_SINCE
+    return np.dtype(np.float16 if release is not None and release >= FLOAT16_SINCE else np.float32)
 
 
 def build_params(settings: MilvusParams, params: IndexParams) -> dict[str, Any]:
@@ -93,9 +112,12 @@ def build_params(settings: MilvusParams, params: IndexParams) -> dict[str, Any]:
     return defaults
 
 
-def milvus_error(exc: Exception, action: str, settings: MilvusParams, field: str = "") -> GmcoError:
-    """A gmco_common error for a pymilvus/gRPC failure; the raw text goes to the log only."""
-    log.warning("milvus %s failed: %r", action, exc)
+def milvus_error(exc: Exception, action: str, settings: MilvusParams, field: str = "",
+                 setting: str = "") -> GmcoError:
+    """A gmco_common error for a pymilvus/gRPC failure; the raw text goes to the log only. ``field``: the
+    request field the call was made from; ``setting``: the settings it was made from alone (Milvus refusing
+    it is then a configuration problem, whatever code it gives: 2.3.5 says 65535 for "invalid index type")."""
+    log.warning("milvus %s failed: %s", action, exc)
     where = f"Milvus at {settings.uri}"
     if isinstance(exc, (MilvusUnavailableException, ConnectError, ConnectionNotExistException)) or (
             type(exc) is MilvusException and exc.code == Status.CONNECT_FAILED):
@@ -124,12 +146,14 @@ def milvus_error(exc: Exception, action: str, settings: MilvusParams, field: str
     if code == 101 or legacy in (milvus_common.NotReadyServe, milvus_common.NotReadyCoordActivating) \
             or exc.retriable:  # 101: collection not loaded
         return Unavailable(f"{where} is not ready for {action}; retry")
+    reason = exc.message.splitlines()[0][:200] if exc.message else "invalid"
+    if setting:
+        return FailedPrecondition(f"{where} rejected {action} ({reason}); check {setting}")
     input_error = exc.is_input_error or isinstance(exc, (ParamError, DataNotMatchException,
                                                          DataTypeNotMatchException))
     if input_error or code == 1100 or legacy in (  # 1100: Milvus' "parameter invalid"
             milvus_common.IllegalArgument, milvus_common.IllegalTOPK, milvus_common.IllegalDimension,
             milvus_common.IllegalIndexType, milvus_common.IllegalMetricType):
-        reason = exc.message.splitlines()[0][:200] if exc.message else "invalid"
         if field:
             return InvalidArgument(field, f"Milvus rejected it: {reason}")
         return FailedPrecondition(f"{where} rejected {action} ({reason}); check the GMCO_SHARD_MILVUS_* settings")
@@ -148,14 +172,15 @@ class MilvusIndex(FilteringIndex):
             raise ConfigError("the milvus backend needs GMCO_SHARD_MILVUS_URI: a Milvus URI (http://host:19530) "
                               "or a Milvus Lite file path ending in .db")
         self.settings = params.milvus
+        # Until a build asks the server its version (or a load reads the snapshot), assume a current server.
         self.vector_dtype = vector_dtype(self.settings)
         self.build_params = build_params(self.settings, params)
         self.collection: str | None = None
         self._client: MilvusClient | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _call(self, action: str, method: str, *args: Any, field: str = "", build: bool = False,
-              **kwargs: Any) -> Any:
+    def _call(self, action: str, method: str, *args: Any, field: str = "", setting: str = "",
+              build: bool = False, **kwargs: Any) -> Any:
         """``client.<method>(*args)`` with a deadline (the request's, or the build timeout for the slow steps
         of a build); Milvus failures become gmco_common errors."""
         timeout = self.settings.build_timeout_seconds if build else call_timeout(self.settings.timeout_seconds)
@@ -165,7 +190,7 @@ class MilvusIndex(FilteringIndex):
                                             timeout=self.settings.timeout_seconds)
             return getattr(self._client, method)(*args, timeout=timeout, **kwargs)
         except (MilvusException, grpc.RpcError) as exc:
-            raise milvus_error(exc, action, self.settings, field) from exc
+            raise milvus_error(exc, action, self.settings, field, setting) from exc
 
     def close(self) -> None:
         if self._client is not None:
@@ -195,6 +220,21 @@ class MilvusIndex(FilteringIndex):
                           consistency_level="Strong")
         return int(rows[0]["count(*)"])
 
+    def _stored_type(self) -> np.dtype:
+        """The vector type a new collection gets: ``vector_dtype`` for this Milvus's version."""
+        if self.settings.lite or self.settings.vector_type == "float32":
+            return vector_dtype(self.settings)
+        version = str(self._call("server version", "get_server_version"))
+        if self.settings.vector_type == "float16" and (server_release(version) or (0, 0)) < FLOAT16_SINCE:
+            raise FailedPrecondition(f"Milvus at {self.settings.uri} is {version}, whose FLOAT16_VECTOR returns "
+                                     f"wrong scores (it works from {'.'.join(map(str, FLOAT16_SINCE))} on): set "
+                                     "GMCO_SHARD_MILVUS_VECTOR_TYPE=auto or float32")
+        dtype = vector_dtype(self.settings, version)
+        if dtype != np.float16:
+            log.info("milvus: %s stores float32 vectors (FLOAT16_VECTOR needs Milvus %s+)", version,
+                     ".".join(map(str, FLOAT16_SINCE)))
+        return dtype
+
     def _wait_indexed(self, collection: str, n: int) -> None:
         """A remote Milvus indexes sealed segments asynchronously: wait until all rows are indexed."""
         deadline = time.monotonic() + self.settings.build_timeout_seconds
@@ -202,8 +242,10 @@ class MilvusIndex(FilteringIndex):
             info = self._call("describe index", "describe_index", collection, VECTOR)
             if int(info.get("indexed_rows", n)) >= n and int(info.get("pending_index_rows", 0)) == 0:
                 return
-            if time.monotonic() > deadline:
-                raise Unavailable(f"Milvus at {self.settings.uri} has not finished indexing {collection}; retry")
+            if time.monotonic() > deadline:  # a GPU index type on a CPU Milvus 2.3.5 never finishes (docs/milvus.md)
+                raise Unavailable(f"Milvus at {self.settings.uri} has not finished indexing {collection} within "
+                                  "GMCO_SHARD_MILVUS_BUILD_TIMEOUT_SECONDS; retry, or check that this Milvus can "
+                                  f"build GMCO_SHARD_MILVUS_INDEX_TYPE={self.settings.index_type} (see its log)")
             time.sleep(0.5)
 
     # -- VectorIndex ----------------------------------------------------------------------------
@@ -214,25 +256,40 @@ class MilvusIndex(FilteringIndex):
         from tqdm import tqdm
 
         n = vectors.shape[0]
+        self.vector_dtype = self._stored_type()
         name = f"{self.settings.collection}_{time.time_ns()}"
+        # Created without index_params, so pymilvus does not load it (with them, create_collection also loads)
+        # and it is filled unloaded: searches of rows inserted into a loaded collection are brute force (Milvus
+        # Lite), and Lite's background worker would index the same segments a second time, concurrently with
+        # load. (Loading and releasing the empty collection also cost a 2.3.5 server about 5 s per build.)
         self._call("create collection", "create_collection", name, schema=self._schema(),
-                   index_params=self._index_params(), consistency_level=self.settings.consistency)
-        # Fill it released: searches of rows inserted into a loaded collection are brute force (Milvus Lite)
-        # and Lite's background worker would index the same segments a second time, concurrently with load.
-        self._call("release", "release_collection", name)
-        for start in tqdm(range(0, n, _INSERT_BATCH), desc="milvus insert", unit="batch", disable=not progress):
-            stop = min(n, start + _INSERT_BATCH)
-            batch = entity_rows(vectors[start:stop], cols.take(np.arange(start, stop)), start,
-                                self.vector_dtype)
-            self._call("insert", "insert", name, batch, build=True)
-        self._call("flush", "flush", name, build=True)
-        self._wait_indexed(name, n)
-        self._call("load", "load_collection", name, build=True)
-        got = self._count(name)
-        if got != n:
-            raise Unavailable(f"Milvus collection {name} holds {got} rows after the build, expected {n}; retry")
+                   consistency_level=self.settings.consistency)
+        try:
+            self._call("create index", "create_index", name, self._index_params(), build=True,
+                       setting="GMCO_SHARD_MILVUS_INDEX_TYPE and GMCO_SHARD_MILVUS_INDEX_PARAMS")
+            for start in tqdm(range(0, n, _INSERT_BATCH), desc="milvus insert", unit="batch",
+                              disable=not progress):
+                stop = min(n, start + _INSERT_BATCH)
+                batch = entity_rows(vectors[start:stop], cols.take(np.arange(start, stop)), start,
+                                    self.vector_dtype)
+                self._call("insert", "insert", name, batch, build=True)
+            self._call("flush", "flush", name, build=True)
+            self._wait_indexed(name, n)
+            self._call("load", "load_collection", name, build=True)
+            got = self._count(name)
+            if got != n:
+                raise Unavailable(f"Milvus collection {name} holds {got} rows after the build, expected {n}; retry")
+        except GmcoError:
+            self._drop_quietly(name)  # a failed build leaves nothing behind in Milvus
+            raise
         self.collection, self.count = name, n
         log.info("milvus: built %s (%d rows, %s, %s)", name, n, self.settings.index_type, self.build_params)
+
+    def _drop_quietly(self, name: str) -> None:
+        try:
+            self._call("drop collection", "drop_collection", name)
+        except GmcoError:
+            log.warning("milvus: could not drop the collection %s of a failed build; drop it by hand", name)
 
     def retire(self) -> None:
         """Drop this index's collection: the store has replaced the segment (and waited for the searches
@@ -287,6 +344,7 @@ class MilvusIndex(FilteringIndex):
                                      f"{directory} uses; delete the snapshot to rebuild from the catalogue")
         self._call("load", "load_collection", name, build=True)
         got = self._count(name)
+        self.vector_dtype = np.dtype(meta["vector_type"])  # the collection's, whatever the settings say now
         if got != vectors.shape[0]:
             raise FailedPrecondition(f"Milvus collection {name} holds {got} rows but snapshot {directory} has "
                                      f"{vectors.shape[0]} sealed rows; delete the snapshot to rebuild")
