@@ -7,10 +7,16 @@
 #   there:   scripts/gpu-wheels.sh join       # after every parts/NN has arrived: reassemble, check sha256
 #            scripts/gpu-wheels.sh install    # pip install --no-deps what the machine lacks into a target dir
 #
+# For a lent device machine, scripts/gpu-session.sh packs these wheels smaller (xz, 4 transfers) and runs
+# the whole session; this script's `download` is its first step.
+#
 # What is downloaded: the shard's dependencies with its `gpu` extra (cuvs-cu13, libcuvs-cu13, pylibraft-cu13,
-# libraft-cu13, rmm-cu13, librmm-cu13, libkvikio-cu13, rapids-logger, faiss-cpu, grpcio-*, ...) plus
+# libraft-cu13, rmm-cu13, librmm-cu13, libkvikio-cu13, rapids-logger, nvidia-nvjitlink, grpcio-*, ...) plus
 # pytest-asyncio for the gpu tests, at the versions in uv.lock, minus GPU_WHEELS_SKIP: what the device image
-# already has (CUDA 13 libraries, CuPy, NumPy). `install` also skips any wheel whose package is installed.
+# already has (CUDA 13 libraries, CuPy, NumPy) and what no GPU run loads (faiss, psycopg). nvidia-nvjitlink
+# is kept: libcuvs/libraft 26.10 need >= 13.3, newer than an image built for CUDA 13.0 has.
+# `install` skips a wheel only where the machine has that package at a version at least the wheel's (or the
+# lower floor scripts/gpu_session/payload.py names): an older one is shadowed by the target dir.
 # See docs/gpu.md for the whole procedure.
 set -euo pipefail
 
@@ -20,7 +26,7 @@ DIR=${GPU_WHEELS_DIR:-$ROOT/.gpu-wheels}
 PART_MIB=${GPU_WHEELS_PART_MIB:-56}
 PYVER=${GPU_WHEELS_PYTHON:-3.12}   # the device's python3
 TARGET=${GPU_WHEELS_TARGET:-/tmp/gpu-site}
-SKIP=${GPU_WHEELS_SKIP:-'^(nvidia-[a-z0-9-]+|cuda-toolkit|cupy-cuda13x|numpy|colorama|tzdata|psycopg[a-z-]*)=='}
+SKIP=${GPU_WHEELS_SKIP:-'^(nvidia-(cublas|cuda-[a-z-]+|cufft|cufile|curand|cusolver|cusparse[a-z-]*|nccl[a-z0-9-]*|nvtx|nvshmem[a-z0-9-]*|cudnn[a-z0-9-]*)|cuda-toolkit|cupy-cuda13x|numpy|colorama|tzdata|psycopg[a-z-]*|faiss-cpu)=='}
 
 die() { echo "gpu-wheels: $*" >&2; exit 1; }
 
@@ -103,15 +109,21 @@ join_parts() {
 install_wheels() {
     [ -d "$DIR/wheels" ] || die "no $DIR/wheels: run '$0 join' first"
     local todo=()
-    for whl in "$DIR"/wheels/*.whl; do
-        local dist
-        dist=$(basename "$whl" | cut -d- -f1)
-        if python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null; then
-            echo "already installed: $dist"
-        else
-            todo+=("$whl")
-        fi
-    done
+    # Version-aware: install what the machine lacks or has older than needed (payload.needs_install).
+    mapfile -t todo < <(python3 - "$ROOT/scripts/gpu_session" "$DIR"/wheels/*.whl <<'EOF'
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from payload import FLOORS, installed_version, needs_install, wheel_dist
+for whl in sys.argv[2:]:
+    dist, version = wheel_dist(Path(whl))
+    have = installed_version(dist)
+    if needs_install(have, version, FLOORS.get(dist)):
+        print(whl)
+    else:
+        print(f"already installed: {dist} {have} (carried {version})", file=sys.stderr)
+EOF
+)
     if [ "${#todo[@]}" -gt 0 ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TARGET" \
             "${todo[@]}"

@@ -1,5 +1,6 @@
 """GPU health and telemetry logic on CPU (fake probes, a fake NVML), and `gpu` tests of the cuVS backend
-that run only where an NVIDIA GPU with cuVS is present (the root conftest skips them visibly elsewhere)."""
+that run where an NVIDIA GPU is present (skipped visibly elsewhere; with a GPU but no loadable cuVS they
+fail with the loader's error). test_shard_cupy.py runs the device code on CPU stand-ins too."""
 
 from __future__ import annotations
 
@@ -160,15 +161,17 @@ def test_bitset_prefilter_and_brute_force_over_allowed_rows(gpu_data) -> None:
     cat, q = gpu_data
     index = _cagra()
     index.build(np.asarray(cat.vectors))
-    allow = np.zeros(len(cat), bool)
-    allow[::7] = True
-    gt = exact_ground_truth(cat.vectors, q, 10, allow)
+    from gmco_shard import bitmaps
+
+    mask = np.zeros(len(cat), bool)
+    mask[::7] = True
+    allow = bitmaps.from_bools(mask)  # the store's row bitmap
+    gt = exact_ground_truth(cat.vectors, q, 10, mask)
     _, rows = index.search(q, 10, allow)
-    assert allow[rows[rows >= 0]].all() and _recall(rows, gt) >= 0.9
+    assert mask[rows[rows >= 0]].all() and _recall(rows, gt) >= 0.9
     _, exact_rows = index.exact_search(q, 10, allow)
     assert _recall(exact_rows, gt) >= 0.99
-    few = np.zeros(len(cat), bool)
-    few[[5, 17, 900]] = True  # fewer allowed rows than k: the rest is padding
+    few = bitmaps.from_rows(np.array([5, 17, 900]), len(cat))  # fewer allowed rows than k: the rest is padding
     _, rows = index.exact_search(q[:2], 10, few)
     assert sorted(rows[0][rows[0] >= 0].tolist()) == [5, 17, 900] and (rows[:, 3:] == -1).all()
 

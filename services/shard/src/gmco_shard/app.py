@@ -30,7 +30,9 @@ SERVICE = shard_service_pb2.DESCRIPTOR.services_by_name["ShardService"].full_nam
 
 async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> RunningServer:
     """Start the replica on ``stack``; returns once its data is loaded and it is SERVING."""
-    backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
+    backend = backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
+    log.info("index backend %s (%s.%s%s)", settings.index_backend, backend.__module__, backend.__name__,
+             ", on the GPU" if backend.on_gpu else "")
     slots = slot_map(settings).slots_for(settings.shard_id)
     store = ShardStore(settings.dim, settings.index_backend, settings.index_params(),
                        Planner(settings.planner_costs()), owned_slots=slots, seal_rows=settings.seal_rows,
@@ -53,13 +55,13 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
         directory = settings.snapshot_dir
         background.every("snapshot", settings.snapshot_interval_seconds,
                          lambda: asyncio.to_thread(save_snapshot, store, directory))
-    background.every("metrics", 1.0, _refresher(servicer, settings, health), first_delay=0)
+    background.every("metrics", 1.0, _refresher(servicer, backend.on_gpu, health), first_delay=0)
     servicer.maintain_soon()  # a snapshot may hold frozen rows, or more segments than the merge policy wants
     return running
 
 
-def _refresher(servicer: ShardServicer, settings: Settings, health: Health):
-    gpu = GpuMonitor() if settings.index_backend == "cuvs" else None
+def _refresher(servicer: ShardServicer, on_gpu: bool, health: Health):
+    gpu = GpuMonitor() if on_gpu else None
     gate = HealthGate(cuda_probe) if gpu is not None else None
 
     async def refresh() -> None:

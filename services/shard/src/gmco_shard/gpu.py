@@ -1,6 +1,6 @@
-"""GPU telemetry through NVML (nvidia-ml-py) and the CUDA health probe of a cuvs shard.
+"""GPU telemetry through NVML (nvidia-ml-py) and the CUDA health probe of a GPU shard (cuvs, cupy).
 
-The shard's entry point builds these only when the backend is ``cuvs``; on a CPU install NVML is
+The shard's entry point builds these only for a GPU backend (``cuvs``, ``cupy``); on a CPU install NVML is
 absent and the gauges below export no samples. The monitor reports the device this process computes
 on (matched to NVML by PCI bus id through CuPy), or every NVML device when CuPy is missing.
 
@@ -83,21 +83,31 @@ class GpuMonitor:
 
 
 class CudaProbe:
-    """A device round trip that allocates nothing after the first call (so a full memory pool does not
-    read as a broken context): fill a small device buffer, synchronise the device, read it back."""
+    """A device round trip on a stream of its own: write a fresh value into a small device buffer and read it
+    back, waiting for that stream only. It never synchronises the device, so a GPU busy with long searches
+    on other streams is not reported unhealthy, and it allocates nothing after the first call (so a full
+    memory pool does not read as a broken context). ``cupy`` is injectable for tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, cupy: Any = None) -> None:
+        self._cupy = cupy
         self._buf: Any = None
+        self._stream: Any = None
+        self._round = 0
 
     def __call__(self) -> bool:
         try:
-            import cupy
-
+            cp = self._cupy
+            if cp is None:
+                import cupy as cp
             if self._buf is None:
-                self._buf = cupy.zeros(8, dtype=cupy.int32)
-            self._buf.fill(7)
-            cupy.cuda.runtime.deviceSynchronize()
-            return bool((self._buf.get() == 7).all())
+                self._stream = cp.cuda.Stream(non_blocking=True)
+                with self._stream:
+                    self._buf = cp.zeros(8, dtype=cp.int32)
+            self._round = self._round % 1000 + 1
+            with self._stream:
+                self._buf.fill(self._round)
+                host = self._buf.get(stream=self._stream)  # waits for this stream, not the device
+            return bool((host == self._round).all())
         except Exception as exc:  # noqa: BLE001 - any failure means the context is unusable
             log.warning("CUDA probe failed: %s", exc)
             return False

@@ -32,6 +32,8 @@ class VectorIndex(ABC):
     exact: bool = False
     # ``save`` writes the FP16 rows too (in the index's own file), so the snapshot need not write them again.
     saves_rows: bool = False
+    # The backend computes on an NVIDIA GPU: the shard then exports GPU telemetry and runs the CUDA health gate.
+    on_gpu: bool = False
 
     def __init__(self, dim: int, params: IndexParams) -> None:
         self.dim = dim
@@ -108,6 +110,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "ivf": ("gmco_shard.index.ivf:IvfIndex", "faiss-cpu"),
     "hnsw": ("gmco_shard.index.hnsw:HnswIndex", "faiss-cpu"),
     "cuvs": ("gmco_shard.index.cuvs:CagraIndex", "the shard's gpu extra: uv sync --package gmco-shard --extra gpu"),
+    # Exact search on the GPU with CuPy alone (no RAPIDS): the GPU backend for where cuVS cannot load.
+    "cupy": ("gmco_shard.index.cupy:CupyIndex", "CuPy for CUDA 13: pip install cupy-cuda13x, or the gpu extra"),
     "milvus": ("gmco_shard.index.milvus:MilvusIndex", "the shard's milvus extra: uv sync --package gmco-shard --extra milvus"),
 }
 
@@ -121,7 +125,11 @@ def backend_class(name: str) -> type[VectorIndex]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"index backend {name!r} is not installed ({exc.name} missing); install {install}") from exc
+        if exc.name:  # a package is missing
+            raise ConfigError(f"index backend {name!r} is not installed ({exc.name} missing); install {install}") \
+                from exc
+        hint = "; or GMCO_SHARD_INDEX_BACKEND=cupy for exact search on the GPU without cuVS" if name == "cuvs" else ""
+        raise ConfigError(f"index backend {name!r} is installed but cannot load: {exc}{hint}") from exc
     return getattr(module, cls_name)
 
 

@@ -72,7 +72,7 @@ class CagraParams:
     itopk_size: int = 128
     search_width: int = 4
     num_random_samplings: int = 8
-    pool_bytes: int = 0  # 0: take pool_fraction of the device's memory
+    pool_bytes: int = 0  # 0: take pool_fraction of the device's free memory
     pool_fraction: float = 0.85
 
     def __post_init__(self) -> None:
@@ -96,14 +96,15 @@ class CagraParams:
         want = max(ef or self.itopk_size, k)
         return -(-want // _ITOPK_ALIGN) * _ITOPK_ALIGN
 
-    def pool_size(self, total_bytes: int) -> int:
-        """Bytes for the rmm pool on a device with ``total_bytes``: the explicit size, or the fraction of what
-        is left after the headroom, 256-aligned as rmm requires."""
-        size = self.pool_bytes or int((total_bytes - POOL_HEADROOM_BYTES) * self.pool_fraction)
-        if size > total_bytes:
-            raise ConfigError(f"{ENV}GPU_POOL_BYTES={self.pool_bytes} exceeds the device's {total_bytes} bytes")
+    def pool_size(self, free_bytes: int) -> int:
+        """Bytes for the rmm pool on a device with ``free_bytes`` free (what other processes and this one's
+        CUDA context hold is not there to take): the explicit size, or the fraction of what is free after
+        the headroom, 256-aligned as rmm requires."""
+        size = self.pool_bytes or int((free_bytes - POOL_HEADROOM_BYTES) * self.pool_fraction)
+        if size > free_bytes:
+            raise ConfigError(f"{ENV}GPU_POOL_BYTES={self.pool_bytes} exceeds the device's {free_bytes} free bytes")
         if size <= 0:
-            raise ConfigError(f"the device has {total_bytes} bytes, too little for a memory pool")
+            raise ConfigError(f"the device has {free_bytes} bytes free, too little for a memory pool")
         return size // _RMM_ALIGN * _RMM_ALIGN
 
     def device_bytes(self, rows: int, dim: int, building: bool) -> int:

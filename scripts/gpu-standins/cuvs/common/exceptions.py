@@ -1,0 +1,5 @@
+"""Stand-in of ``cuvs.common.exceptions``."""
+
+
+class CuvsException(Exception):
+    pass
