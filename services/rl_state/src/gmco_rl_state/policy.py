@@ -98,7 +98,7 @@ class Ranker:
             ones = np.ones(len(order), dtype=np.float32)
             return Ranking(order, mean[order].astype(np.float32), np.zeros(len(order), dtype=bool), ones, GREEDY)
         # theta ~ N(theta_hat, v^2 A^-1): with A = L L^T, L^-T eps has covariance A^-1. Column 0 acts;
-        # all columns estimate the propensities.
+        # the other, independent columns estimate the propensities.
         eps = rng.standard_normal((self._learner.dim, cfg.propensity_samples + 1))
         thetas = theta_hat[:, None] + cfg.prior_scale * np.linalg.solve(chol.T, eps)
         sampled = z @ thetas + base[:, None]
@@ -126,11 +126,22 @@ class Ranker:
 
 
 def _sample_propensities(sampled: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """P(item wins position i | items above it), estimated over the posterior samples (columns)."""
-    scores = sampled.copy()
+    """P(item wins position i | the items above it), estimated over posterior draws 1..S.
+
+    Column 0 is the draw that produced ``order``; counting it would overstate every propensity by about
+    (1 - p) / (S + 1), so only the independent columns estimate. Position i is estimated over the columns
+    whose own top i - 1 equal ``order[:i-1]`` (the condition), falling back to every column with the items
+    above removed when none agrees. An item no column picks gets 1 / (2 S), not 0, so that inverse-
+    propensity weights stay finite. (Measured against pick frequencies in test_rl_state_propensity.py.)"""
+    scores = sampled[:, 1:].copy()
+    draws = scores.shape[1]
+    floor = 0.5 / draws
+    agree = np.ones(draws, dtype=bool)
     out = np.empty(len(order), dtype=np.float32)
     for pos, pick in enumerate(order):
         winners = np.argmax(scores, axis=0)
-        out[pos] = np.count_nonzero(winners == pick) / scores.shape[1]
+        use = agree if agree.any() else np.ones(draws, dtype=bool)
+        out[pos] = max(np.count_nonzero(winners[use] == pick) / np.count_nonzero(use), floor)
+        agree &= winners == pick
         scores[pick, :] = -np.inf
     return out
