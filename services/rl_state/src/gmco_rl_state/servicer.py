@@ -14,7 +14,7 @@ from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2 as pb
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable, echo
-from gmco_common.ids import check_id, check_user_id
+from gmco_common.ids import MAX_FEEDBACK_EVENTS, check_count, check_id, check_user_id
 from gmco_common.vectors import decode_batch, decode_vector, encode_vector, normalize
 
 from gmco_rl_state import metrics
@@ -128,6 +128,7 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
                              context: grpc.aio.ServicerContext) -> pb.RecordFeedbackResponse:
         if not request.events:
             raise InvalidArgument("events", "the batch is empty")
+        check_count(request.events, "events", MAX_FEEDBACK_EVENTS)
         vectors = self._event_vectors(request.events)
         events = [self._event(ev, f"events[{i}]", vectors[i]) for i, ev in enumerate(request.events)]
         groups, repeats = dedupe(events)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
+from gmco_common.ids import MAX_DELETE_IDS, MAX_FEEDBACK_EVENTS, MAX_WRITE_ITEMS
 
 PREFIX = "GMCO_ROUTER_"
 
@@ -51,6 +52,19 @@ class Settings(ServerSettings):
     rl_state_target: str = setting("127.0.0.1:50054", help="host:port of the rl_state service")
     max_k: int = setting(100, help="largest k a caller may ask for", check=_positive, check_msg="> 0")
     max_batch: int = setting(64, help="largest RecommendBatch", check=_positive, check_msg="> 0")
+    max_feedback_events: int = setting(
+        MAX_FEEDBACK_EVENTS, help="most events in one RecordFeedback", check=lambda v: 0 < v <= MAX_FEEDBACK_EVENTS,
+        check_msg=f"1..{MAX_FEEDBACK_EVENTS}")
+    max_write_items: int = setting(MAX_WRITE_ITEMS, help="most items in one UpsertMedia",
+                                   check=lambda v: 0 < v <= MAX_WRITE_ITEMS, check_msg=f"1..{MAX_WRITE_ITEMS}")
+    max_delete_ids: int = setting(MAX_DELETE_IDS, help="most ids in one DeleteMedia",
+                                  check=lambda v: 0 < v <= MAX_DELETE_IDS, check_msg=f"1..{MAX_DELETE_IDS}")
+    max_in_flight: int = setting(
+        256, help="ceiling of the admission limit: requests this router works on at once (a RecommendBatch "
+        "counts its entries); beyond the limit a call is refused at once with RESOURCE_EXHAUSTED (counted in "
+        "gmco_admission_shed_total) instead of queueing. The limit itself follows latency between "
+        "MIN_IN_FLIGHT and this (gmco_common.admission)", check=_positive, check_msg="> 0")
+    min_in_flight: int = setting(8, help="floor of the admission limit", check=_positive, check_msg="> 0")
     overfetch: float = setting(4.0, help="each shard returns k' = ceil(k * OVERFETCH) candidates (>= 1)",
                                check=lambda v: v >= 1, check_msg=">= 1")
     min_candidates: int = setting(50, help="lower bound of k' so that ranking has room to explore",
@@ -110,6 +124,8 @@ class Settings(ServerSettings):
                 raise ConfigError(f"{PREFIX}SHARD_DNS must contain '{{shard}}'")
             if self.shard_count < 1:
                 raise ConfigError(f"{PREFIX}SHARD_COUNT must be >= 1 with {PREFIX}SHARD_DNS")
+        if self.min_in_flight > self.max_in_flight:
+            raise ConfigError(f"{PREFIX}MIN_IN_FLIGHT must be <= {PREFIX}MAX_IN_FLIGHT")
         if self.slot_map_file is not None and not self.slot_map_file.is_file():
             raise ConfigError(f"{PREFIX}SLOT_MAP_FILE={self.slot_map_file} does not exist")
 

@@ -8,8 +8,9 @@ import grpc
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
+from gmco_common.admission import Admission
 from gmco_common.errors import InvalidArgument, echo, from_rpc_error
-from gmco_common.ids import check_user_id
+from gmco_common.ids import MAX_PREFERENCE_GENRES, check_count, check_id, check_name, check_user_id
 
 from gmco_router.catalogue import Catalogue
 from gmco_router.config import Settings
@@ -53,6 +54,14 @@ def validate(request: router_service_pb2.RecommendRequest, header_user: str, max
         raise InvalidArgument(f"{prefix}k", "must be >= 1")
     if request.k > max_k:
         raise InvalidArgument(f"{prefix}k", f"is {request.k}; the maximum is {max_k}")
+    ctx = request.context
+    for name in ("region", "device", "max_rating"):
+        check_name(getattr(ctx, name), f"{prefix}context.{name}")
+    for name in ("allowed_genres", "blocked_genres"):
+        genres = getattr(request.preferences, name)
+        check_count(genres, f"{prefix}preferences.{name}", MAX_PREFERENCE_GENRES, required=False)
+        for i, genre in enumerate(genres):
+            check_name(genre, f"{prefix}preferences.{name}[{i}]")
     if request.context.surface not in _SURFACES:
         raise InvalidArgument(
             f"{prefix}context.surface",
@@ -70,12 +79,14 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
         self._settings = settings
         self._max_k = settings.max_k
         self._max_batch = settings.max_batch
+        self.admission = Admission(settings.max_in_flight, settings.min_in_flight)
 
     async def Recommend(self, request: router_service_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> router_service_pb2.RecommendResponse:
         apply_defaults(request, self._settings)
         user = validate(request, metadata_user(context), self._max_k)
-        (response,) = await self._recommender.recommend([(user, request)], batched=False)
+        with self.admission.admit("Recommend"):
+            (response,) = await self._recommender.recommend([(user, request)], batched=False)
         return response
 
     async def RecommendBatch(self, request: router_service_pb2.RecommendBatchRequest,
@@ -89,13 +100,16 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
             apply_defaults(r, self._settings)
         users = [validate(r, header, self._max_k, f"requests[{i}].", strict_header=False)
                  for i, r in enumerate(request.requests)]
-        responses = await self._recommender.recommend(list(zip(users, request.requests, strict=True)), batched=True)
+        with self.admission.admit("RecommendBatch", len(users)):
+            responses = await self._recommender.recommend(list(zip(users, request.requests, strict=True)),
+                                                          batched=True)
         return router_service_pb2.RecommendBatchResponse(responses=responses)
 
     async def RecordFeedback(self, request: router_service_pb2.RecordFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> router_service_pb2.RecordFeedbackResponse:
         if not request.events:
             raise InvalidArgument("events", "the batch is empty")
+        check_count(request.events, "events", self._settings.max_feedback_events)
         events = request.events
         missing = {e.media_id for e in events if not e.media_vector.dimension and e.media_id}
         if missing:
@@ -115,10 +129,14 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
 
     async def UpsertMedia(self, request: router_service_pb2.UpsertMediaRequest,
                           context: grpc.aio.ServicerContext) -> router_service_pb2.UpsertMediaResponse:
+        check_count(request.items, "items", self._settings.max_write_items, required=False)
+        check_id(request.request_id, "request_id", required=False)
         count, lsn = await self._catalogue.upsert(request.items, request.request_id)
         return router_service_pb2.UpsertMediaResponse(lsn=lsn, upserted_count=count)
 
     async def DeleteMedia(self, request: router_service_pb2.DeleteMediaRequest,
                           context: grpc.aio.ServicerContext) -> router_service_pb2.DeleteMediaResponse:
+        check_count(request.media_ids, "media_ids", self._settings.max_delete_ids, required=False)
+        check_id(request.request_id, "request_id", required=False)
         count, lsn = await self._catalogue.delete(request.media_ids, request.request_id)
         return router_service_pb2.DeleteMediaResponse(lsn=lsn, deleted_count=count)
