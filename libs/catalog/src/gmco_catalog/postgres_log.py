@@ -15,7 +15,7 @@ from gmco_common.migrations import load_migrations, migrate_postgres
 from gmco_common.slots import slot_of
 from psycopg_pool import AsyncConnectionPool
 
-from gmco_catalog.log import AppendResult, LogEntry, Op, ReadResult, Write, check_writes
+from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Write, check_writes, parse_op
 
 # Arbitrary constant naming the writers' advisory lock.
 _WRITER_LOCK = 0x474D434F  # "GMCO"
@@ -115,7 +115,7 @@ class PostgresCatalogLog:
             raise Unavailable("catalogue log database unavailable") from exc
         head = rows[0][0] if rows else 0
         entries = [
-            LogEntry(r[1], r[2], Op(r[3]), from_int64(r[4]), r[5], r[6]) for r in rows if r[1] is not None
+            LogEntry(r[1], r[2], parse_op(r[3]), from_int64(r[4]), r[5], r[6]) for r in rows if r[1] is not None
         ]
         scanned = entries[-1].lsn if len(entries) == limit else max(head, after_lsn)
         return ReadResult(entries, scanned, head)

@@ -15,7 +15,7 @@ from gmco_common.migrations import load_migrations, migrate_sqlite
 from gmco_common.slots import slot_of
 from gmco_common.sqlite import SqliteWorker
 
-from gmco_catalog.log import AppendResult, LogEntry, Op, ReadResult, Write, check_writes
+from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Write, check_writes, parse_op
 
 
 class SqliteCatalogLog:
@@ -82,7 +82,7 @@ class SqliteCatalogLog:
                 rows = db.execute(sql + " ORDER BY lsn LIMIT ?", (*params, limit)).fetchall()
             finally:
                 db.execute("COMMIT")
-            entries = [LogEntry(r[0], r[1], Op(r[2]), from_int64(r[3]), r[4], r[5]) for r in rows]
+            entries = [LogEntry(r[0], r[1], parse_op(r[2]), from_int64(r[3]), r[4], r[5]) for r in rows]
             scanned = entries[-1].lsn if len(entries) == limit else max(head, after_lsn)
             return ReadResult(entries, scanned, head)
 

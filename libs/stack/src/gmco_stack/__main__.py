@@ -38,6 +38,8 @@ k6 (load test through Envoy):
     .venv/bin/k6 run -e TARGET={target} -e DURATION=30s bench/k6/recommend.js
 
 Processes: {pids}
+Metrics (Prometheus text): {metrics}
+Envoy admin (loopback only): http://127.0.0.1:{admin}/
 Logs: {logs}
 Ctrl-C stops everything.
 """
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--index-backend", default=_env("INDEX_BACKEND", "ivf"), help="shard index (%(default)s)")
     p.add_argument("--base-port", type=int, default=int(_env("BASE_PORT", "7000")),
                    help="services listen on base+1.. (shards), +101.. (routers), +201 cache, +301 ontology, "
-                        "+151.. routers' /metrics, +401 rl_state (%(default)s)")
+                        "+401 rl_state; each one's Prometheus /metrics on its port + 2000 (%(default)s)")
     p.add_argument("--envoy-port", type=int, default=int(_env("ENVOY_PORT", "8080")), help="%(default)s")
     p.add_argument("--envoy-admin-port", type=int, default=int(_env("ENVOY_ADMIN_PORT", "9901")), help="%(default)s")
     p.add_argument("--run-dir", type=Path, default=Path(_env("RUN_DIR", str(REPO_ROOT / ".run"))), help="%(default)s")
@@ -96,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, TimeoutError) as exc:
         sys.exit(f"gmco-stack: could not start the stack: {exc}\nLogs are in {config.run_dir / 'logs'}")
     print(USAGE.format(target=stack.envoy_target, logs=config.run_dir / "logs",
-                       pids=", ".join(f"{n}={p}" for n, p in stack.pids().items())), flush=True)
+                       pids=", ".join(f"{n}={p}" for n, p in stack.pids().items()),
+                       metrics=", ".join(f"{s.name}=http://127.0.0.1:{s.metrics_port}/metrics"
+                                         for s in stack.services.values() if s.metrics_port),
+                       admin=stack.envoy_admin_port), flush=True)
     try:
         wait_for_signal()
     finally:

@@ -143,8 +143,11 @@ class Stack:
         return env
 
     def _add(self, name: str, module: str, prefix: str, port: int, health: str, **values: object) -> Service:
-        svc = Service(name, [sys.executable, "-m", module], self._env(prefix, port=port, instance_id=name, **values),
-                      port, health, self.config.run_dir / "logs" / f"{name}.log")
+        """A service on ``port`` with Prometheus /metrics on ``port + 2000`` (a free port in tests)."""
+        metrics_port = self._port(port + 2000)
+        svc = Service(name, [sys.executable, "-m", module],
+                      self._env(prefix, port=port, instance_id=name, metrics_port=metrics_port, **values),
+                      port, health, self.config.run_dir / "logs" / f"{name}.log", metrics_port=metrics_port)
         self.services[name] = svc
         return svc
 
@@ -179,15 +182,12 @@ class Stack:
                 shard_targets.setdefault(sid, []).append(svc.target)
         spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
         for i in range(cfg.routers):
-            # Routers export /metrics (replica health, failovers) so that tools can watch the rotation.
-            metrics_port = self._port(base + 151 + i)
-            router = self._add(
+            self._add(
                 f"router-{i}", "gmco_router", "GMCO_ROUTER_", self._port(base + 101 + i),
                 "gmco.router.v1.RecommendationService", shards=spec,
                 cache_target=self.services["cache"].target, ontology_target=self.services["ontology"].target,
                 rl_state_target=self.services["rl_state"].target, catalog_dsn=self.catalog_dsn,
-                media_dim=cfg.dim, metrics_port=metrics_port)
-            router.metrics_port = metrics_port
+                media_dim=cfg.dim)
         self.envoy_port = self._port(cfg.envoy_port)
         self.envoy_admin_port = self._port(cfg.envoy_admin_port)
         self.envoy_config_path = run / "envoy.yaml"

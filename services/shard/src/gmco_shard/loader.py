@@ -9,6 +9,7 @@ import numpy as np
 from gmco_common.config import ConfigError
 from gmco_common.datagen import load_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slots_of
+from prometheus_client import Gauge
 from tqdm import tqdm
 
 from gmco_shard.columns import columns_from_catalogue
@@ -17,6 +18,9 @@ from gmco_shard.snapshot import load_snapshot, snapshot_exists
 from gmco_shard.store import ShardStore
 
 log = logging.getLogger(__name__)
+
+STARTED_FROM = Gauge("gmco_shard_started_from_info",
+                     "What this replica loaded at start (1 for that source): snapshot, catalogue or empty.", ["source"])
 _CHUNK = 50_000
 
 
@@ -50,6 +54,7 @@ def initial_load(store: ShardStore, settings: Settings, slots: list[int]) -> str
     if settings.snapshot_dir is not None and snapshot_exists(settings.snapshot_dir):
         lsn = load_snapshot(store, settings.snapshot_dir)
         if lsn is not None:
+            STARTED_FROM.labels("snapshot").set(1)
             return f"snapshot at lsn {lsn} ({store.stats()['item_count']} items)"
         log.error("no usable snapshot in %s: starting from the catalogue and replaying the log from lsn 0",
                   settings.snapshot_dir)
@@ -57,6 +62,8 @@ def initial_load(store: ShardStore, settings: Settings, slots: list[int]) -> str
         owned = np.zeros(NUM_SLOTS, bool)
         owned[slots] = True
         n = load_catalogue_slots(store, settings.data_dir, owned)
+        STARTED_FROM.labels("catalogue").set(1)
         return f"{n} items from {settings.data_dir}"
     store.mark_loaded()
+    STARTED_FROM.labels("empty").set(1)
     return "empty"

@@ -5,6 +5,9 @@ Layout: ``<root>/snap-<generation>-<lsn>-<time>/`` holds ``meta.json`` and one `
 segment. ``meta.json`` records each file's xxh3-64 checksum. A snapshot is written into ``<name>.tmp``,
 fsynced, renamed, and published by atomically replacing the ``CURRENT`` pointer (temp file, ``os.replace``),
 so a crash at any point leaves the previous snapshot whole. The newest ``KEEP`` snapshots are kept.
+A save that fails (a full disk, say) removes what it wrote, so that it does not hold the space the next
+one needs; a full disk is RESOURCE_EXHAUSTED naming the directory. One save runs at a time per process,
+and each first removes ``.tmp`` leftovers of saves that crashed.
 
 Loading verifies every checksum before anything is installed. A snapshot that is corrupt, truncated or
 unreadable is refused (and counted in ``gmco_shard_snapshots_rejected_total``); the next older one is
@@ -14,10 +17,12 @@ partial data is never served.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ from typing import Any
 import numpy as np
 import xxhash
 from gmco_common.config import ConfigError
-from gmco_common.errors import GmcoError
+from gmco_common.errors import GmcoError, ResourceExhausted
 from prometheus_client import Counter
 
 from gmco_shard import bitmaps
@@ -73,12 +78,37 @@ def _save_array(path: Path, arr: np.ndarray) -> None:
         os.fsync(fh.fileno())
 
 
+_SAVING = threading.Lock()
+
+
 def save_snapshot(store: ShardStore, root: Path) -> tuple[Path, int]:
     """Write a snapshot of ``store``; returns (its directory, bytes written)."""
-    root.mkdir(parents=True, exist_ok=True)
-    cut = store.cut()
-    name = f"snap-{cut.generation}-{cut.applied_lsn}-{time.time_ns()}"
-    tmp = root / (name + ".tmp")
+    with _SAVING:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):
+            _remove(stale)
+        cut = store.cut()
+        name = f"snap-{cut.generation}-{cut.applied_lsn}-{time.time_ns()}"
+        tmp = root / (name + ".tmp")
+        try:
+            return _write(store, cut, root, name, tmp)
+        except BaseException as exc:
+            _remove(tmp)
+            _remove(root / (CURRENT + ".tmp"))
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"snapshot directory {root} is full ({exc.strerror}); the previous "
+                                        "snapshot is kept; free space there") from exc
+            raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink(missing_ok=True)
+
+
+def _write(store: ShardStore, cut: Any, root: Path, name: str, tmp: Path) -> tuple[Path, int]:
     tmp.mkdir()
     segments = []
     for i, (seg, n, alive) in enumerate(cut.segments):
