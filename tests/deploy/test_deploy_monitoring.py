@@ -19,6 +19,13 @@ SEED_ALERTS = {
     "GmcoShardReplicaLagging",
     "GmcoGpuUtilisationLow",
 }
+# Alerts on the services' own failure counters (tests/deploy/test_deploy_alerts.py unit-tests them all).
+INTEGRITY_ALERTS = {
+    "GmcoShardPoisonLogEntries",  # gmco_shard_log_entries_skipped_total
+    "GmcoShardSnapshotRejected",  # gmco_shard_snapshots_rejected_total
+    "GmcoBackgroundJobFailing",  # gmco_background_failures_total
+    "GmcoBackgroundTaskDown",  # gmco_background_task_up
+}
 METRIC = re.compile(r"\b((?:gmco|grpc_server)_[a-z0-9_]+)")
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
@@ -34,7 +41,7 @@ def dashboard_exprs():
 
 def test_rules_hold_the_seed_alerts_with_severity_and_summary():
     alerts = {r["alert"]: r for r in rules() if "alert" in r}
-    assert set(alerts) == SEED_ALERTS
+    assert set(alerts) == SEED_ALERTS | INTEGRITY_ALERTS
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"page", "ticket", "info"}, name
         assert rule["annotations"]["summary"] and rule["for"], name
