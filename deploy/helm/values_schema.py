@@ -50,7 +50,23 @@ def port() -> Schema:
 
 
 def secret_ref() -> Schema:
-    return {"type": "string", "minLength": 1, "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"}
+    """A Secret's name, or "" (the chart creates "<release>-<store>" from the password value)."""
+    return {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"}
+
+
+# A slot map's name, as router.slotMap / shard.slotMap refer to it ("" = the even map).
+MAP_NAME = {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", "maxLength": 63}
+SLOT_MAPS = {
+    "type": "object",
+    "propertyNames": {"pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+    "additionalProperties": {"oneOf": [
+        {"type": "string", "minLength": 2},  # SlotMap.to_json; the chart parses and checks it
+        obj({"num_slots": {"const": 4096},
+             "owner": {"type": "array", "minItems": 4096, "maxItems": 4096, "items": integer(0, 4095)}},
+            ["num_slots", "owner"]),
+    ]},
+}
+STORE_MODE = {"enum": ["external", "in-cluster"]}
 
 
 # The restricted Pod Security Standard, enforced: an override can tune it but not weaken it.
@@ -88,31 +104,37 @@ GLOBAL_COMMON: Schema = {
                          ["enabled", "metricsFrom", "dnsTo"]),
 }
 GLOBAL_PARTS: dict[str, Schema] = {
-    "auth": obj({"existingSecret": STRING, "tokenKey": {"type": "string", "minLength": 1}},
-                ["existingSecret", "tokenKey"]),
+    "auth": obj({"existingSecret": secret_ref(), "token": STRING, "tokenKey": {"type": "string", "minLength": 1}},
+                ["existingSecret", "token", "tokenKey"]),
     "shards": obj({"count": integer(1, 4096)}, ["count"]),
+    "slotMaps": SLOT_MAPS,
+    "catalog": obj({"enabled": BOOL}, ["enabled"]),
     "postgres": obj(
         {
+            "mode": STORE_MODE,
             "host": {"type": "string", "minLength": 1},
             "port": port(),
             "database": {"type": "string", "minLength": 1},
             "user": {"type": "string", "minLength": 1},
             "sslmode": {"enum": ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]},
             "existingSecret": secret_ref(),
+            "password": STRING,
             "passwordKey": {"type": "string", "minLength": 1},
             "cidrs": CIDRS,
         },
-        ["host", "port", "database", "user", "sslmode", "existingSecret", "passwordKey", "cidrs"],
+        ["mode", "host", "port", "database", "user", "sslmode", "existingSecret", "password", "passwordKey", "cidrs"],
     ),
     "redis": obj(
         {
+            "mode": STORE_MODE,
             "nodes": {"type": "array", "minItems": 1,
                       "items": {"type": "string", "pattern": "^[^:]+:[0-9]{1,5}$"}},
             "existingSecret": secret_ref(),
+            "password": STRING,
             "passwordKey": {"type": "string", "minLength": 1},
             "cidrs": CIDRS,
         },
-        ["nodes", "existingSecret", "passwordKey", "cidrs"],
+        ["mode", "nodes", "existingSecret", "password", "passwordKey", "cidrs"],
     ),
     "neo4j": obj(
         {
@@ -120,10 +142,11 @@ GLOBAL_PARTS: dict[str, Schema] = {
             "database": {"type": "string", "minLength": 1},
             "user": {"type": "string", "minLength": 1},
             "existingSecret": secret_ref(),
+            "password": STRING,
             "passwordKey": {"type": "string", "minLength": 1},
             "cidrs": CIDRS,
         },
-        ["uri", "database", "user", "existingSecret", "passwordKey", "cidrs"],
+        ["uri", "database", "user", "existingSecret", "password", "passwordKey", "cidrs"],
     ),
 }
 
@@ -214,17 +237,21 @@ SHARD_EXTRA: Schema = {
     "config": SETTINGS,
     "replicasPerShard": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
                          "additionalProperties": integer(1)},
-    "gpu": obj({"resourceName": {"type": "string", "minLength": 1}, "count": integer(1)},
+    "gpu": obj({"resourceName": {"type": "string", "minLength": 1}, "count": integer(0)},
                ["resourceName", "count"]),
+    "slotMap": MAP_NAME,
+    "slotMapPerShard": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                        "additionalProperties": MAP_NAME},
+    "demoCatalogue": obj({"items": integer(0, 10_000_000), "seed": integer(0), "resources": obj(
+        {"requests": OBJECT, "limits": OBJECT})}, ["items", "seed", "resources"]),
     "zoneAntiAffinity": obj({"mode": {"enum": ["required", "preferred"]},
                              "topologyKey": {"type": "string", "minLength": 1}}, ["mode", "topologyKey"]),
     "dim": integer(1, 65536),
-    "indexBackend": {"enum": ["exact", "hnsw", "cuvs", "milvus"]},
+    "indexBackend": {"enum": ["exact", "ivf", "hnsw", "cuvs", "milvus"]},
     "persistence": obj({"enabled": BOOL, "storageClass": STRING,
                         "size": {"type": "string", "pattern": "^[0-9]+(Mi|Gi|Ti)$"},
                         "mountPath": {"type": "string", "pattern": "^/"}},
                        ["enabled", "storageClass", "size", "mountPath"]),
-    "catalog": obj({"enabled": BOOL}, ["enabled"]),
 }
 ENVOY_EXTRA: Schema = {
     "concurrency": integer(0, 256),
@@ -256,11 +283,15 @@ ENVOY_EXTRA: Schema = {
 ENVOY_LOG_LEVELS = ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]
 
 SUBCHARTS: dict[str, Schema] = {
-    "router": service_schema(["auth", "shards"], {"config": SETTINGS}, PY_LOG_LEVELS),
-    "shard": service_schema(["auth", "shards", "postgres"], SHARD_EXTRA, PY_LOG_LEVELS),
-    "cache": service_schema(["auth", "redis"], {"config": SETTINGS}, PY_LOG_LEVELS),
-    "ontology": service_schema(["auth", "neo4j"], {"config": SETTINGS}, PY_LOG_LEVELS),
-    "rl-state": service_schema(["auth", "postgres"], {"config": SETTINGS}, PY_LOG_LEVELS),
+    "router": service_schema(["auth", "shards", "slotMaps", "catalog", "postgres"],
+                             {"config": SETTINGS, "slotMap": MAP_NAME}, PY_LOG_LEVELS),
+    "shard": service_schema(["auth", "shards", "slotMaps", "catalog", "postgres"], SHARD_EXTRA, PY_LOG_LEVELS),
+    "cache": service_schema(["auth", "redis"], {"config": SETTINGS, "backend": {"enum": ["memory", "redis"]}},
+                            PY_LOG_LEVELS),
+    "ontology": service_schema(["auth", "neo4j"], {"config": SETTINGS, "backend": {"enum": ["embedded", "neo4j"]}},
+                               PY_LOG_LEVELS),
+    "rl-state": service_schema(["auth", "postgres"], {"config": SETTINGS, "backend": {"enum": ["sqlite", "postgres"]}},
+                               PY_LOG_LEVELS),
     "envoy": service_schema([], ENVOY_EXTRA, ENVOY_LOG_LEVELS),
 }
 
@@ -276,7 +307,27 @@ def umbrella_schema() -> Schema:
         },
         ["prometheusRule", "grafanaDashboard"],
     )
-    props = {"global": global_schema(list(GLOBAL_PARTS)), **components, "monitoring": monitoring}
+    image = obj({"registry": STRING, "repository": {"type": "string", "minLength": 1},
+                 "tag": {"type": "string", "minLength": 1}, "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
+                ["registry", "repository", "tag", "pullPolicy"])
+    resources = obj({"requests": OBJECT, "limits": OBJECT})
+    stores = obj(
+        {
+            "postgres": obj({"image": image, "resources": resources,
+                             "persistence": obj({"enabled": BOOL, "storageClass": STRING,
+                                                 "size": {"type": "string", "pattern": "^[0-9]+(Mi|Gi|Ti)$"}},
+                                                ["enabled", "storageClass", "size"])},
+                            ["image", "resources", "persistence"]),
+            "redis": obj({"image": image, "resources": resources,
+                          "maxMemory": {"type": "string", "pattern": "^[0-9]+(kb|mb|gb)$"}},
+                         ["image", "resources", "maxMemory"]),
+        },
+        ["postgres", "redis"],
+    )
+    tests = obj({"enabled": BOOL, "userId": {"type": "string", "minLength": 1}, "minItems": integer(0, 100)},
+                ["enabled", "userId", "minItems"])
+    props = {"global": global_schema(list(GLOBAL_PARTS)), **components, "stores": stores, "tests": tests,
+             "monitoring": monitoring}
     return {"$schema": "https://json-schema.org/draft-07/schema#", **obj(props, list(props))}
 
 

@@ -1,8 +1,11 @@
 """Rendering the Helm chart for the deploy tests: the real helm CLI (.tools/bin/helm), no cluster.
 
 Test modules get everything through fixtures (pytest runs with --import-mode=importlib, so they cannot
-import this file): ``chart`` renders and lints, ``default_objects`` / ``production_objects`` are the
-rendered umbrella chart as :class:`Manifests`.
+import this file): ``chart`` renders and lints; ``default_objects``, ``production_objects`` and
+``dev_objects`` are the umbrella chart rendered with values.yaml, values-production.yaml and
+values-dev.yaml; ``rendered`` is each of the layouts in :data:`LAYOUTS` in turn (a :class:`Manifests`
+whose ``layout`` says which), the store backends included: embedded (dev), in-cluster PostgreSQL and
+Redis, external stores with existing Secrets (default, production) or with Secrets the chart creates.
 """
 
 from __future__ import annotations
@@ -22,8 +25,26 @@ HELM = ROOT / ".tools" / "bin" / "helm"
 Manifest = dict[str, Any]
 
 
+# GMC-O's own components; the other workloads are the in-cluster stores (postgres, redis).
+COMPONENTS = ("router", "shard", "cache", "ontology", "rl-state", "envoy")
+# The in-cluster stores (global.<store>.mode: in-cluster) on top of the dev layout.
+IN_CLUSTER_SETS = (
+    "global.postgres.mode=in-cluster", "global.catalog.enabled=true", "rl-state.backend=postgres",
+    "global.redis.mode=in-cluster", "cache.backend=redis",
+)
+# External stores whose Secrets the chart creates from the passwords given in values.
+EXTERNAL_SECRETS_SETS = (
+    "global.postgres.existingSecret=", "global.postgres.password=pg-secret",
+    "global.redis.existingSecret=", "global.redis.password=redis-secret",
+    "global.neo4j.existingSecret=", "global.neo4j.password=neo4j-secret",
+    "global.auth.token=a-bearer-token",
+)
+
+
 class Manifests(list[Manifest]):
-    """Rendered objects, with the look-ups the tests need."""
+    """Rendered objects, with the look-ups the tests need; ``layout`` names the values they came from."""
+
+    layout: str = ""
 
     def of_kind(self, kind: str) -> list[Manifest]:
         return [o for o in self if o["kind"] == kind]
@@ -35,6 +56,15 @@ class Manifests(list[Manifest]):
 
     def workloads(self) -> list[Manifest]:
         return [o for o in self if o["kind"] in ("Deployment", "StatefulSet")]
+
+    def service_workloads(self) -> list[Manifest]:
+        """The GMC-O components' workloads (not the in-cluster stores')."""
+        return [o for o in self.workloads() if self.component(o) in COMPONENTS]
+
+    def pod_specs(self) -> list[tuple[str, Manifest]]:
+        """(name, pod spec) of every workload and bare Pod (the helm test hook)."""
+        specs = [(w["metadata"]["name"], w["spec"]["template"]["spec"]) for w in self.workloads()]
+        return specs + [(p["metadata"]["name"], p["spec"]) for p in self.of_kind("Pod")]
 
     @staticmethod
     def component(obj: Manifest) -> str:
@@ -54,6 +84,10 @@ class Chart:
     @property
     def production(self) -> Path:
         return self.path / "values-production.yaml"
+
+    @property
+    def dev(self) -> Path:
+        return self.path / "values-dev.yaml"
 
     def subchart(self, name: str) -> Path:
         return self.path / "charts" / name
@@ -79,6 +113,22 @@ class Chart:
         assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
         return Manifests(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
+    def layout_values(self, layout: str) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+        """The values files and --set items of a layout."""
+        return {
+            "default": ((), ()),
+            "production": ((self.production,), ()),
+            "dev": ((self.dev,), ()),
+            "in-cluster": ((self.dev,), IN_CLUSTER_SETS),
+            "external-secrets": ((), EXTERNAL_SECRETS_SETS),
+        }[layout]
+
+    def render_layout(self, layout: str) -> Manifests:
+        values, sets = self.layout_values(layout)
+        objects = self.render(values=values, sets=sets, api_versions=[self.monitoring_api])
+        objects.layout = layout
+        return objects
+
     def rejection(self, chart: Path | None = None, values: Iterable[Path] = (), sets: Iterable[str] = ()) -> str:
         """helm's error for values that must be rejected; fails the test when helm accepts them."""
         result = self.run(*self._template_args(chart, values, sets, ()))
@@ -94,17 +144,49 @@ def chart() -> Chart:
     return Chart(HELM)
 
 
-@pytest.fixture(scope="session")
-def default_objects(chart: Chart) -> Manifests:
-    return chart.render(api_versions=[chart.monitoring_api])
+LAYOUTS = ("default", "production", "dev", "in-cluster", "external-secrets")
+GPU_LAYOUTS = ("default", "production", "external-secrets")
 
 
 @pytest.fixture(scope="session")
-def production_objects(chart: Chart) -> Manifests:
-    return chart.render(values=[chart.production], api_versions=[chart.monitoring_api])
+def layouts() -> dict[str, Manifests]:
+    """Rendered layouts, each rendered once per session."""
+    return {}
 
 
-@pytest.fixture(scope="session", params=["default", "production"])
-def rendered(request: pytest.FixtureRequest) -> Manifests:
-    """The umbrella chart rendered with its default values, then with values-production.yaml."""
-    return request.getfixturevalue(f"{request.param}_objects")
+def _layout(chart: Chart, cache: dict[str, Manifests], layout: str) -> Manifests:
+    if layout not in cache:
+        cache[layout] = chart.render_layout(layout)
+    return cache[layout]
+
+
+@pytest.fixture(scope="session")
+def default_objects(chart: Chart, layouts: dict[str, Manifests]) -> Manifests:
+    return _layout(chart, layouts, "default")
+
+
+@pytest.fixture(scope="session")
+def production_objects(chart: Chart, layouts: dict[str, Manifests]) -> Manifests:
+    return _layout(chart, layouts, "production")
+
+
+@pytest.fixture(scope="session")
+def dev_objects(chart: Chart, layouts: dict[str, Manifests]) -> Manifests:
+    return _layout(chart, layouts, "dev")
+
+
+@pytest.fixture(scope="session")
+def in_cluster_objects(chart: Chart, layouts: dict[str, Manifests]) -> Manifests:
+    return _layout(chart, layouts, "in-cluster")
+
+
+@pytest.fixture(scope="session", params=LAYOUTS)
+def rendered(request: pytest.FixtureRequest, chart: Chart, layouts: dict[str, Manifests]) -> Manifests:
+    """The umbrella chart rendered with each layout in LAYOUTS."""
+    return _layout(chart, layouts, request.param)
+
+
+@pytest.fixture(scope="session", params=GPU_LAYOUTS)
+def gpu_rendered(request: pytest.FixtureRequest, chart: Chart, layouts: dict[str, Manifests]) -> Manifests:
+    """The layouts with GPU shards."""
+    return _layout(chart, layouts, request.param)

@@ -17,10 +17,21 @@ EXPECTED_CALLS = {
     ("router", "ontology"),
     ("router", "rl-state"),
 }
-# External stores: (component) -> ports it may reach by ipBlock.
-EXPECTED_STORES = {"cache": {6379}, "ontology": {7687}, "rl-state": {5432}, "shard": {5432}}
-GRPC_PORTS = {"router": 50050, "shard": 50051, "cache": 50052, "ontology": 50053, "rl-state": 50054, "envoy": 8080}
+# The in-cluster stores, and who may call them (the catalogue log: routers write, shards tail it).
+IN_CLUSTER_CALLS = {("router", "postgres"), ("shard", "postgres"), ("rl-state", "postgres"), ("cache", "redis")}
+# External stores: (component) -> ports it may reach by ipBlock, in the layouts whose stores are external.
+EXTERNAL_STORES = {"cache": {6379}, "ontology": {7687}, "rl-state": {5432}, "shard": {5432}, "router": {5432}}
+GRPC_PORTS = {"router": 50050, "shard": 50051, "cache": 50052, "ontology": 50053, "rl-state": 50054, "envoy": 8080,
+              "postgres": 5432, "redis": 6379}
 DNS_PORT = 53
+
+
+def expected_calls(layout: str) -> set[tuple[str, str]]:
+    return EXPECTED_CALLS | (IN_CLUSTER_CALLS if layout == "in-cluster" else set())
+
+
+def expected_stores(layout: str) -> dict[str, set[int]]:
+    return {} if layout in ("dev", "in-cluster") else EXTERNAL_STORES
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -59,9 +70,18 @@ def component_pods(objects) -> dict[str, dict[str, str]]:
 
 def test_component_calls_are_exactly_the_designs(rendered):
     pods = component_pods(rendered)
-    assert set(pods) == set(GRPC_PORTS)
+    stores = {"postgres", "redis"} if rendered.layout == "in-cluster" else set()
+    assert set(pods) == set(GRPC_PORTS) - {"postgres", "redis"} | stores
     calls = {(a, b) for a in pods for b in pods if a != b and allowed(rendered, pods[a], pods[b], GRPC_PORTS[b])}
-    assert calls == EXPECTED_CALLS
+    assert calls == expected_calls(rendered.layout)
+
+
+def test_the_helm_test_pod_reaches_envoy_and_nothing_else(rendered):
+    (pod,) = rendered.of_kind("Pod")
+    labels = pod["metadata"]["labels"]
+    pods = component_pods(rendered)
+    reachable = {b for b in pods if allowed(rendered, labels, pods[b], GRPC_PORTS[b])}
+    assert reachable == {"envoy"}
 
 
 def test_every_pod_is_default_deny(rendered):
@@ -95,7 +115,7 @@ def test_egress_leaves_the_cluster_only_to_the_external_stores(rendered):
                     external_ports |= {p["port"] for p in rule["ports"]}
                 else:
                     assert all("podSelector" in p for p in rule["to"]), name
-        assert external_ports == EXPECTED_STORES.get(name, set()), name
+        assert external_ports == expected_stores(rendered.layout).get(name, set()), name
         assert not external_ports & {DNS_PORT}
 
 

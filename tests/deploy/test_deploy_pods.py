@@ -9,13 +9,12 @@ GRPC_PORTS = {"router": 50050, "shard": 50051, "cache": 50052, "ontology": 50053
 
 
 def pods(objects):
-    return [(w, w["spec"]["template"]) for w in objects.workloads()]
+    return [(w, w["spec"]["template"]) for w in objects.service_workloads()]
 
 
 def test_every_pod_is_restricted(rendered):
-    for workload, pod in pods(rendered):
-        name = workload["metadata"]["name"]
-        spec = pod["spec"]
+    """Every pod the chart makes: the services', the in-cluster stores' and the helm test's."""
+    for name, spec in rendered.pod_specs():
         assert spec["automountServiceAccountToken"] is False, name
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
@@ -62,8 +61,13 @@ def test_config_checksum_follows_the_config(chart, default_objects):
     assert changed.find("ConfigMap", "gmco-router-env")["data"]["GMCO_ROUTER_MAX_K"] == "200"
 
 
-def test_every_shard_pod_gets_a_gpu_on_a_gpu_node(rendered):
-    shards = rendered.of_kind("StatefulSet")
+def shard_sets(objects):
+    return [s for s in objects.of_kind("StatefulSet") if objects.component(s) == "shard"]
+
+
+def test_every_shard_pod_gets_a_gpu_on_a_gpu_node(gpu_rendered):
+    rendered = gpu_rendered
+    shards = shard_sets(rendered)
     assert shards
     for sts in shards:
         pod = sts["spec"]["template"]["spec"]
@@ -74,8 +78,19 @@ def test_every_shard_pod_gets_a_gpu_on_a_gpu_node(rendered):
         assert pod["nodeSelector"]
 
 
+def test_dev_shards_run_on_cpu_nodes(dev_objects):
+    for sts in shard_sets(dev_objects):
+        pod = sts["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert not [r for r in container["resources"].get("limits", {}) if "gpu" in r]
+        assert not [r for r in container["resources"].get("requests", {}) if "gpu" in r]
+        assert "nodeSelector" not in pod and "tolerations" not in pod
+    env = dev_objects.find("ConfigMap", "gmco-shard-env")["data"]
+    assert env["GMCO_SHARD_INDEX_BACKEND"] == "ivf"
+
+
 def test_shard_statefulsets_map_to_shards_slots_replicas_and_zones(rendered):
-    shards = sorted(rendered.of_kind("StatefulSet"), key=lambda s: int(s["metadata"]["labels"]["gmco.io/shard"]))
+    shards = sorted(shard_sets(rendered), key=lambda s: int(s["metadata"]["labels"]["gmco.io/shard"]))
     count = len(shards)
     slot_map = SlotMap.even(count)
     for shard_id, sts in enumerate(shards):
@@ -94,19 +109,27 @@ def test_shard_statefulsets_map_to_shards_slots_replicas_and_zones(rendered):
             t["podAffinityTerm"] for t in anti["preferredDuringSchedulingIgnoredDuringExecution"]]
         assert terms[0]["topologyKey"] == "topology.kubernetes.io/zone"
         assert terms[0]["labelSelector"]["matchLabels"]["gmco.io/shard"] == str(shard_id)
-        (claim,) = sts["spec"]["volumeClaimTemplates"]
-        assert claim["metadata"]["name"] == "snapshots"
-        pdb = rendered.find("PodDisruptionBudget", name)
-        assert pdb["spec"]["selector"]["matchLabels"]["gmco.io/shard"] == str(shard_id)
+        mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts["snapshots"] == env_of(rendered)["GMCO_SHARD_SNAPSHOT_DIR"]
+        if rendered.layout in ("dev", "in-cluster"):  # persistence off: an emptyDir
+            assert {"name": "snapshots", "emptyDir": {}} in pod["spec"]["volumes"]
+        else:
+            (claim,) = sts["spec"]["volumeClaimTemplates"]
+            assert claim["metadata"]["name"] == "snapshots"
+            pdb = rendered.find("PodDisruptionBudget", name)
+            assert pdb["spec"]["selector"]["matchLabels"]["gmco.io/shard"] == str(shard_id)
         service = rendered.find("Service", name)
         assert service["spec"]["clusterIP"] == "None"
         assert service["spec"]["selector"]["gmco.io/shard"] == str(shard_id)
-    env = rendered.find("ConfigMap", "gmco-shard-env")["data"]
-    assert env["GMCO_SHARD_SHARD_COUNT"] == str(count)
+    assert env_of(rendered)["GMCO_SHARD_SHARD_COUNT"] == str(count)
+
+
+def env_of(objects):
+    return objects.find("ConfigMap", "gmco-shard-env")["data"]
 
 
 def test_production_runs_100_shards_of_3_replicas_on_t4_nodes(production_objects):
-    shards = production_objects.of_kind("StatefulSet")
+    shards = shard_sets(production_objects)
     assert len(shards) == 100
     assert sum(s["spec"]["replicas"] for s in shards) == 300
     assert {s["metadata"]["labels"]["gmco.io/shard"] for s in shards} == {str(i) for i in range(100)}

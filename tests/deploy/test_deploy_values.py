@@ -26,6 +26,12 @@ PARAM = re.compile(r"^\s*## @param (\S+)")
         (["global.redis.nodes={redis-without-port}"], "global.redis.nodes"),
         (["envoy.proxy.ringMinSize=0"], "ringMinSize"),
         (["router.hpa.targetCPUUtilizationPercentage=150"], "targetCPUUtilizationPercentage"),
+        (["cache.backend=memcached"], "backend"),
+        (["rl-state.backend=mysql"], "backend"),
+        (["global.postgres.mode=managed"], "global.postgres.mode"),
+        (["shard.gpu.count=-1"], "gpu.count"),
+        (["router.slotMap=Not_A_Name"], "slotMap"),
+        (["global.postgres.existingSecret=Bad_Name"], "existingSecret"),
     ],
 )
 def test_schema_rejects_bad_values(chart, sets, message):

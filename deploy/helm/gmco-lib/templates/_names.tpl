@@ -65,3 +65,26 @@ app.kubernetes.io/instance: {{ $ctx.Release.Name }}
 {{- define "gmco.lib.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}{{ .Values.serviceAccount.name | default (include "gmco.lib.fullname" .) }}{{- else -}}{{ .Values.serviceAccount.name | default "default" }}{{- end -}}
 {{- end -}}
+
+{{/*
+The JSON of the slot map named $name in global.slotMaps: a string as gmco_common.slots.SlotMap.to_json
+writes it, or the same document as YAML ({num_slots: 4096, owner: [...]}). Fails on a missing name, a map
+that is not 4096 slots, or a slot owned by a shard that does not exist. args: (list $ctx "name")
+*/}}
+{{- define "gmco.lib.slotMapJson" -}}
+{{- $ctx := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- $maps := $ctx.Values.global.slotMaps | default dict -}}
+{{- if not (hasKey $maps $name) -}}
+{{- fail (printf "slot map %q is not in global.slotMaps (it has: %s)" $name (keys $maps | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $doc := index $maps $name -}}
+{{- if kindIs "string" $doc }}{{ $doc = $doc | fromJson }}{{ end -}}
+{{- $owner := $doc.owner | default list -}}
+{{- if or (ne (int ($doc.num_slots | default 0)) 4096) (ne (len $owner) 4096) -}}
+{{- fail (printf "global.slotMaps.%s: want {\"num_slots\": 4096, \"owner\": [4096 shard ids]} (gmco_common.slots.SlotMap.to_json)" $name) -}}
+{{- end -}}
+{{- $n := $ctx.Values.global.shards.count | int -}}
+{{- range $owner }}{{ if or (lt (int .) 0) (ge (int .) $n) }}{{ fail (printf "global.slotMaps.%s gives a slot to shard %v; global.shards.count is %d" $name . $n) }}{{ end }}{{ end -}}
+{{- toJson $doc -}}
+{{- end -}}

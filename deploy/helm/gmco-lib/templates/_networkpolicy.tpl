@@ -6,7 +6,8 @@ default-deny as a backstop). args:
   from    components allowed to call this component's gRPC port
   public  true: anyone may call the gRPC port (Envoy, the entry point)
   to      components this one calls
-  stores  external stores this one talks to: "postgres", "redis", "neo4j"
+  stores  stores this one talks to: "postgres", "redis", "neo4j" (external ones by global.<store>.cidrs,
+          in-cluster ones by podSelector)
 Every pod may resolve DNS and be scraped on its metrics port from global.networkPolicy.metricsFrom.
 */}}
 {{- define "gmco.lib.networkPolicy" -}}
@@ -63,6 +64,15 @@ spec:
     {{- end }}
     {{- range $store := .stores }}
     {{- $cfg := index $ctx.Values.global $store }}
+    {{- if include "gmco.lib.storeInCluster" (list $ctx $store) }}
+    - ports:
+        - port: {{ include "gmco.lib.storePort" $store }}
+          protocol: TCP
+      to:
+        - podSelector:
+            matchLabels:
+              {{- include "gmco.lib.peerSelector" (list $ctx $store) | nindent 14 }}
+    {{- else }}
     - ports:
         {{- range include "gmco.lib.storePorts" (list $store $cfg) | splitList "," | uniq }}
         - port: {{ . }}
@@ -74,7 +84,13 @@ spec:
             cidr: {{ . }}
         {{- end }}
     {{- end }}
+    {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The port of an in-cluster store. */}}
+{{- define "gmco.lib.storePort" -}}
+{{- index (dict "postgres" 5432 "redis" 6379) . -}}
 {{- end -}}
 
 {{/* The TCP ports of an external store, comma-separated: from its host:port list or its URI. */}}

@@ -178,12 +178,14 @@ spec:
 Everything a stateless GMC-O server renders: its env ConfigMap, a Deployment, a ClusterIP Service (and a
 headless one when args.headless, whose DNS answer lists every pod), HPA, PDB, NetworkPolicy,
 ServiceAccount and ServiceMonitor. args: dict "ctx" $ "env" {} "secretEnv" [] "headless" bool
-plus the NetworkPolicy's "from" "to" "public" "stores" (see gmco.lib.networkPolicy).
+"checksumExtra" (more configuration the pods read, e.g. a mounted ConfigMap's data, so that a change rolls
+them), the pod template's "volumes" "volumeMounts", plus the NetworkPolicy's "from" "to" "public" "stores"
+(see gmco.lib.networkPolicy).
 */}}
 {{- define "gmco.lib.component" -}}
 {{- $ctx := .ctx -}}
 {{- $name := include "gmco.lib.fullname" $ctx -}}
-{{- $checksum := include "gmco.lib.envData" . | sha256sum -}}
+{{- $checksum := print (include "gmco.lib.envData" .) (.checksumExtra | default "") | sha256sum -}}
 {{ include "gmco.lib.envConfigMap" . }}
 ---
 {{ include "gmco.lib.deployment" (merge (dict "checksum" $checksum) .) }}

@@ -33,17 +33,17 @@ data:
 {{- end -}}
 
 {{/*
-Secret-backed variables. Every server gets <PREFIX>AUTH_TOKEN when global.auth.existingSecret is set
-(the router also sends it downstream); args.secretEnv adds a component's own, as a list of
+Secret-backed variables. Every server gets <PREFIX>AUTH_TOKEN when global.auth.existingSecret or
+global.auth.token is set (the router also sends it downstream); args.secretEnv adds a component's own, as a list of
 {name, secret, key}.
 */}}
 {{- define "gmco.lib.secretEnv" -}}
 {{- $ctx := .ctx -}}
 {{- $prefix := include "gmco.lib.envPrefix" $ctx.Chart.Name -}}
 {{- $list := .secretEnv | default list -}}
-{{- with $ctx.Values.global.auth }}{{ if .existingSecret -}}
-{{- $list = prepend $list (dict "name" (printf "%sAUTH_TOKEN" $prefix) "secret" .existingSecret "key" .tokenKey) -}}
-{{- end }}{{ end -}}
+{{- with include "gmco.lib.authSecretName" $ctx }}
+{{- $list = prepend $list (dict "name" (printf "%sAUTH_TOKEN" $prefix) "secret" . "key" ($ctx.Values.global.auth.tokenKey | default "token")) -}}
+{{- end -}}
 {{- range $list }}
 - name: {{ .name }}
   valueFrom:
@@ -58,7 +58,8 @@ A pod template (metadata + spec) for one GMC-O server: restricted security conte
 token, gRPC health probes on the serving port, a metrics port, a checksum of its configuration and a
 writable /tmp on a read-only root filesystem.
 args: dict "ctx" $ "checksum" sha "podEnv" [extra EnvVar] "secretEnv" [..] "labels" {} "annotations" {}
-           "volumes" [] "volumeMounts" [] "resources" {} "nodeSelector" {} "tolerations" [] "affinity" {}
+           "volumes" [] "volumeMounts" [] "initContainers" [] "resources" {} "nodeSelector" {} "tolerations" []
+           "affinity" {}
 */}}
 {{- define "gmco.lib.podTemplate" -}}
 {{- $ctx := .ctx -}}
@@ -82,6 +83,10 @@ spec:
     {{- toYaml $v.podSecurityContext | nindent 4 }}
   {{- with $v.imagePullSecrets }}
   imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .initContainers }}
+  initContainers:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
@@ -152,4 +157,12 @@ spec:
   topologySpreadConstraints:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* The Secret with the bearer token: global.auth.existingSecret, or "<release>-auth" (created by the
+umbrella chart from global.auth.token); "" = no auth. */}}
+{{- define "gmco.lib.authSecretName" -}}
+{{- with .Values.global.auth -}}
+{{- if .existingSecret -}}{{ .existingSecret }}{{- else if .token -}}{{ printf "%s-auth" $.Release.Name }}{{- end -}}
+{{- end -}}
 {{- end -}}
