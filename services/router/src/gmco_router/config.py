@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from gmco_common.cache_key import DEFAULTS
 from gmco_common.config import ConfigError, ServerSettings, port_setting, setting
 from gmco_common.ids import MAX_DELETE_IDS, MAX_FEEDBACK_EVENTS, MAX_WRITE_ITEMS
 
@@ -105,10 +106,10 @@ class Settings(ServerSettings):
     cache_put_max_pending: int = setting(
         1000, help="cache writes run after the reply; beyond this many in flight a write is dropped (counted in "
         "gmco_router_cache_puts_total{result=dropped})", check=_positive, check_msg="> 0")
-    default_surface: str = setting("HOMEPAGE", help="surface of a request that names none",
+    default_surface: str = setting(DEFAULTS.surface, help="surface of a request that names none",
                                    choices=("HOMEPAGE", "VIDEO_PAGE", "SEARCH_RESULTS"))
-    default_region: str = setting("US", help="ontology Region id of a request that names none")
-    default_device: str = setting("smart_tv", help="ontology Device id of a request that names none")
+    default_region: str = setting(DEFAULTS.region, help="ontology Region id of a request that names none")
+    default_device: str = setting(DEFAULTS.device, help="ontology Device id of a request that names none")
     hedge: bool = setting(True, help="hedge a shard call slower than its replica's recent p95")
     hedge_min_delay_ms: float = setting(2.0, help="never hedge earlier than this", check=_non_negative,
                                         check_msg=">= 0")

@@ -9,6 +9,7 @@ from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
 from gmco_common.admission import Admission
+from gmco_common.cache_key import ContextDefaults, with_defaults
 from gmco_common.errors import InvalidArgument, echo, from_rpc_error
 from gmco_common.ids import MAX_PREFERENCE_GENRES, check_count, check_id, check_name, check_user_id
 
@@ -30,14 +31,10 @@ def metadata_user(context: grpc.aio.ServicerContext) -> str:
 
 
 def apply_defaults(request: router_service_pb2.RecommendRequest, settings: Settings) -> None:
-    """A context without a surface, region or device gets the router's defaults (GMCO_ROUTER_DEFAULT_*)."""
-    ctx = request.context
-    if ctx.surface == common_pb2.SURFACE_UNSPECIFIED:
-        ctx.surface = common_pb2.Surface.Value(f"SURFACE_{settings.default_surface}")
-    if not ctx.region:
-        ctx.region = settings.default_region
-    if not ctx.device:
-        ctx.device = settings.default_device
+    """A context without a surface, region or device gets the router's defaults (GMCO_ROUTER_DEFAULT_*), before
+    the cache key is computed (gmco_common.cache_key.with_defaults, which the warmer applies too)."""
+    request.context.CopyFrom(with_defaults(request.context, ContextDefaults(
+        settings.default_surface, settings.default_region, settings.default_device)))
 
 
 def validate(request: router_service_pb2.RecommendRequest, header_user: str, max_k: int,
