@@ -31,18 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import TTL_SECONDS, USERS_ZIPF, ZIPF_S, simulate, zipf_users
 from common import plot_path, write_json
+from gmco_cli.capacity import model_hit_ratio  # the model lives with the planner (gmco plan) that uses it
 
 SEED_USERS = 10_000_000
 SEED_PEAK_RATE = 166_000
 TARGET = 0.95
-
-
-def model_hit_ratio(rate: float, users: int, zipf_s: float, ttl: float, feedback: float) -> float:
-    weights = np.arange(1, users + 1, dtype=np.float64) ** -zipf_s
-    lam = rate * weights / weights.sum()
-    x = lam * ttl
-    hits = x if feedback == 0 else (1 - feedback) / feedback * -np.expm1(-x * feedback)
-    return float((lam * hits / (1 + hits)).sum() / lam.sum())
 
 
 def check(requests: int, rate: float) -> list[dict]:

@@ -12,7 +12,9 @@ import importlib
 import click
 
 COMMANDS: dict[str, str] = {
+    "import": "gmco_cli.import_:import_",
     "ope": "gmco_cli.ope:ope",
+    "plan": "gmco_cli.plan:plan",
 }
 
 
