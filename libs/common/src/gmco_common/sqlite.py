@@ -28,8 +28,9 @@ class SqliteWorker:
     """``await worker.call(fn, *args)`` runs ``fn(connection, *args)`` on the worker's thread."""
 
     def __init__(self, path: Path | str, name: str, setup: Callable[[sqlite3.Connection], None] | None = None,
-                 busy_timeout: float = 5.0) -> None:
+                 busy_timeout: float = 5.0, page_size: int | None = None) -> None:
         self._path = str(path)
+        self._page_size = page_size
         self._name = name
         self._setup = setup
         self._busy_timeout = busy_timeout
@@ -54,6 +55,9 @@ class SqliteWorker:
                 Path(self._path).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
                                    timeout=self._busy_timeout)
+            if self._page_size is not None:
+                # Only takes effect on a new, empty database (before WAL mode is set); an existing file keeps its own.
+                conn.execute(f"PRAGMA page_size={int(self._page_size)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             if self._setup is not None:
