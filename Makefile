@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-milvus bench-gpu helm-lint images clean
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ bench-grpc-floor: setup ## cost of one Python grpc.aio round trip (the floor und
 
 bench-ingest: setup ## catalogue-log ingest, replay rate and restart time
 	$(PY) bench/bench_ingest.py
+
+bench-import: setup ## gmco import of a Parquet file into the local stack's catalogue log, shards caught up
+	$(PY) bench/bench_import.py $(BENCH_ARGS)
 
 bench-milvus: setup ## project HNSW shard vs Milvus Lite, side by side
 	$(PY) bench/bench_milvus.py

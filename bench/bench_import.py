@@ -1,0 +1,126 @@
+"""make bench-import: ``gmco import`` of a Parquet file into the catalogue log of a running local stack.
+
+Starts the local stack (2 shards tailing the SQLite catalogue log, 1 router, Envoy) on a small demo
+catalogue, writes a Parquet file of --items x --dim FP16 vectors with every attribute, then runs the
+``gmco import`` command (a subprocess, as an operator would) with ``--wait-for`` every shard replica, and
+reads its timings:
+
+- append rate: items/s from the first row read to the last batch committed in the log;
+- caught-up rate: items / (import + time until every replica has applied the last lsn).
+
+Afterwards the first and last imported items are read back from the shards (GetMedia) and a Recommend with min_lsn = the last
+lsn answers, which is read-your-writes over imported rows. Writes bench/results/bench_import.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json
+from gmco.router.v1 import router_service_pb2 as rpb
+from gmco.router.v1 import router_service_pb2_grpc
+from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_stack.stack import Stack, StackConfig
+
+
+def write_parquet(path: Path, n: int, dim: int, first_id: int, seed: int = 11) -> float:
+    """Seconds to write n items: FP16 bytes vectors and every attribute column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    writer = None
+    for start in range(0, n, 50_000):
+        m = min(50_000, n - start)
+        vectors = rng.standard_normal((m, dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        raw = vectors.astype("<f2").tobytes()
+        table = pa.table({
+            "media_id": pa.array(np.arange(first_id + start, first_id + start + m, dtype=np.uint64)),
+            "vector": pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * dim), m, [None, pa.py_buffer(raw)]),
+            "genre_ids": pa.array([[int(g)] for g in rng.integers(0, 40, m)], pa.list_(pa.uint32())),
+            "rating": pa.array(rng.integers(0, 5, m), pa.uint32()),
+            "region_mask": pa.array(np.full(m, (1 << 8) - 1), pa.uint64()),
+            "format_mask": pa.array(np.full(m, 0b111), pa.uint64()),
+            "release_year": pa.array(rng.integers(1950, 2026, m), pa.uint32()),
+            "popularity": pa.array(rng.random(m, dtype=np.float32)),
+        })
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema, compression="none")
+        writer.write_table(table, row_group_size=10_000)
+    assert writer is not None
+    writer.close()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=200_000, help="items to import (%(default)s)")
+    p.add_argument("--dim", type=int, default=1024, help="embedding dimension (%(default)s)")
+    p.add_argument("--catalogue-items", type=int, default=20_000, help="demo catalogue the stack starts with")
+    p.add_argument("--batch-size", type=int, default=5000, help="rows per log transaction (%(default)s)")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-import-") as tmp:
+        work = Path(tmp)
+        source = work / "items.parquet"
+        gen_seconds = write_parquet(source, args.items, args.dim, first_id=10**12)
+        print(f"wrote {args.items} x {args.dim} to {source} in {gen_seconds:.1f} s", flush=True)
+        config = StackConfig(items=args.catalogue_items, dim=args.dim, shards=2, routers=1, run_dir=work / "run",
+                             base_port=None, start_timeout=900)
+        with Stack(config) as stack:
+            shards = [s.target for s in stack.shard_services]
+            command = [sys.executable, "-m", "gmco_cli", "import", str(source), "--catalog-dsn", stack.catalog_dsn,
+                       "--dim", str(args.dim), "--batch-size", str(args.batch_size), "--state",
+                       str(work / "state.json"), "--quiet", *(a for t in shards for a in ("--wait-for", t))]
+            t = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            wall = time.perf_counter() - t
+            print(done.stdout, flush=True)
+            m = re.search(r"imported (\d+) items .* in ([\d.]+) s: .*last lsn (\d+)", done.stdout)
+            c = re.search(r"applied lsn \d+ ([\d.]+) s after", done.stdout)
+            assert m and c, done.stdout
+            appended, seconds, last_lsn = int(m.group(1)), float(m.group(2)), int(m.group(3))
+            catch_up = float(c.group(1))
+            wanted = [10**12, 10**12 + args.items - 1]
+            read_back = []
+            for target in shards:
+                with grpc.insecure_channel(target) as ch:
+                    got = shard_service_pb2_grpc.ShardServiceStub(ch).GetMedia(
+                        shard_service_pb2.GetMediaRequest(media_ids=wanted), timeout=10)
+                read_back += [i.media_id for i in got.items]
+            read_back.sort()
+            with grpc.insecure_channel(stack.envoy_target) as ch:
+                stub = router_service_pb2_grpc.RecommendationServiceStub(ch)
+                rec = stub.Recommend(rpb.RecommendRequest(user_id="bench-import", k=10, min_lsn=last_lsn),
+                                     metadata=[("x-user-id", "bench-import")], timeout=10)
+    result = {
+        "command": " ".join(["gmco", "import", "items.parquet", "--catalog-dsn", "<stack log>", "--dim",
+                             str(args.dim), "--batch-size", str(args.batch_size), "--wait-for", "<each shard>"]),
+        "items": args.items, "dim": args.dim, "batch_size": args.batch_size, "shards": 2,
+        "catalogue_items_at_start": args.catalogue_items, "log": "SQLite (the local stack's)",
+        "appended": appended, "import_seconds": seconds, "append_items_per_second": appended / seconds,
+        "catch_up_seconds_after_import": catch_up,
+        "caught_up_items_per_second": appended / (seconds + catch_up),
+        "process_wall_seconds": wall, "last_lsn": last_lsn,
+        "read_back_ids": read_back, "recommend_with_min_lsn_items": len(rec.items),
+        "parquet_write_seconds": gen_seconds,
+    }
+    path = write_json("bench_import", result)
+    print(f"append {result['append_items_per_second']:,.0f} items/s, caught up "
+          f"{result['caught_up_items_per_second']:,.0f} items/s -> {path}")
+
+
+if __name__ == "__main__":
+    main()
