@@ -15,6 +15,7 @@ from gmco_common.vectors import encode_batch
 from gmco_router.local import SingleFlight
 from gmco_router.recommend import merge
 from gmco_router.replicas import (
+    EXPLORE_EVERY,
     LatencyWindow,
     Replica,
     ReplicaPolicy,
@@ -83,6 +84,47 @@ async def test_a_slow_call_is_hedged_to_the_other_replica() -> None:
     assert result == "r1" and log == ["r0", "r1"]
     await asyncio.sleep(0)
     assert r0.in_flight == 0  # the loser was cancelled
+
+
+async def test_a_replica_that_turned_slow_loses_its_calls_but_is_still_explored() -> None:
+    policy = ReplicaPolicy(hedge_min_samples=5)
+    fast, slow = _replicas(2, policy)
+    for _ in range(10):
+        fast.latencies.add(0.005)
+        slow.latencies.add(0.200)
+    rset = ReplicaSet(0, [fast, slow])
+    picks = [rset.pick() for _ in range(EXPLORE_EVERY * 5)]
+    assert 1 <= picks.count(slow) <= 5  # only in its turns among the 5 explorations
+    assert picks.count(fast) >= EXPLORE_EVERY * 5 - 5
+    fast.in_flight = 100  # a replica busy enough is worse than a slow idle one
+    assert rset.pick() is slow
+
+
+async def test_hedge_delay_is_the_fastest_replicas_p95() -> None:
+    policy = ReplicaPolicy(hedge_min_samples=5, hedge_min_delay=0.001)
+    fast, slow = _replicas(2, policy)
+    for _ in range(10):
+        fast.latencies.add(0.005)
+        slow.latencies.add(0.200)
+    rset = ReplicaSet(0, [fast, slow])
+    assert rset.hedge_delay(slow) == pytest.approx(0.005)
+    fast.healthy = False
+    assert rset.hedge_delay(slow) == pytest.approx(0.200)
+
+
+async def test_a_hedges_loser_counts_as_slow() -> None:
+    policy = ReplicaPolicy(hedge_min_samples=5, hedge_min_delay=0.001)
+    r0, r1 = _replicas(2, policy)
+    for r in (r0, r1):
+        for _ in range(10):
+            r.latencies.add(0.01)
+    rset = ReplicaSet(0, [r0, r1])
+    call = await _by_replica(rset, {"r0": 0.3, "r1": 0.0}, [])
+    r1.in_flight = 1  # r0 first
+    await rset.call(call)
+    r1.in_flight -= 1
+    await asyncio.sleep(0)
+    assert len(r0.latencies) == 11  # the cancelled call left its time
 
 
 async def test_no_hedge_without_latency_history() -> None:

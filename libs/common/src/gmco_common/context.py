@@ -33,3 +33,11 @@ def call_timeout(default: float | None) -> float | None:
     if default is None:
         return remaining
     return min(default, remaining)
+
+
+def budget(cap: float, share: float = 0.5) -> float:
+    """The timeout of a call the request can do without (cache, state, ranking): at most ``cap`` and at
+    most ``share`` of what the caller has left, so that a dependency that is slow leaves the rest of the
+    request time to answer, degraded, within the caller's deadline."""
+    remaining = time_remaining()
+    return cap if remaining is None else min(cap, share * remaining)

@@ -24,6 +24,7 @@ from typing import Self
 
 import grpc
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_testing.delay import DelayProxy
 from gmco_testing.procs import free_port, grpc_serving, stop_process, wait_until
 
 from gmco_stack.envoy import REPO_ROOT, EnvoyParams, load_template, render_envoy_config
@@ -51,6 +52,9 @@ class StackConfig:
     start_timeout: float = 900.0
     # Extra variables for every child, e.g. {"GMCO_CACHE_BACKEND": "redis_cluster"}.
     env: Mapping[str, str] = field(default_factory=dict)
+    # Services that the others reach through a gmco_testing.delay.DelayProxy (stack.delays[name].delay
+    # = 0.2 makes that one answer 200 ms late): slow-dependency tests.
+    delayed: tuple[str, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -129,7 +133,11 @@ class Stack:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.services: dict[str, Service] = {}
+        self.delays: dict[str, DelayProxy] = {}
         self._build()
+        unknown = set(config.delayed) - set(self.services)
+        if unknown:
+            raise ValueError(f"StackConfig.delayed names no service of this stack: {sorted(unknown)}")
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -141,6 +149,15 @@ class Stack:
         env.setdefault(f"{prefix}LOG_LEVEL", self.config.log_level)
         env.update({f"{prefix}{k.upper()}": str(v) for k, v in values.items()})
         return env
+
+    def _reach(self, name: str) -> str:
+        """The address the other services use for ``name``: its own, or its delaying proxy's."""
+        svc = self.services[name]
+        if name not in self.config.delayed:
+            return svc.target
+        if name not in self.delays:
+            self.delays[name] = DelayProxy(svc.target)
+        return self.delays[name].target
 
     def _add(self, name: str, module: str, prefix: str, port: int, health: str, **values: object) -> Service:
         """A service on ``port`` with Prometheus /metrics on ``port + 2000`` (a free port in tests)."""
@@ -172,21 +189,21 @@ class Stack:
                 name = f"shard-{sid}" + (f"-r{rep}" if cfg.replicas > 1 else "")
                 snapshots = run / "snapshots" / f"{cfg.data_dir.name}-{cfg.index_backend}-shard{sid}-r{rep}"
                 self.snapshot_dirs[name] = snapshots
-                svc = self._add(
+                self._add(
                     name, "gmco_shard", "GMCO_SHARD_",
                     self._port(base + 1 + sid + 10 * rep), "gmco.shard.v1.ShardService",
                     shard_id=sid, shard_count=cfg.shards, replica_id=rep, dim=cfg.dim,
                     index_backend=cfg.index_backend, data_dir=cfg.data_dir,
                     snapshot_dir=snapshots, catalog_dsn=self.catalog_dsn,
                 )
-                shard_targets.setdefault(sid, []).append(svc.target)
+                shard_targets.setdefault(sid, []).append(self._reach(name))
         spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
         for i in range(cfg.routers):
             self._add(
                 f"router-{i}", "gmco_router", "GMCO_ROUTER_", self._port(base + 101 + i),
                 "gmco.router.v1.RecommendationService", shards=spec,
-                cache_target=self.services["cache"].target, ontology_target=self.services["ontology"].target,
-                rl_state_target=self.services["rl_state"].target, catalog_dsn=self.catalog_dsn,
+                cache_target=self._reach("cache"), ontology_target=self._reach("ontology"),
+                rl_state_target=self._reach("rl_state"), catalog_dsn=self.catalog_dsn,
                 media_dim=cfg.dim)
         self.envoy_port = self._port(cfg.envoy_port)
         self.envoy_admin_port = self._port(cfg.envoy_admin_port)
@@ -230,6 +247,8 @@ class Stack:
         # order); should the launcher exit without stop(), this still stops them.
         atexit.register(self.stop)
         try:
+            for proxy in self.delays.values():
+                proxy.start()
             self._start_group(["ontology", "rl_state", "cache", *(s.name for s in self.shard_services)])
             self._snapshot_new_shards()
             self._start_group([s.name for s in self.routers])
@@ -293,6 +312,8 @@ class Stack:
                 self.services[name].terminate()
             for name in group:
                 self.services[name].stop()
+        for proxy in self.delays.values():
+            proxy.stop()
 
     def __enter__(self) -> Self:
         return self.start()

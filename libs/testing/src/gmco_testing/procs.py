@@ -13,7 +13,6 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-
 _HANDED_OUT: set[int] = set()
 
 

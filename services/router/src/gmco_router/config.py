@@ -77,6 +77,16 @@ class Settings(ServerSettings):
     call_timeout_seconds: float = setting(
         2.0, help="timeout of a downstream call when the caller sent no deadline", check=_positive,
         check_msg="> 0")
+    cache_timeout_ms: float = setting(
+        250.0, help="longest wait for a cache lookup (and at most half of what the caller has left); a slower "
+        "cache counts as a miss and the answer says degraded=cache", check=_positive, check_msg="> 0")
+    rl_state_timeout_ms: float = setting(
+        1000.0, help="longest wait for rl_state's GetUserState and Rank (each at most half of what the caller "
+        "has left); slower, the answer is degraded: cold-start state, retrieval order", check=_positive,
+        check_msg="> 0")
+    ontology_timeout_ms: float = setting(
+        500.0, help="longest wait for the ontology (at most half of what the caller has left); slower, the "
+        "last known filter for the context is used", check=_positive, check_msg="> 0")
     cache_ttl_seconds: int = setting(300, help="TTL of cached recommendations", check=_positive, check_msg="> 0")
     user_version_ttl_seconds: float = setting(
         60.0, help="how long a user's state version learnt here is trusted for the cache key", check=_non_negative,

@@ -59,6 +59,7 @@ from prometheus_client import Counter, Histogram
 
 from gmco_router.catalogue import Catalogue
 from gmco_router.config import Settings
+from gmco_router.fanout import FanOut, merge_columns
 from gmco_router.local import SingleFlight
 from gmco_router.replicas import NoReplicaAvailable, ShardPool
 
@@ -259,30 +260,11 @@ class SearchBatcher:
                 fut.set_result(None)
 
 
-def _columns(result: shard_service_pb2.QueryResult, shard_id: int, dim: int) -> tuple[np.ndarray, ...]:
-    ids = np.frombuffer(result.media_ids, "<u8")
-    n = ids.shape[0]
-    feats = (np.frombuffer(result.features.data, "<f4").reshape(n, result.features.dimension)
-             if result.features.count else np.zeros((n, dim), np.float32))
-    return (ids, np.frombuffer(result.scores, "<f4"), np.frombuffer(result.popularities, "<f4"), feats,
-            np.full(n, shard_id, np.int32))
-
-
 def merge(answers: dict[int, shard_service_pb2.SearchResponse | None], row: int, limit: int,
           feature_dim: int = 0) -> Candidates:
-    """(``feature_dim``: the width of the zero features given to candidates whose shard sent none.)"""
-    """The global top-``limit`` of one query row over every shard's answer, best score first, each id once."""
-    parts = [_columns(answer.results[row], shard_id, feature_dim) for shard_id, answer in answers.items()
-             if answer is not None and row < len(answer.results)]
-    version = next((a.feature_version for a in answers.values() if a is not None and a.feature_version), "")
-    if not parts:
-        return Candidates(np.empty(0, np.uint64), _EMPTY_F32, _EMPTY_F32, np.zeros((0, feature_dim), np.float32),
-                          np.empty(0, np.int32), version)
-    ids, scores, pops, feats, shards = (np.concatenate(col) for col in zip(*parts, strict=True))
-    order = np.argsort(-scores, kind="stable")
-    _, first = np.unique(ids[order], return_index=True)  # the best-scored copy of each id
-    keep = order[np.sort(first)][:limit]
-    return Candidates(ids[keep], scores[keep], pops[keep], feats[keep], shards[keep], version)
+    """The global top-``limit`` of one query row over every shard's answer, best score first, each id once
+    (``feature_dim``: the width of the zero features given to candidates whose shard sent none)."""
+    return Candidates(*merge_columns(answers, row, limit, feature_dim))
 
 
 class Recommender:
@@ -305,6 +287,7 @@ class Recommender:
             else None)
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._batcher = SearchBatcher(self._search, settings.batch_window_ms / 1000, settings.batch_max)
+        self._fanout = FanOut(pool.shards, pool.channel_options)
         self._puts: set[asyncio.Task[None]] = set()
         self._dimension: int | None = None
 
@@ -504,18 +487,8 @@ class Recommender:
         else:
             request.query_filters.extend(filters)
         SEARCH_ROWS.observe(len(plans))
-
-        async def one(shard_id: int) -> shard_service_pb2.SearchResponse | None:
-            try:
-                return await self._pool.shards[shard_id].call(lambda stub: stub.Search(request))
-            except (grpc.aio.AioRpcError, NoReplicaAvailable) as exc:
-                log.warning("shard %s skipped: %s", shard_id,
-                            exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc)
-                return None
-
         start = time.perf_counter()
-        shard_ids = list(self._pool.shards)
-        answers = dict(zip(shard_ids, await asyncio.gather(*(one(s) for s in shard_ids)), strict=True))
+        answers = await self._fanout.search(self._fanout.prepare(request))  # gmco_router.fanout
         elapsed = time.perf_counter() - start
         for i, p in enumerate(plans):
             p.record("shard_search", elapsed)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Self, TypeVar
 
 import grpc
-from gmco.shard.v1 import shard_service_pb2_grpc
+from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_common.breaker import CircuitBreaker
-from gmco_common.channels import ChannelOptions, make_channel
+from gmco_common.channels import ChannelOptions, make_channel, retry_service_config
 from gmco_common.config import ConfigError
 from gmco_common.supervisor import Supervisor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +35,7 @@ T = TypeVar("T")
 ShardCall = Callable[[shard_service_pb2_grpc.ShardServiceStub], Awaitable[T]]
 
 SHARD_SERVICE = "gmco.shard.v1.ShardService"
+SEARCH_METHOD = f"/{SHARD_SERVICE}/Search"
 
 HEDGED = Counter("gmco_router_hedged_calls_total", "Shard calls hedged to a second replica.", ["shard"])
 FAILOVERS = Counter("gmco_router_failover_calls_total", "Shard calls retried on another replica.", ["shard"])
@@ -47,6 +48,27 @@ _REPLICA_FAULTS = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
 })
+
+
+def search_channel(target: str, opts: ChannelOptions) -> grpc.aio.Channel:
+    """A channel for the fan-out's Search calls: ``make_channel``'s options without its per-call
+    interceptor (the fan-out computes deadline, ids and trace context once for all shards). Its arguments
+    equal those of the replica's other channel, so gRPC shares one subchannel (one TCP connection)."""
+    options = [
+        ("grpc.max_receive_message_length", opts.max_message_bytes),
+        ("grpc.max_send_message_length", opts.max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry_service_config(opts.max_attempts, opts.idempotent)),
+        ("grpc.keepalive_time_ms", 30000),
+    ]
+    if opts.tls_ca_file is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=opts.tls_ca_file.read_bytes(),
+            private_key=opts.tls_key_file.read_bytes() if opts.tls_key_file else None,
+            certificate_chain=opts.tls_cert_file.read_bytes() if opts.tls_cert_file else None,
+        )
+        return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 class NoReplicaAvailable(Exception):
@@ -65,24 +87,29 @@ class ReplicaPolicy:
 
 
 class LatencyWindow:
-    """The last ``size`` latencies of successful calls and their p95."""
+    """The last ``size`` latencies of successful calls and their p95.
+
+    The p95 is re-sorted once a sixteenth of the window is new, not after every sample: every shard call
+    asks for it (its hedge delay), and a full sort per call was a visible part of the fan-out's cost."""
 
     def __init__(self, size: int) -> None:
         self._samples: deque[float] = deque(maxlen=size)
         self._sorted: list[float] | None = None
+        self._new = 0
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def add(self, seconds: float) -> None:
         self._samples.append(seconds)
-        self._sorted = None
+        self._new += 1
 
     def p95(self) -> float:
         if not self._samples:
             return 0.0
-        if self._sorted is None:
+        if self._sorted is None or self._new * 16 >= len(self._samples):
             self._sorted = sorted(self._samples)
+            self._new = 0
         return self._sorted[min(len(self._sorted) - 1, int(0.95 * len(self._sorted)))]
 
 
@@ -94,13 +121,25 @@ class Replica:
     policy: ReplicaPolicy
     healthy: bool = True
     in_flight: int = 0
+    # The fan-out's channel for Search (no per-call interceptor; gmco_router.fanout); None: ``channel``.
+    search_channel: grpc.aio.Channel | None = None
     breaker: CircuitBreaker = field(init=False)
     latencies: LatencyWindow = field(init=False)
 
     def __post_init__(self) -> None:
         self.stub = shard_service_pb2_grpc.ShardServiceStub(self.channel)
+        # Search with a request already serialised (the same bytes go to every shard).
+        self._search = (self.search_channel or self.channel).unary_unary(
+            SEARCH_METHOD, request_serializer=None, response_deserializer=shard_service_pb2.SearchResponse.FromString)
         self.breaker = CircuitBreaker(self.policy.breaker_failures, self.policy.breaker_cooldown)
         self.latencies = LatencyWindow(self.policy.latency_window)
+
+    def search(self, payload: bytes, timeout: float | None, metadata: tuple[tuple[str, str], ...]
+               ) -> Awaitable[shard_service_pb2.SearchResponse]:
+        """One Search of serialised ``payload``. ``metadata`` and ``timeout`` are the caller's to propagate
+        (on ``channel``, which propagates them itself, the metadata is left to its interceptor)."""
+        return self._search(payload, timeout=timeout,
+                            metadata=metadata if self.search_channel is not None else None)
 
     def selectable(self) -> bool:
         return self.healthy and self.breaker.available()
@@ -133,6 +172,11 @@ class Replica:
         self.latencies.add(time.perf_counter() - start)
         self.breaker.success()
         return result
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self.search_channel is not None:
+            await self.search_channel.close()
 
 
 class ReplicaSet:
@@ -241,6 +285,10 @@ class ShardPool:
         return cls({sid: [] for sid in range(shard_count)}, policy, channel_options, template, refresh)
 
     @property
+    def channel_options(self) -> ChannelOptions:
+        return self._channel_options
+
+    @property
     def shard_count(self) -> int:
         return len(self.shards)
 
@@ -250,13 +298,14 @@ class ShardPool:
         wanted = list(dict.fromkeys(targets))
         known = {r.target: r for r in rset.replicas}
         for gone in set(known) - set(wanted):  # only DNS refreshes remove replicas, inside the loop
-            self._closing.add(asyncio.ensure_future(known[gone].channel.close()))
+            self._closing.add(asyncio.ensure_future(known[gone].close()))
             REPLICA_HEALTHY.remove(str(shard_id), gone)
         rset.replicas = [known.get(t) or self._new_replica(shard_id, t) for t in wanted]
 
     def _new_replica(self, shard_id: int, target: str) -> Replica:
         REPLICA_HEALTHY.labels(str(shard_id), target).set(1)
-        return Replica(shard_id, target, make_channel(target, self._channel_options), self._policy)
+        return Replica(shard_id, target, make_channel(target, self._channel_options), self._policy,
+                       search_channel=search_channel(target, self._channel_options))
 
     async def __aenter__(self) -> Self:
         if self._dns_template:
@@ -268,7 +317,7 @@ class ShardPool:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._background.close()
-        await asyncio.gather(*self._closing, *(r.channel.close() for s in self.shards.values() for r in s.replicas))
+        await asyncio.gather(*self._closing, *(r.close() for s in self.shards.values() for r in s.replicas))
 
     async def _refresh_dns(self) -> None:
         for sid in self.shards:
