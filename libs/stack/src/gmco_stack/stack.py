@@ -9,6 +9,7 @@ say) passes through; the variables the stack owns (ports, shard ids, paths) are 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import signal
@@ -256,7 +257,24 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        self.manifest_path.write_text(json.dumps(self.manifest(), indent=2))
         return self
+
+    @property
+    def manifest_path(self) -> Path:
+        """``<run_dir>/stack.json``: where every service of the running stack listens (``gmco stats --stack``)."""
+        return self.config.run_dir / "stack.json"
+
+    def manifest(self) -> dict[str, object]:
+        return {
+            "envoy": self.envoy_target,
+            "envoy_admin": f"http://127.0.0.1:{self.envoy_admin_port}/",
+            "catalog_dsn": self.catalog_dsn,
+            "shard_count": self.config.shards,
+            "services": {name: {"target": svc.target, "health_service": svc.health_service,
+                                "metrics_url": svc.metrics_url if svc.metrics_port else None, "pid": svc.pid}
+                         for name, svc in self.services.items()},
+        }
 
     def _start_group(self, names: list[str], check=None) -> None:
         for name in names:
@@ -306,6 +324,7 @@ class Stack:
     def stop(self) -> None:
         """Stop everything, the entry first: Envoy, routers, then the services behind them."""
         atexit.unregister(self.stop)
+        self.manifest_path.unlink(missing_ok=True)
         front = ["envoy", *(s.name for s in self.routers)]
         for group in (front, [n for n in self.services if n not in front]):
             for name in group:  # signal the whole group, then wait: the drains overlap
