@@ -2,6 +2,7 @@
 # Installs the system packages the tests and the local stack need:
 #   redis-server and PostgreSQL 15   the integration tests and the local stack's real backends
 #   curl                             downloads in the benches
+#   openssl                          throw-away certificates for the mTLS tests (gmco_testing.tls)
 #   debootstrap, buildah, podman     images built and run without a Docker daemon (make images, tests/images)
 #   runc                             the OCI runtime podman is told to use here (crun's defaults are refused)
 #   prometheus                       promtool, which checks and unit-tests deploy/prometheus (tests/deploy)
@@ -11,6 +12,7 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v podman >/dev/null 2>&1 || need+=(podman)

@@ -17,9 +17,9 @@ def chart_config(objects) -> str:
 
 
 def stack_config(**overrides) -> str:
-    params = EnvoyParams(listen_port=8080, admin_port=9901, routers=((ROUTER_HOST, 50050),),
-                         listen_address="0.0.0.0", admin_address="0.0.0.0", router_discovery="STRICT_DNS",
-                         **overrides)
+    params = EnvoyParams(listen_port=8080, admin_port=9902, routers=((ROUTER_HOST, 50050),),
+                         listen_address="0.0.0.0", metrics_address="0.0.0.0", metrics_port=9901,
+                         router_discovery="STRICT_DNS", **overrides)
     return render_envoy_config(load_template(), params)
 
 
@@ -48,7 +48,7 @@ def test_tuned_config_is_the_local_stacks(chart, tmp_path):
 
 def test_config_hashes_users_onto_the_router_headless_service(default_objects):
     config = yaml.safe_load(chart_config(default_objects))
-    (cluster,) = config["static_resources"]["clusters"]
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "routers"]
     assert cluster["lb_policy"] == "RING_HASH" and cluster["type"] == "STRICT_DNS"
     assert cluster["ring_hash_lb_config"] == {"minimum_ring_size": 1024, "maximum_ring_size": 8192}
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == "gmco.router.v1.RecommendationService"
@@ -71,3 +71,15 @@ def test_envoy_validates_the_config(chart, tmp_path, default_objects, production
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "OK" in result.stdout + result.stderr
+
+
+def test_admin_is_on_loopback_and_only_ready_and_metrics_are_exposed(default_objects):
+    """The admin interface can stop Envoy: loopback only. Probes and Prometheus use a read-only listener."""
+    config = yaml.safe_load(chart_config(default_objects))
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    (exposed,) = [lst for lst in config["static_resources"]["listeners"] if lst["name"] == "admin_read_only"]
+    assert exposed["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9901}
+    hcm = exposed["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert sorted(r["match"]["path"] for r in routes) == ["/ready", "/stats/prometheus"]
+    assert all(r["route"]["cluster"] == "admin" for r in routes)

@@ -13,7 +13,7 @@ PARAMS = EnvoyParams(18080, 19901, (("127.0.0.1", 17101), ("127.0.0.1", 17102)),
 
 
 def _cluster(doc: dict) -> dict:
-    (cluster,) = doc["static_resources"]["clusters"]
+    (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "routers"]
     return cluster
 
 

@@ -25,10 +25,12 @@ class EnvoyParams:
     DNS names (a headless Service) with STRICT_DNS."""
 
     listen_port: int
-    admin_port: int
+    admin_port: int  # the admin interface, always on 127.0.0.1
     routers: tuple[tuple[str, int], ...]
     listen_address: str = "127.0.0.1"
-    admin_address: str = "127.0.0.1"
+    # the read-only listener for /ready and /stats/prometheus; 0 = admin_port + 1
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     router_discovery: str = "STATIC"
     ring_min: int = 1024
     ring_max: int = 8192
@@ -73,8 +75,9 @@ def render_envoy_config(template: str, params: EnvoyParams) -> str:
     values = {
         "LISTEN_ADDRESS": params.listen_address,
         "LISTEN_PORT": params.listen_port,
-        "ADMIN_ADDRESS": params.admin_address,
         "ADMIN_PORT": params.admin_port,
+        "METRICS_ADDRESS": params.metrics_address,
+        "METRICS_PORT": params.metrics_port or params.admin_port + 1,
         "ROUTER_DISCOVERY": params.router_discovery,
         # JSON is YAML: a flow sequence that fits on the placeholder's line.
         "ROUTER_ENDPOINTS": json.dumps(endpoints),

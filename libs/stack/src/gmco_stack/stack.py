@@ -27,6 +27,7 @@ import grpc
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_testing.delay import DelayProxy
 from gmco_testing.procs import free_port, grpc_serving, stop_process, wait_until
+from gmco_testing.tls import Certificates
 
 from gmco_stack.envoy import REPO_ROOT, EnvoyParams, load_template, render_envoy_config
 
@@ -56,6 +57,8 @@ class StackConfig:
     # Services that the others reach through a gmco_testing.delay.DelayProxy (stack.delays[name].delay
     # = 0.2 makes that one answer 200 ms late): slow-dependency tests.
     delayed: tuple[str, ...] = ()
+    # Shards serve TLS and require client certificates; routers present one (gmco_testing.tls).
+    shard_tls: Certificates | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -74,6 +77,7 @@ class Service:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0  # Prometheus /metrics, 0 = none
+    credentials: grpc.ChannelCredentials | None = None  # TLS for health checks and admin calls
 
     @property
     def metrics_url(self) -> str:
@@ -97,7 +101,7 @@ class Service:
                                          stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True)
 
     def ready(self) -> bool:
-        return grpc_serving(self.target, self.health_service)
+        return grpc_serving(self.target, self.health_service, credentials=self.credentials)
 
     def wait_ready(self, timeout: float) -> None:
         try:
@@ -126,6 +130,12 @@ class Service:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def tls_credentials(certs: Certificates) -> grpc.ChannelCredentials:
+    """Client credentials (the CA and the client certificate) for a service that requires mTLS."""
+    return grpc.ssl_channel_credentials(certs.ca.read_bytes(), certs.client_key.read_bytes(),
+                                        certs.client_cert.read_bytes())
 
 
 class Stack:
@@ -185,18 +195,25 @@ class Stack:
                             or str(run / f"catalog-{cfg.data_dir.name}-{cfg.index_backend}.sqlite3"))
         shard_targets: dict[int, list[str]] = {}
         self.snapshot_dirs: dict[str, Path] = {}
+        tls = cfg.shard_tls
+        shard_tls = ({} if tls is None else
+                     {"tls_cert_file": tls.server_cert, "tls_key_file": tls.server_key, "tls_client_ca_file": tls.ca})
+        router_tls = ({} if tls is None else {"shard_tls_ca_file": tls.ca, "shard_tls_cert_file": tls.client_cert,
+                                              "shard_tls_key_file": tls.client_key})
         for sid in range(cfg.shards):
             for rep in range(cfg.replicas):
                 name = f"shard-{sid}" + (f"-r{rep}" if cfg.replicas > 1 else "")
                 snapshots = run / "snapshots" / f"{cfg.data_dir.name}-{cfg.index_backend}-shard{sid}-r{rep}"
                 self.snapshot_dirs[name] = snapshots
-                self._add(
+                shard = self._add(
                     name, "gmco_shard", "GMCO_SHARD_",
                     self._port(base + 1 + sid + 10 * rep), "gmco.shard.v1.ShardService",
                     shard_id=sid, shard_count=cfg.shards, replica_id=rep, dim=cfg.dim,
                     index_backend=cfg.index_backend, data_dir=cfg.data_dir,
-                    snapshot_dir=snapshots, catalog_dsn=self.catalog_dsn,
+                    snapshot_dir=snapshots, catalog_dsn=self.catalog_dsn, **shard_tls,
                 )
+                if tls is not None:
+                    shard.credentials = tls_credentials(tls)
                 shard_targets.setdefault(sid, []).append(self._reach(name))
         spec = ",".join(f"{sid}=" + "|".join(targets) for sid, targets in shard_targets.items())
         for i in range(cfg.routers):
@@ -205,12 +222,15 @@ class Stack:
                 "gmco.router.v1.RecommendationService", shards=spec,
                 cache_target=self._reach("cache"), ontology_target=self._reach("ontology"),
                 rl_state_target=self._reach("rl_state"), catalog_dsn=self.catalog_dsn,
-                media_dim=cfg.dim)
+                media_dim=cfg.dim, **router_tls)
         self.envoy_port = self._port(cfg.envoy_port)
         self.envoy_admin_port = self._port(cfg.envoy_admin_port)
+        # /ready and /stats/prometheus, read-only, beside the loopback-only admin interface
+        self.envoy_metrics_port = self._port(cfg.envoy_admin_port + 1)
         self.envoy_config_path = run / "envoy.yaml"
         params = EnvoyParams(self.envoy_port, self.envoy_admin_port,
-                             tuple(("127.0.0.1", s.port) for s in self.routers))
+                             tuple(("127.0.0.1", s.port) for s in self.routers),
+                             metrics_port=self.envoy_metrics_port)
         self.envoy_config = render_envoy_config(load_template(), params)
         self.services["envoy"] = Service(
             "envoy", [str(ENVOY_BIN), "-c", str(self.envoy_config_path), "--log-level", "warn",
@@ -292,9 +312,13 @@ class Stack:
             directory = self.snapshot_dirs[svc.name]
             if directory.is_dir() and any(directory.iterdir()):
                 continue
-            with grpc.insecure_channel(svc.target) as channel:
+            token = svc.env.get("GMCO_SHARD_AUTH_TOKEN")
+            channel = (grpc.insecure_channel(svc.target) if svc.credentials is None
+                       else grpc.secure_channel(svc.target, svc.credentials))
+            with channel:
                 shard_service_pb2_grpc.ShardServiceStub(channel).Snapshot(
-                    shard_service_pb2.SnapshotRequest(), timeout=self.config.start_timeout)
+                    shard_service_pb2.SnapshotRequest(), timeout=self.config.start_timeout,
+                    metadata=[("authorization", f"Bearer {token}")] if token else None)
 
     def _wait(self, svc: Service, timeout: float, check=None) -> None:
         svc.wait_ready(timeout)

@@ -52,8 +52,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def grpc_serving(target: str, service: str = "", timeout: float = 0.5) -> bool:
-    with grpc.insecure_channel(target) as ch:
+def grpc_serving(target: str, service: str = "", timeout: float = 0.5,
+                 credentials: grpc.ChannelCredentials | None = None) -> bool:
+    """Whether ``target``'s standard health service says SERVING (over TLS with ``credentials``)."""
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:

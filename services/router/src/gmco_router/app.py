@@ -26,7 +26,9 @@ SERVICE = "gmco.router.v1.RecommendationService"
 def build_pool(s: Settings) -> ShardPool:
     policy = ReplicaPolicy(s.breaker_failures, s.breaker_cooldown_seconds, s.hedge, s.hedge_min_delay_ms / 1000,
                            s.hedge_min_samples, s.health_interval_seconds)
-    options = ChannelOptions(s.max_message_bytes, s.call_timeout_seconds, max_attempts=2, auth_token=s.auth_token)
+    options = ChannelOptions(s.max_message_bytes, s.call_timeout_seconds, max_attempts=2, auth_token=s.auth_token,
+                             tls_ca_file=s.shard_tls_ca_file, tls_cert_file=s.shard_tls_cert_file,
+                             tls_key_file=s.shard_tls_key_file)
     if s.shard_dns:
         return ShardPool.from_dns(s.shard_dns, s.shard_count, policy, options, s.dns_refresh_seconds)
     return ShardPool(parse_shard_spec(s.shards, PREFIX + "SHARDS"), policy, options)

@@ -48,6 +48,11 @@ class Settings(ServerSettings):
                              check=lambda v: v > 0, check_msg="must be > 0")
     slot_map_file: Path | None = setting(
         None, help="JSON slot map (SlotMap.to_json); default: an even map")
+    shard_tls_ca_file: Path | None = setting(
+        None, help="CA that signed the shards' certificates (PEM): calls to the shards use TLS")
+    shard_tls_cert_file: Path | None = setting(
+        None, help="this router's client certificate for the shards (PEM), for shards that require mTLS")
+    shard_tls_key_file: Path | None = setting(None, help="the client certificate's private key (PEM)")
     cache_target: str = setting("127.0.0.1:50052", help="host:port of the cache service")
     ontology_target: str = setting("127.0.0.1:50053", help="host:port of the ontology service")
     rl_state_target: str = setting("127.0.0.1:50054", help="host:port of the rl_state service")
@@ -135,6 +140,13 @@ class Settings(ServerSettings):
                 raise ConfigError(f"{PREFIX}SHARD_DNS must contain '{{shard}}'")
             if self.shard_count < 1:
                 raise ConfigError(f"{PREFIX}SHARD_COUNT must be >= 1 with {PREFIX}SHARD_DNS")
+        if (self.shard_tls_cert_file is None) != (self.shard_tls_key_file is None):
+            raise ConfigError(f"set both {PREFIX}SHARD_TLS_CERT_FILE and {PREFIX}SHARD_TLS_KEY_FILE, or neither")
+        if self.shard_tls_cert_file is not None and self.shard_tls_ca_file is None:
+            raise ConfigError(f"{PREFIX}SHARD_TLS_CERT_FILE needs {PREFIX}SHARD_TLS_CA_FILE (the shards' CA)")
+        for path in (self.shard_tls_ca_file, self.shard_tls_cert_file, self.shard_tls_key_file):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{path} does not exist (a {PREFIX}SHARD_TLS_* file)")
         if self.min_in_flight > self.max_in_flight:
             raise ConfigError(f"{PREFIX}MIN_IN_FLIGHT must be <= {PREFIX}MAX_IN_FLIGHT")
         if self.slot_map_file is not None and not self.slot_map_file.is_file():

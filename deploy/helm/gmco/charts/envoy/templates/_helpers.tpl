@@ -12,8 +12,9 @@ which Envoy resolves with STRICT_DNS into one ring entry per router pod.
 {{- $values := dict
     "LISTEN_ADDRESS" "0.0.0.0"
     "LISTEN_PORT" (include "gmco.lib.grpcPort" "envoy")
-    "ADMIN_ADDRESS" "0.0.0.0"
-    "ADMIN_PORT" (include "gmco.lib.metricsPort" "envoy")
+    "ADMIN_PORT" (printf "%d" (add (include "gmco.lib.metricsPort" "envoy" | int) 1))
+    "METRICS_ADDRESS" "0.0.0.0"
+    "METRICS_PORT" (include "gmco.lib.metricsPort" "envoy")
     "ROUTER_DISCOVERY" "STRICT_DNS"
     "ROUTER_ENDPOINTS" $endpoints
     "RING_MIN" (printf "%d" ($p.ringMinSize | int))
