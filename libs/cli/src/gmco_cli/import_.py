@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -19,11 +20,15 @@ def _default_state(dsn: str, files: tuple[Path, ...]) -> Path:
 
 @click.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--catalog-dsn", envvar="GMCO_ROUTER_CATALOG_DSN", required=True, metavar="DSN",
-              help="the catalogue log: postgresql://... or a SQLite path (env GMCO_ROUTER_CATALOG_DSN; the local "
-                   "stack's is .run/catalog-<catalogue>-<backend>.sqlite3)")
-@click.option("--dim", type=click.IntRange(1, 65536), default=1024, show_default=True,
-              help="embedding dimension every vector must have (the shards' GMCO_SHARD_DIM)")
+@click.option("--stack", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="run dir of a local stack (make run; default ./.run when one runs there): its catalogue log, "
+                   "dimension and shard replicas are the defaults")
+@click.option("--catalog-dsn", envvar="GMCO_ROUTER_CATALOG_DSN", default=None, metavar="DSN",
+              help="the catalogue log: postgresql://... or a SQLite path (default: $GMCO_ROUTER_CATALOG_DSN, else "
+                   "the local stack's)")
+@click.option("--dim", type=click.IntRange(1, 65536), default=None,
+              help="embedding dimension every vector must have (the shards' GMCO_SHARD_DIM; default: the local "
+                   "stack's, else 1024)")
 @click.option("--id-column", default="media_id", show_default=True, help="column (or JSON key) of the item id")
 @click.option("--vector-column", default="vector", show_default=True,
               help="column (or JSON key) of the vector: floats, or FP16 bytes in Parquet")
@@ -39,12 +44,14 @@ def _default_state(dsn: str, files: tuple[Path, ...]) -> Path:
 @click.option("--restart", is_flag=True, help="ignore and replace the resume file: import every row again")
 @click.option("--wait-for", "wait_for", multiple=True, metavar="HOST:PORT",
               help="a shard replica to wait for until it applied the import's last entry, repeatable")
+@click.option("--wait", is_flag=True, help="wait for every shard replica of the local stack (or of "
+                                           "$GMCO_ROUTER_SHARDS) to apply the import's last entry")
 @click.option("--wait-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True,
               help="seconds to wait for --wait-for replicas")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def import_(files: tuple[Path, ...], catalog_dsn: str, dim: int, id_column: str, vector_column: str,
-            mapping: tuple[str, ...], batch_size: int, duplicates: str, state_path: Path | None, restart: bool,
-            wait_for: tuple[str, ...], wait_timeout: float, quiet: bool) -> None:
+def import_(files: tuple[Path, ...], stack: Path | None, catalog_dsn: str | None, dim: int | None, id_column: str,
+            vector_column: str, mapping: tuple[str, ...], batch_size: int, duplicates: str, state_path: Path | None,
+            restart: bool, wait_for: tuple[str, ...], wait: bool, wait_timeout: float, quiet: bool) -> None:
     """Bulk-load items (id, vector, attributes) from Parquet, NPY + JSON Lines, or JSON Lines.
 
     \b
@@ -61,6 +68,21 @@ def import_(files: tuple[Path, ...], catalog_dsn: str, dim: int, id_column: str,
     from tqdm import tqdm
 
     from gmco_cli.importer import ATTRIBUTES, Columns, RowError, count_rows, import_files, wait_caught_up
+    from gmco_cli.targets import manifest_doc, parse_shards
+
+    manifest = manifest_doc(stack)
+    catalog_dsn = catalog_dsn or manifest.get("catalog_dsn")
+    if not catalog_dsn:
+        raise click.UsageError("no catalogue log: pass --catalog-dsn (or set GMCO_ROUTER_CATALOG_DSN), or run it "
+                               "beside a local stack (make run)")
+    dim = dim or int(manifest.get("dim", 1024))
+    if wait:
+        if manifest:
+            wait_for = (*wait_for, *(s["target"] for n, s in manifest["services"].items() if n.startswith("shard-")))
+        else:
+            wait_for = (*wait_for, *(t.address for t in parse_shards(os.environ.get("GMCO_ROUTER_SHARDS", ""))))
+        if not wait_for:
+            raise click.UsageError("--wait: no local stack and no GMCO_ROUTER_SHARDS; name replicas with --wait-for")
 
     attrs = {a: a for a in ATTRIBUTES}
     for item in mapping:

@@ -56,14 +56,21 @@ def from_manifest(path: Path) -> list[Target]:
 
 
 def stack_manifest(run_dir: Path | None) -> Path | None:
-    """The manifest of a running local stack: ``run_dir``'s, else ./.run's when it exists."""
-    path = (run_dir or Path(".run")) / "stack.json"
+    """The manifest of a running local stack: ``run_dir``'s, else that of $GMCO_STACK_RUN_DIR (the stack's own
+    variable) or ./.run when it exists."""
+    path = (run_dir or Path(os.environ.get("GMCO_STACK_RUN_DIR") or ".run")) / "stack.json"
     if path.exists():
         return path
     if run_dir is not None:
         raise click.BadParameter(f"{path} does not exist: is the local stack (make run) running there?",
                                  param_hint="--stack")
     return None
+
+
+def manifest_doc(run_dir: Path | None) -> dict:
+    """The running stack's manifest as a dict, or {} when there is none."""
+    path = stack_manifest(run_dir)
+    return json.loads(path.read_text()) if path is not None else {}
 
 
 def resolve(stack: Path | None, shards: str | None, router: str | None, cache: str | None,

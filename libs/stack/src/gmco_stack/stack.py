@@ -290,6 +290,7 @@ class Stack:
             "envoy": self.envoy_target,
             "envoy_admin": f"http://127.0.0.1:{self.envoy_admin_port}/",
             "catalog_dsn": self.catalog_dsn,
+            "dim": self.config.dim,
             "shard_count": self.config.shards,
             "services": {name: {"target": svc.target, "health_service": svc.health_service,
                                 "metrics_url": svc.metrics_url if svc.metrics_port else None, "pid": svc.pid}
