@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system buf uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images run-images test-images-stack clean
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images run-images test-images-stack soak clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -104,6 +104,9 @@ run-images: setup ## the local stack from the built images with podman (make ima
 
 test-images-stack: setup ## the image stack on free ports + the e2e smoke (k6) and helm-test.py against it
 	GMCO_IMAGES_STACK=1 $(UV) run --frozen pytest -q tests/images/test_images_stack.py
+
+soak: setup ## 10 minutes of mixed traffic with a replica restart (SOAK_MINUTES=, SOAK_RATE=) -> bench/results/soak.json
+	GMCO_SOAK=1 $(UV) run --frozen pytest -q -s tests/chaos/test_soak.py
 
 clean: ## remove generated stubs, local state and caches
 	rm -rf $(PROTO_OUT)/gmco .run .pytest_cache .hypothesis
