@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system buf uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-gpu helm-lint images run-images test-images-stack soak clean
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-fanout bench-gpu helm-lint images run-images test-images-stack soak clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ bench-import: setup ## gmco import of a Parquet file into the local stack's cata
 
 bench-milvus: setup ## project HNSW shard vs Milvus Lite, side by side
 	$(PY) bench/bench_milvus.py
+
+bench-fanout: setup ## router CPU per miss and per added shard, N = 1..64 shards (bench/results/fanout.json)
+	$(PY) bench/bench_fanout.py $(BENCH_ARGS)
 
 bench-gpu: setup ## cuVS CAGRA benchmarks (needs an NVIDIA GPU)
 	$(PY) bench/bench_gpu.py
