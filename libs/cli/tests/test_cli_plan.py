@@ -87,6 +87,17 @@ def test_plan_flags_extrapolation_and_a_p99_it_cannot_meet() -> None:
     assert any("cannot meet" in n for n in p.notes)
 
 
+def test_another_shard_size_scales_qps_and_says_so() -> None:
+    inp = Inputs(items=1000, dim=8, peak_rps=1000, users=10_000, hit_ratio=0.9, utilisation=0.5, rows_per_shard=200)
+    p = make_plan(inp, PROFILE, MEASURED)
+    assert p.shards == 5 and p.rows_per_shard == 200
+    assert p.replica_qps.value == pytest.approx(25.0) and not p.replica_qps.measured  # 50 x 100/200
+    assert p.replicas_for_load == 8  # 100 / (25 x 0.5)
+    assert p.router_cpu_ms_per_miss.value == pytest.approx(7.5)  # 5 + 0.5 x 5: fewer shards, less fan-out
+    assert p.memory_per_shard_bytes == 200 * (16 + COLUMN_BYTES_PER_ROW)
+    assert any("not measured" in n for n in p.notes)
+
+
 def test_model_is_used_when_no_hit_ratio_is_given() -> None:
     inp = Inputs(items=1000, dim=8, peak_rps=1.0, users=1, ttl_seconds=3.0)
     p = make_plan(inp, PROFILE, MEASURED)

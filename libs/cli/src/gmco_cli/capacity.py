@@ -261,6 +261,7 @@ class Inputs:
     k: int = 10
     utilisation: float = 0.6  # of each replica's / router's measured capacity
     router_cores: float = 1.0  # a router is one Python event loop: about one core
+    rows_per_shard: int | None = None  # None: the profile's measured shard size
     redis_master_gb: float = 8.0
 
 
@@ -303,15 +304,20 @@ def make_plan(inp: Inputs, profile: Profile, measured: Measured) -> Plan:
                      f"cache model: Zipf({inp.zipf_s}) over {inp.users:,} users, TTL {inp.ttl_seconds:g} s, "
                      f"feedback {inp.feedback:g} (not measured at this scale)", False)
     miss = inp.peak_rps * (1 - hit.value)
-    rows = profile.rows
+    rows = inp.rows_per_shard or profile.rows
     shards = max(1, math.ceil(inp.items / rows))
     qps = profile.qps.value
     qps_source = profile.qps.source
+    if rows != profile.rows:
+        qps *= profile.rows / rows
+        qps_source += f" x {profile.rows:,}/{rows:,} rows (scaled as a scan would, not measured)"
+        notes.append(f"shards of {rows:,} rows: the profile measured {profile.rows:,}; replica QPS scaled "
+                     "linearly (not measured)")
     if inp.dim != profile.dim:
         qps *= profile.dim / inp.dim
         qps_source += f" x {profile.dim}/{inp.dim} (scaled by dimension, not measured)"
         notes.append(f"profile measured at dim {profile.dim}; QPS scaled to dim {inp.dim} (not measured)")
-    replica_qps = Figure(qps, qps_source, inp.dim == profile.dim)
+    replica_qps = Figure(qps, qps_source, inp.dim == profile.dim and rows == profile.rows)
     for_load = math.ceil(miss / (qps * inp.utilisation)) if miss > 0 else 0
     replicas = max(inp.replicas, for_load)
     if measured.fanout is not None:
@@ -405,7 +411,7 @@ def report(plan: Plan, inp: Inputs, measured: Measured) -> str:
          f"{inp.users:,} users, TTL {inp.ttl_seconds:g} s, p99 target {inp.p99_ms:g} ms"),
         f"  hit ratio            {plan.hit_ratio.value:.4f}   [{src(plan.hit_ratio)}]",
         f"  misses               {plan.miss_rps:,.0f} req/s (each searches every shard)",
-        f"  shards               {plan.shards:,} of {plan.rows_per_shard:,} rows (the profile's measured shard size)",
+        f"  shards               {plan.shards:,} of {plan.rows_per_shard:,} rows",
         f"  replica QPS          {plan.replica_qps.value:,.1f} queries/s   [{src(plan.replica_qps)}]",
         (f"  replicas per shard   {plan.replicas} (load needs {plan.replicas_for_load} at {inp.utilisation:.0%} "
          f"utilisation; at least {inp.replicas} asked)"),

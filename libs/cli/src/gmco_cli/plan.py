@@ -27,6 +27,8 @@ DEFAULT_RESULTS = Path(__file__).resolve().parents[4] / "bench" / "results"
 @click.option("--k", type=click.IntRange(min=1), default=10, help="items per recommendation list")
 @click.option("--utilisation", type=click.FloatRange(0.05, 1), default=0.6,
               help="planned fraction of each measured capacity")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=None,
+              help="shard size (default: the profile's measured one; another size scales its QPS, not measured)")
 @click.option("--router-cores", type=click.FloatRange(min=0.1), default=1.0, help="cores per router pod")
 @click.option("--profile", default=None, help="hardware profile (--list-profiles); default: the fastest CPU one")
 @click.option("--results", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_RESULTS,
@@ -37,7 +39,7 @@ DEFAULT_RESULTS = Path(__file__).resolve().parents[4] / "bench" / "results"
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def plan(items: int, dim: int, peak_rps: float, users: int, zipf_s: float, hit_ratio: float | None,
          ttl_seconds: float, feedback: float, p99_ms: float, replicas: int, k: int, utilisation: float,
-         router_cores: float, profile: str | None, results: Path, list_profiles: bool, values_out: Path | None,
+         router_cores: float, rows_per_shard: int | None, profile: str | None, results: Path, list_profiles: bool, values_out: Path | None,
          as_json: bool) -> None:
     """Plan capacity from this project's measured benchmark figures (usage: gmco plan [OPTIONS]).
 
@@ -68,7 +70,7 @@ def plan(items: int, dim: int, peak_rps: float, users: int, zipf_s: float, hit_r
                                  param_hint="--profile")
     inputs = Inputs(items=items, dim=dim, peak_rps=peak_rps, users=users, zipf_s=zipf_s, hit_ratio=hit_ratio,
                     ttl_seconds=ttl_seconds, feedback=feedback, p99_ms=p99_ms, replicas=replicas, k=k,
-                    utilisation=utilisation, router_cores=router_cores)
+                    utilisation=utilisation, router_cores=router_cores, rows_per_shard=rows_per_shard)
     result = make_plan(inputs, chosen, measured)
     values = helm_values(result, inputs, chosen)
     if values_out is not None:
