@@ -46,7 +46,7 @@ from gmco.cache.v1 import cache_service_pb2 as pb
 from gmco.cache.v1 import cache_service_pb2_grpc
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
-from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
+from gmco_client import AsyncRecommendationClient
 from gmco_common.cache_key import ContextDefaults, context_hash, with_defaults
 from gmco_common.channels import ChannelOptions, make_channel
 from tqdm import tqdm
@@ -216,16 +216,15 @@ async def warm_through_router(router: str, users: list[str], contexts: list[comm
     for user in users:
         for context in contexts:
             work.put_nowait((user, context))
-    async with make_channel(router, ChannelOptions(default_timeout=timeout)) as channel:
-        stub = router_service_pb2_grpc.RecommendationServiceStub(channel)
+    # gmco_client sets x-user-id (so Envoy keeps each user on its router) and retries UNAVAILABLE only.
+    async with AsyncRecommendationClient(router, timeout=timeout) as client:
         with tqdm(total=work.qsize(), desc="warming through the router", unit="call") as bar:
 
             async def worker() -> None:
                 while not work.empty():
                     user, context = work.get_nowait()
                     try:
-                        await stub.Recommend(router_service_pb2.RecommendRequest(user_id=user, context=context, k=k),
-                                             metadata=(("x-user-id", user),))
+                        await client.recommend(user, k, context=context)
                         tally.done += 1
                     except grpc.aio.AioRpcError as exc:
                         tally.failed += 1
