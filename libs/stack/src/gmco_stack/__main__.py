@@ -18,28 +18,31 @@ import sys
 from pathlib import Path
 
 from gmco_stack.envoy import REPO_ROOT
+from gmco_stack.progress import StartupReporter
 from gmco_stack.stack import Stack, StackConfig, wait_for_signal
 
 USAGE = """
 GMC-O is up. Envoy listens on {target} (gRPC, plaintext, HTTP/2); set the x-user-id metadata.
 
-Python:
-    import grpc
-    from gmco.common.v1 import common_pb2
-    from gmco.router.v1 import router_service_pb2 as pb, router_service_pb2_grpc
+Python (gmco-client sets x-user-id, deadlines and retries):
+    from gmco_client import RecommendationClient
 
-    stub = router_service_pb2_grpc.RecommendationServiceStub(grpc.insecure_channel("{target}"))
-    ctx = common_pb2.RequestContext(surface=common_pb2.SURFACE_HOMEPAGE, region="US", device="smart_tv")
-    resp = stub.Recommend(pb.RecommendRequest(user_id="u42", context=ctx, k=10),
-                          metadata=[("x-user-id", "u42")], timeout=1.0)
-    print(resp.router_id, resp.cache_hit, [i.media_id for i in resp.items])
+    with RecommendationClient("{target}") as client:
+        reply = client.recommend("u42", k=10, context={{"region": "US", "device": "smart_tv"}})
+        print(reply.router_id, reply.cache_hit, [i.media_id for i in reply.items])
+
+Command line (buf from make setup, by reflection):
+    .tools/bin/buf curl --protocol grpc --http2-prior-knowledge -H 'x-user-id: 42' \\
+      -d '{{"user_id": "42", "k": 10}}' http://{target}/gmco.router.v1.RecommendationService/Recommend
+    .venv/bin/gmco stats --stack {run_dir}   # every replica and service (gmco --help: import, slots, warm, ...)
 
 k6 (load test through Envoy):
     .venv/bin/k6 run -e TARGET={target} -e DURATION=30s bench/k6/recommend.js
 
 Processes: {pids}
-Metrics (Prometheus text): {metrics}
-Envoy admin (loopback only): http://127.0.0.1:{admin}/
+Metrics (Prometheus text, one endpoint per process):
+{metrics}
+Envoy admin (loopback only): http://127.0.0.1:{admin}/ (its metrics: /stats/prometheus)
 Logs: {logs}
 Ctrl-C stops everything.
 """
@@ -90,6 +93,7 @@ def config_from(args: argparse.Namespace) -> StackConfig:
 def main(argv: list[str] | None = None) -> None:
     config = config_from(parse_args(argv))
     stack = Stack(config)
+    stack.reporter = StartupReporter()
     try:
         stack.start()
     except KeyboardInterrupt:
@@ -99,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gmco-stack: could not start the stack: {exc}\nLogs are in {config.run_dir / 'logs'}")
     print(USAGE.format(target=stack.envoy_target, logs=config.run_dir / "logs",
                        pids=", ".join(f"{n}={p}" for n, p in stack.pids().items()),
-                       metrics=", ".join(f"{s.name}=http://127.0.0.1:{s.metrics_port}/metrics"
-                                         for s in stack.services.values() if s.metrics_port),
-                       admin=stack.envoy_admin_port), flush=True)
+                       metrics="\n".join(f"    {s.name:<10} {s.metrics_url}"
+                                          for s in stack.services.values() if s.metrics_port),
+                       admin=stack.envoy_admin_port, run_dir=config.run_dir), flush=True)
     try:
         wait_for_signal()
     finally:

@@ -9,6 +9,7 @@ say) passes through; the variables the stack owns (ports, shard ids, paths) are 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from gmco_testing.procs import free_port, grpc_serving, stop_process, wait_until
 from gmco_testing.tls import Certificates
 
 from gmco_stack.envoy import REPO_ROOT, EnvoyParams, load_template, render_envoy_config
+from gmco_stack.progress import StartupReporter
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ class Stack:
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
+        # make run's progress display (gmco_stack.progress.StartupReporter); None = quiet (tests)
+        self.reporter: StartupReporter | None = None
         self.services: dict[str, Service] = {}
         self.delays: dict[str, DelayProxy] = {}
         self._build()
@@ -270,10 +274,15 @@ class Stack:
         try:
             for proxy in self.delays.values():
                 proxy.start()
-            self._start_group(["ontology", "rl_state", "cache", *(s.name for s in self.shard_services)])
+            shards = [s.name for s in self.shard_services]
+            self._start_group(["ontology", "rl_state", "cache", *shards],
+                              waits_for="nothing; each is ready once it answers gRPC health SERVING (a shard "
+                                        "after loading its snapshot, or building its index from the catalogue)")
             self._snapshot_new_shards()
-            self._start_group([s.name for s in self.routers])
-            self._start_group(["envoy"], check=self._envoy_ready)
+            self._start_group([s.name for s in self.routers],
+                              waits_for=f"they need {', '.join(shards)}, cache, ontology and rl_state (all ready)")
+            self._start_group(["envoy"], check=self._envoy_ready,
+                              waits_for="ready once its own health checks see every router healthy")
         except BaseException:
             self.stop()
             raise
@@ -297,11 +306,13 @@ class Stack:
                          for name, svc in self.services.items()},
         }
 
-    def _start_group(self, names: list[str], check=None) -> None:
+    def _start_group(self, names: list[str], check=None, waits_for: str = "") -> None:
         for name in names:
             self.services[name].start()
         timeout = self.config.start_timeout
-        with ThreadPoolExecutor(len(names)) as pool:
+        report = (self.reporter.group([self.services[n] for n in names], waits_for) if self.reporter is not None
+                  else contextlib.nullcontext())
+        with report, ThreadPoolExecutor(len(names)) as pool:
             waits = [pool.submit(self._wait, self.services[n], timeout, check) for n in names]
             for w in waits:
                 w.result()
@@ -313,6 +324,9 @@ class Stack:
             directory = self.snapshot_dirs[svc.name]
             if directory.is_dir() and any(directory.iterdir()):
                 continue
+            if self.reporter is not None:
+                self.reporter.say(f"{svc.name}: writing a snapshot of the index it built, so that the next start "
+                                  "loads it")
             token = svc.env.get("GMCO_SHARD_AUTH_TOKEN")
             channel = (grpc.insecure_channel(svc.target) if svc.credentials is None
                        else grpc.secure_channel(svc.target, svc.credentials))
