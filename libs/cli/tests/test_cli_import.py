@@ -199,3 +199,15 @@ def test_resume_after_a_kill_writes_every_row_exactly_once(tmp_path: Path) -> No
     # Once complete, a rerun writes nothing; --restart writes everything again.
     again = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
     assert "imported 0 items" in again.stdout and len(_log(dsn)) == n
+
+
+def test_a_nan_in_fp16_bytes_names_the_row(tmp_path: Path) -> None:
+    ids, vectors, _ = _items(30)
+    raw = vectors.astype("<f2")
+    raw[17, 3] = np.float16("nan")
+    raw[25, 0] = np.float16("-inf")
+    table = pa.table({"media_id": pa.array(ids), "vector": pa.array([r.tobytes() for r in raw], pa.binary())})
+    pq.write_table(table, tmp_path / "items.parquet")
+    code, out = _run(str(tmp_path / "items.parquet"), "--catalog-dsn", str(tmp_path / "log.sqlite3"),
+                     "--dim", str(DIM), "--state", str(tmp_path / "s.json"))
+    assert code == 1 and "items.parquet: row 18: vector: holds NaN or Inf" in out, out

@@ -118,10 +118,11 @@ def _vectors_to_fp16(path: Path, first_row: int, values: np.ndarray, dim: int, w
             raise RowError(path, first_row + i, what, "holds NaN, Inf or a value beyond FP16's range (65504)")
         return values.astype(np.float16)
     # NaN and Inf are the FP16 values whose exponent bits are all set; testing the bits skips a float conversion.
-    bad = ((np.ascontiguousarray(values).view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    values = np.ascontiguousarray(values)
+    bad = (values.view(np.uint16) & 0x7FFF).max(axis=1) >= 0x7C00
     if bad.any():
         raise RowError(path, first_row + int(np.argmax(bad)), what, "holds NaN or Inf")
-    return np.ascontiguousarray(values)
+    return values
 
 
 def _check_ids(path: Path, first_row: int, raw: Sequence[Any], what: str) -> np.ndarray:
@@ -184,7 +185,7 @@ def read_parquet(path: Path, dim: int, columns: Columns, batch_rows: int, skip_r
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    source = pq.ParquetFile(path)
+    source = pq.ParquetFile(path, memory_map=True)
     names = set(source.schema_arrow.names)
     for needed in (columns.id, columns.vector):
         if needed not in names:
@@ -192,7 +193,9 @@ def read_parquet(path: Path, dim: int, columns: Columns, batch_rows: int, skip_r
     attrs = {a: c for a, c in columns.attributes.items() if c in names}
     wanted = [columns.id, columns.vector, *attrs.values()]
     first = 1
-    for batch in source.iter_batches(batch_size=batch_rows, columns=wanted):
+    # One thread: on a busy 2-core machine pyarrow's own thread pool made reading 7x slower (2.25 s vs 0.32 s
+    # for 100k x 1024 FP16 rows); memory-mapped, 0.16 s.
+    for batch in source.iter_batches(batch_size=batch_rows, columns=wanted, use_threads=False):
         n = batch.num_rows
         ids_col = batch.column(columns.id)
         if ids_col.null_count:
