@@ -8,7 +8,8 @@
 #   buildah bud --format docker --build-arg PYTHON_IMAGE=localhost/gmco-debian:bookworm \
 #       --build-arg BUILD_IMAGE=localhost/gmco-debian-build:bookworm --build-arg SERVICE=cache ...
 # The build stage installs uv from PyPI, generates the gRPC stubs (scripts/gen-protos.sh) and syncs only
-# the service's workspace member and its dependencies from uv.lock, as wheels. The runtime stage is the
+# the service's workspace member and its dependencies from uv.lock, as wheels, with its `otlp` extra (the
+# OTLP span exporter, for *_OTEL_EXPORTER=otlp). The runtime stage is the
 # base plus that virtualenv, a numeric non-root user, and nothing to write outside /tmp, so the root
 # filesystem can be mounted read-only.
 # Few layers on purpose: buildah's vfs storage (the one that works in any container) copies the whole
@@ -34,7 +35,7 @@ WORKDIR /src
 ARG SERVICE=router
 RUN --mount=type=cache,target=/root/.cache/uv --mount=type=secret,id=ca-certificates \
     with-ca.sh scripts/gen-protos.sh \
-    && with-ca.sh uv sync --frozen --no-dev --no-editable --package "gmco-$(echo "${SERVICE}" | tr _ -)"
+    && with-ca.sh uv sync --frozen --no-dev --no-editable --package "gmco-$(echo "${SERVICE}" | tr _ -)" --extra otlp
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 gmco && useradd --system --uid 10001 --gid gmco --no-create-home gmco

@@ -26,12 +26,12 @@ WORKDIR /src
 
 FROM build AS venv-cpu
 RUN --mount=type=cache,target=/root/.cache/uv --mount=type=secret,id=ca-certificates \
-    with-ca.sh scripts/gen-protos.sh && with-ca.sh uv sync --frozen --no-dev --no-editable --package gmco-shard
+    with-ca.sh scripts/gen-protos.sh && with-ca.sh uv sync --frozen --no-dev --no-editable --package gmco-shard --extra otlp
 
 FROM build AS venv-gpu
 RUN --mount=type=cache,target=/root/.cache/uv --mount=type=secret,id=ca-certificates \
     with-ca.sh scripts/gen-protos.sh \
-    && with-ca.sh uv sync --frozen --no-dev --no-editable --package gmco-shard --extra gpu
+    && with-ca.sh uv sync --frozen --no-dev --no-editable --package gmco-shard --extra gpu --extra otlp
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 gmco && useradd --system --uid 10001 --gid gmco --no-create-home gmco

@@ -112,7 +112,7 @@ def test_service_dockerfile_builds_any_cpu_service_by_its_arg():
     _, stages = parse(SERVICE_DOCKERFILE)
     build, final = stage(stages, "build"), stages[-1]
     assert final.base == "${PYTHON_IMAGE}" and build.base == "${BUILD_IMAGE}"
-    assert '--package "gmco-$(echo "${SERVICE}" | tr _ -)"' in sync_of(build)
+    assert '--package "gmco-$(echo "${SERVICE}" | tr _ -)" --extra otlp' in sync_of(build)
     assert "SERVICE=router" in final.all("ARG") and "PORT=50050" in final.all("ARG")
     assert any("GMCO_IMAGE_SERVICE=${SERVICE}" in e and "GMCO_IMAGE_PORT=${PORT}" in e for e in final.all("ENV"))
     assert "gmco-healthcheck --check-image" in final.all("RUN")  # the build fails on a wrong SERVICE or PORT
@@ -125,8 +125,8 @@ def test_shard_dockerfile_has_a_cpu_and_a_gpu_variant():
     cpu, gpu = stage(stages, "cpu"), stage(stages, "gpu")
     assert cpu.base == gpu.base == "runtime" and stage(stages, "runtime").base == "${PYTHON_IMAGE}"
     cpu_sync, gpu_sync = sync_of(stage(stages, "venv-cpu")), sync_of(stage(stages, "venv-gpu"))
-    assert "--package gmco-shard" in cpu_sync and "--extra" not in cpu_sync
-    assert "--package gmco-shard --extra gpu" in gpu_sync
+    assert cpu_sync.endswith("--package gmco-shard --extra otlp")
+    assert gpu_sync.endswith("--package gmco-shard --extra gpu --extra otlp")
     assert "COPY --from=venv-gpu /app/.venv /app/.venv" in [f"COPY {c}" for c in gpu.all("COPY")]
     assert any("NVIDIA_VISIBLE_DEVICES=all" in e for e in gpu.all("ENV"))
     assert not any("NVIDIA" in e for e in cpu.all("ENV"))

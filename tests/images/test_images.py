@@ -40,6 +40,14 @@ def test_router_image_help_lists_its_settings(image_stack, router_image):
     assert "GMCO_ROUTER_PORT" in result.stdout and "GMCO_ROUTER_SHARDS" in result.stdout
 
 
+def test_router_image_has_the_otlp_exporter(image_stack, router_image):
+    """*_OTEL_EXPORTER=otlp works in the image: the service's `otlp` extra is installed."""
+    result = podman(image_stack, "run", "--rm", *image_stack.RUN_FLAGS, "--entrypoint", "/app/.venv/bin/python",
+                    router_image, "-c", "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import "
+                    "OTLPSpanExporter; import opentelemetry.instrumentation.grpc; print('otlp ok')")
+    assert result.returncode == 0 and "otlp ok" in result.stdout, result.stdout + result.stderr
+
+
 def test_router_container_serves_health_read_only_as_uid_10001_and_drains_on_stop(image_stack, router_image):
     port, metrics_port, no_shard = free_port(), free_port(), free_port()
     name = f"gmco-router-test-{uuid.uuid4().hex[:8]}"

@@ -1,5 +1,6 @@
 """Client channels: retries on UNAVAILABLE with jittered backoff (gRPC retry policy), deadline and
-request-id propagation, trace-context injection, optional TLS and bearer token."""
+request-id propagation, a CLIENT span per call with its trace context injected (the standard
+OpenTelemetry gRPC interceptors, :mod:`gmco_common.tracing`), optional TLS and bearer token."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from opentelemetry import propagate
 
 from gmco_common.context import REQUEST_ID_HEADER, call_timeout, request_id_var
+from gmco_common.tracing import client_interceptors
 
 
 def retry_service_config(max_attempts: int = 3, idempotent: bool = True) -> str:
@@ -34,7 +35,7 @@ def retry_service_config(max_attempts: int = 3, idempotent: bool = True) -> str:
 
 
 class _PropagatingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """Caps each call's timeout by the caller's remaining deadline and forwards ids and trace context."""
+    """Caps each call's timeout by the caller's remaining deadline and forwards the request id and token."""
 
     def __init__(self, default_timeout: float | None, token: str | None) -> None:
         self._default_timeout = default_timeout
@@ -47,9 +48,6 @@ class _PropagatingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             metadata.append((REQUEST_ID_HEADER, rid))
         if self._token:
             metadata.append(("authorization", f"Bearer {self._token}"))
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        metadata.extend(carrier.items())
         timeout = client_call_details.timeout
         capped = call_timeout(timeout if timeout is not None else self._default_timeout)
         details = grpc.aio.ClientCallDetails(
@@ -81,7 +79,8 @@ def make_channel(target: str, opts: ChannelOptions | None = None) -> grpc.aio.Ch
         ("grpc.service_config", retry_service_config(opts.max_attempts, opts.idempotent)),
         ("grpc.keepalive_time_ms", 30000),
     ]
-    interceptors = [_PropagatingInterceptor(opts.default_timeout, opts.auth_token)]
+    # The tracing interceptors first (outermost): the CLIENT span covers the call, retries included.
+    interceptors = [*client_interceptors(), _PropagatingInterceptor(opts.default_timeout, opts.auth_token)]
     if opts.tls_ca_file is not None:
         creds = grpc.ssl_channel_credentials(
             root_certificates=opts.tls_ca_file.read_bytes(),

@@ -1,7 +1,8 @@
-"""Server interceptors, attached in this order: tracing, metrics, auth, error mapping.
+"""Server interceptors, attached in this order: tracing (the standard OpenTelemetry gRPC interceptor,
+:mod:`gmco_common.tracing`), request context, metrics, auth, error mapping.
 
-Each wraps the unary handler of a method. Health checks and reflection pass through tracing and auth
-untouched so that probes need no token.
+Each wraps the unary handler of a method. Health checks and reflection pass through request context and
+auth untouched so that probes need no token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from opentelemetry import propagate, trace
 from prometheus_client import Counter, Histogram
 
 from gmco_common.context import REQUEST_ID_HEADER, deadline_var, new_request_id, request_id_var
@@ -21,7 +21,7 @@ from gmco_common.errors import GmcoError
 
 log = logging.getLogger(__name__)
 
-UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+PROBE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 GRPC_HANDLED = Counter(
     "grpc_server_handled_total",
@@ -58,33 +58,22 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """Opens a server span per RPC (W3C trace context from metadata) and sets request id and deadline."""
-
-    def __init__(self) -> None:
-        self._tracer = trace.get_tracer("gmco")
+class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id (from metadata, else a new one) and the deadline for the handler's calls."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if method.startswith(UNTRACED_PREFIXES):
+        if handler_call_details.method.startswith(PROBE_PREFIXES):
             return handler
-        tracer = self._tracer
 
         def wrapper(behavior: Behavior) -> Behavior:
-            async def traced(request, context):
-                md = _metadata(context)
-                request_id_var.set(md.get(REQUEST_ID_HEADER) or new_request_id())
+            async def with_context(request, context):
+                request_id_var.set(_metadata(context).get(REQUEST_ID_HEADER) or new_request_id())
                 remaining = context.time_remaining()
                 deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
-                with tracer.start_as_current_span(
-                    method.lstrip("/"), context=propagate.extract(md), kind=trace.SpanKind.SERVER
-                ) as span:
-                    span.set_attribute("rpc.system", "grpc")
-                    span.set_attribute("rpc.method", method)
-                    return await behavior(request, context)
+                return await behavior(request, context)
 
-            return traced
+            return with_context
 
         return _wrap(handler, wrapper)
 
@@ -124,7 +113,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler_call_details.method.startswith(UNTRACED_PREFIXES):
+        if handler_call_details.method.startswith(PROBE_PREFIXES):
             return handler
         given = ""
         for key, value in handler_call_details.invocation_metadata or ():

@@ -1,4 +1,5 @@
-"""One JSON log formatter for every service. Use lazy ``%s`` arguments in log calls."""
+"""One JSON log formatter for every service. Use lazy ``%s`` arguments in log calls. A line logged inside
+a traced RPC carries its ``trace_id`` and ``span_id``, so logs and traces join."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 
 from gmco_common.context import request_id_var
+from gmco_common.tracing import current_ids
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,6 +28,9 @@ class JsonFormatter(logging.Formatter):
         rid = request_id_var.get()
         if rid:
             doc["request_id"] = rid
+        ids = current_ids()
+        if ids:
+            doc["trace_id"], doc["span_id"] = ids
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)

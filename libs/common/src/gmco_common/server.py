@@ -27,8 +27,13 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
 
 from gmco_common.config import ServerSettings
-from gmco_common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, TracingInterceptor
-from gmco_common.tracing import configure_tracing
+from gmco_common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestContextInterceptor,
+)
+from gmco_common.tracing import configure_tracing, server_interceptor, service_name_of
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +183,9 @@ async def start_server(
     that sets conditions of its own, "loading" say, passes the one it wired), else a fresh one; it is
     SERVING once no condition is false. With ``stack``, the server stops when the stack unwinds (after a
     drain it is stopped already)."""
-    configure_tracing(settings)
-    interceptors: list[grpc.aio.ServerInterceptor] = [TracingInterceptor(), MetricsInterceptor()]
+    configure_tracing(settings, service_name_of([reg.full_name for reg in registrations]))
+    interceptors: list[grpc.aio.ServerInterceptor] = [server_interceptor(), RequestContextInterceptor(),
+                                                      MetricsInterceptor()]
     if settings.auth_token:
         interceptors.append(AuthInterceptor(settings.auth_token))
     interceptors.extend(extra_interceptors)
