@@ -81,6 +81,7 @@ class Writer(threading.Thread):
                 self.failures.append((time.time(), repr(exc)[:200]))
 
 
+@pytest.mark.timeout(int(MINUTES * 60 + WARMUP_S + 600))
 def test_soak(chaos, tmp_path) -> None:
     stack = chaos.stack
     target = stack.envoy_target
