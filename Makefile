@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := .venv/.gmco-synced
 
 .PHONY: help setup system buf uv sync protos lint test test-unit test-integration test-e2e run bench \
-        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-ontology bench-ingest bench-import bench-milvus bench-fanout bench-gpu helm-lint images run-images test-images-stack soak clean
+        bench-shard bench-shard-scale embeddings-debian bench-grpc-floor bench-cache bench-cache-model bench-rl bench-quality bench-ontology bench-ingest bench-import bench-milvus bench-fanout bench-gpu helm-lint images run-images test-images-stack soak clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench-cache-model: setup ## recommendation-cache hit ratio at the seed's scale (
 
 bench-rl: setup ## bandit simulation (policy vs greedy vs random) and rl_state throughput
 	$(PY) bench/bench_rl.py
+
+bench-quality: setup ## cold start on a small stack, diversity vs relevance, OPE on the Open Bandit Dataset, canary guard -> bench/results/quality.json
+	$(PY) bench/bench_quality.py
 
 bench-ontology: setup ## ResolveConstraints latency, cached and uncached
 	$(PY) bench/bench_ontology.py

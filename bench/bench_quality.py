@@ -1,5 +1,16 @@
-"""Recommendation quality (issue #18): off-policy evaluation checked on real logs and in simulation, and the
-canary guard's detection time and false-rollback rate.
+"""Recommendation quality (issue #18): cold start on a running stack, the diversity trade-off, off-policy
+evaluation checked on real logs and in simulation, and the canary guard's detection time and false-rollback
+rate.
+
+0. Cold start (``--cold-*``): a small local stack (``gmco_stack``), then Recommend for first-time users on the
+   homepage (region US, smart_tv). Each returned item's popularity rank among the items that context's filter
+   allows (the ontology's ResolveConstraints, evaluated over the catalogue's attribute columns with the shards'
+   own ``evaluate_filter``), as a fraction of the allowed count: median, p10, p90; and the distinct items.
+0b. Diversity (``--div-*``): rl_state's Rank (``gmco_rl_state.policy``, Thompson) for synthetic users with
+   state, over the candidates a retrieval would give them (the top 200 by similarity to a noisy copy of the
+   user's hidden preference), at several MMR lambdas: the mean true relevance of the top 10 (the hidden
+   preference's cosine with each item), the intra-list diversity (mean pairwise cosine distance of the top 10,
+   in the full embedding) and the distinct primary genres in the top 10.
 
 1. OPE on the Open Bandit Dataset (``gmco_rl_state.obd``): the Bernoulli-TS policy's click rate estimated
    from the uniform-random log (IPS, clipped IPS, SNIPS, DM, DR with 95% bootstrap intervals), next to the
@@ -12,7 +23,8 @@ canary guard's detection time and false-rollback rate.
    control at a 4% click rate, checked every 1,000 impressions: impressions until a worse canary is rolled
    back, and how often an equal one is rolled back (false rollbacks) within the horizon.
 
-Writes bench/results/quality.json (``ope.obd.*``, ``ope.simulation.*``, ``canary.*``) and quality.png.
+Writes bench/results/quality.json (``cold_start.*``, ``diversity.*``, ``ope.obd.*``, ``ope.simulation.*``,
+``canary.*``) and quality.png.
 """
 
 from __future__ import annotations
@@ -33,6 +45,136 @@ from common import plot_path, write_json
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_TARGET = "bts_prior_mc"
 HEADLINE_ESTIMATOR = "dr"
+
+
+# --- 0. cold start on a running stack ---------------------------------------------------------------------
+COLD_CONTEXT = {"surface": "SURFACE_HOMEPAGE", "region": "US", "device": "smart_tv"}
+
+
+def cold_start_ranks(stack, users: int, k: int, prefix: str = "cold-bench") -> dict:
+    """Recommend ``k`` items to ``users`` first-time users through ``stack``'s Envoy and place each returned
+    item among the items the context allows, by popularity (rank 1 = the most popular allowed item)."""
+    import grpc
+    from gmco.common.v1 import common_pb2
+    from gmco.ontology.v1 import ontology_service_pb2, ontology_service_pb2_grpc
+    from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
+    from gmco_common.datagen import load_catalogue
+    from gmco_shard.columns import columns_from_catalogue
+    from gmco_shard.filters import evaluate_filter
+
+    context = common_pb2.RequestContext(surface=common_pb2.Surface.Value(COLD_CONTEXT["surface"]),
+                                        region=COLD_CONTEXT["region"], device=COLD_CONTEXT["device"])
+    with grpc.insecure_channel(stack.services["ontology"].target) as channel:
+        flt = ontology_service_pb2_grpc.OntologyServiceStub(channel).ResolveConstraints(
+            ontology_service_pb2.ResolveConstraintsRequest(context=context), timeout=10).filter
+    cat = load_catalogue(stack.config.data_dir)
+    allowed = evaluate_filter(columns_from_catalogue(cat), flt)
+    popularity = np.asarray(cat.popularity, dtype=np.float64)
+    ids = np.asarray(cat.media_ids)
+    allowed_ids = ids[allowed]
+    # rank among the allowed items, most popular first (ties share the best rank)
+    order = np.argsort(-popularity[allowed], kind="stable")
+    rank_of = dict(zip(allowed_ids[order].tolist(), range(1, len(order) + 1), strict=True))
+    ranks, items, policies, degraded, disallowed = [], set(), {}, 0, 0
+    with grpc.insecure_channel(stack.envoy_target) as channel:
+        envoy = router_service_pb2_grpc.RecommendationServiceStub(channel)
+        for u in range(users):
+            user = f"{prefix}-{u}"
+            reply = envoy.Recommend(router_service_pb2.RecommendRequest(user_id=user, k=k, skip_cache=True,
+                                                                         context=context),
+                                    metadata=[("x-user-id", user)], timeout=10)
+            degraded += bool(reply.degraded)
+            policies[reply.policy] = policies.get(reply.policy, 0) + 1
+            for item in reply.items:
+                items.add(item.media_id)
+                if item.media_id in rank_of:
+                    ranks.append(rank_of[item.media_id])
+                else:
+                    disallowed += 1
+    r = np.asarray(ranks, dtype=np.float64)
+    n_allowed = int(allowed.sum())
+    return {
+        "median_popularity_rank_fraction": float(np.median(r) / n_allowed),
+        "p10_popularity_rank_fraction": float(np.quantile(r, 0.1) / n_allowed),
+        "p90_popularity_rank_fraction": float(np.quantile(r, 0.9) / n_allowed),
+        "median_popularity_rank": float(np.median(r)), "p10_popularity_rank": float(np.quantile(r, 0.1)),
+        "p90_popularity_rank": float(np.quantile(r, 0.9)), "max_popularity_rank": int(r.max()),
+        "allowed_items": n_allowed, "catalogue_items": len(cat), "users": users, "k": k,
+        "items_returned": len(ranks) + disallowed, "distinct_items": len(items), "not_allowed_items": disallowed,
+        "degraded_replies": degraded, "policies": policies, "context": COLD_CONTEXT,
+    }
+
+
+def cold_start(items: int, dim: int, shards: int, index_backend: str, users: int, k: int, run_dir: Path) -> dict:
+    from gmco_stack.stack import Stack, StackConfig
+
+    config = StackConfig(items=items, dim=dim, shards=shards, routers=1, index_backend=index_backend,
+                         run_dir=run_dir, base_port=None, start_timeout=600)
+    with Stack(config) as stack:
+        out = cold_start_ranks(stack, users, k)
+    out["stack"] = {"items": items, "dim": dim, "shards": shards, "index_backend": index_backend}
+    print(f"cold start ({users} users x {k}, {shards} shards, {index_backend}): median popularity rank "
+          f"{out['median_popularity_rank']:.0f} of {out['allowed_items']} allowed "
+          f"({out['median_popularity_rank_fraction']:.4f}; p10 {out['p10_popularity_rank_fraction']:.4f}, "
+          f"p90 {out['p90_popularity_rank_fraction']:.4f}), {out['distinct_items']} distinct items")
+    return out
+
+
+# --- 0b. diversity against relevance ----------------------------------------------------------------------
+def diversity(items: int, dim: int, users: int, candidates: int, k: int, lambdas: tuple[float, ...],
+              seed: int) -> dict:
+    from gmco_common.datagen import generate_catalogue, generate_users
+    from gmco_common.features import DEFAULT_DIM, DEFAULT_SEED
+    from gmco_common.vectors import normalize
+    from gmco_rl_state.model import Event, Learner, ModelConfig
+    from gmco_rl_state.policy import THOMPSON, PolicyConfig, Ranker
+
+    cat = generate_catalogue(items, dim, seed=seed)
+    vectors = normalize(np.asarray(cat.vectors, dtype=np.float32))
+    genre = np.asarray(cat.genre_ids[:, 0])
+    people = generate_users(cat, users, seed + 1)
+    learner = Learner(ModelConfig(dim, DEFAULT_DIM, DEFAULT_SEED, 1.0, 0.2, 200))
+    z_all = learner.project(vectors)
+    rng = np.random.default_rng(seed + 2)
+    cases = []
+    for u, hidden in enumerate(people.preferences):
+        truth = vectors @ hidden
+        liked = np.argsort(-truth)[:60]
+        history = rng.choice(liked, 12, replace=False)  # what the user clicked before
+        events = [Event(f"{u}-{i}", f"u{u}", int(cat.media_ids[j]), 1.0, 0, 1, "US", "tv", 0.5, vectors[j])
+                  for i, j in enumerate(history)]
+        state = learner.decode(learner.apply(None, f"u{u}", events))
+        query = normalize((hidden + rng.standard_normal(dim).astype(np.float32) * 0.6 / np.sqrt(dim))[None])[0]
+        cands = np.argsort(-(vectors @ query))[: candidates + len(history)]
+        cands = cands[~np.isin(cands, history)][:candidates]  # seen items are excluded, as Rank does
+        cases.append((state, cands, truth))
+    rows = []
+    for lam in lambdas:
+        ranker = Ranker(learner, PolicyConfig(THOMPSON, 0.05, 1.0, 64, 0.1, diversity_lambda=lam))
+        rel, dist, genres, ms = [], [], [], []
+        for state, cands, truth in cases:
+            t = time.perf_counter()
+            # as the router calls it: the shards' features, the retrieval score as the preference term
+            r = ranker.rank_features(state, z_all[cands], vectors[cands] @ state.pref, k, rng)
+            ms.append((time.perf_counter() - t) * 1e3)
+            top = cands[r.indices]
+            sims = vectors[top] @ vectors[top].T
+            rel.append(float(truth[top].mean()))
+            dist.append(float((1 - sims[np.triu_indices(len(top), 1)]).mean()))
+            genres.append(len(set(genre[top].tolist())))
+        rows.append({"lambda": lam, "mean_relevance": float(np.mean(rel)), "intra_list_distance": float(np.mean(dist)),
+                     "distinct_genres_top10": float(np.mean(genres)), "rank_ms_p50": float(np.median(ms))})
+    off = rows[0]
+    for row in rows:
+        row["relevance_vs_off"] = row["mean_relevance"] / off["mean_relevance"]
+        print(f"diversity lambda {row['lambda']:.2f}: mean relevance {row['mean_relevance']:.4f} "
+              f"({row['relevance_vs_off']:.1%} of off), intra-list distance {row['intra_list_distance']:.4f}, "
+              f"distinct genres in top {k} {row['distinct_genres_top10']:.2f}, Rank {row['rank_ms_p50']:.2f} ms")
+    return {"table": rows, "setup": {"items": items, "dim": dim, "users": users, "candidates": candidates, "k": k,
+                                     "policy": "thompson (prior_scale 0.05, preference_weight 1)",
+                                     "similarity": f"cosine of the {DEFAULT_DIM}-d bandit features",
+                                     "relevance": "cosine of the user's hidden preference with the item",
+                                     "history": "12 clicks among the user's 60 most relevant items"}}
 
 
 # --- 1. the Open Bandit Dataset ---------------------------------------------------------------------------
@@ -120,7 +262,7 @@ def canary(runs: int, max_impressions: int, seed: int, control_rate: float = 0.0
 def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt  # after plot_path has chosen the Agg backend
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     ax = axes[0]
     o = doc["ope"]["obd"]
     names = list(ope.ESTIMATORS)
@@ -161,6 +303,20 @@ def plot(doc: dict, path: Path) -> None:
     ax.set(title=f"Canary guard: time to rollback\n(an equal canary rolled back in {c['false_rollback_rate']:.1%} of runs)",
            xlabel="impressions (all arms; canary gets 10%)", ylabel="share of runs rolled back")
     ax.legend(fontsize=8)
+
+    ax = axes[3]
+    table = doc["diversity"]["table"]
+    x = [r["intra_list_distance"] for r in table]
+    y = [r["mean_relevance"] for r in table]
+    ax.plot(x, y, "o-")
+    for r in table:
+        ax.annotate(f"λ={r['lambda']:g}, {r['distinct_genres_top10']:.1f} genres",
+                    (r["intra_list_distance"], r["mean_relevance"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    cold = doc["cold_start"]
+    ax.set(title=f"Diversity (MMR) vs relevance, top 10\n(cold start: median popularity rank "
+                 f"{cold['median_popularity_rank_fraction']:.2%} of allowed)",
+           xlabel="intra-list distance (mean pairwise 1 - cos)", ylabel="mean relevance (hidden preference)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -175,9 +331,25 @@ def main() -> None:
     parser.add_argument("--canary-runs", type=int, default=1000)
     parser.add_argument("--canary-horizon", type=int, default=2_000_000, help="impressions per canary run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cold-items", type=int, default=20_000, help="catalogue of the cold-start stack")
+    parser.add_argument("--cold-dim", type=int, default=64)
+    parser.add_argument("--cold-shards", type=int, default=2)
+    parser.add_argument("--cold-index", default="ivf", help="the cold-start stack's GMCO_SHARD_INDEX_BACKEND")
+    parser.add_argument("--cold-users", type=int, default=40, help="first-time users asking for the homepage")
+    parser.add_argument("--cold-k", type=int, default=10)
+    parser.add_argument("--div-items", type=int, default=20_000)
+    parser.add_argument("--div-dim", type=int, default=64)
+    parser.add_argument("--div-users", type=int, default=200)
+    parser.add_argument("--div-candidates", type=int, default=200)
+    parser.add_argument("--div-lambdas", default="1,0.9,0.8,0.7,0.5,0.3", help="MMR lambdas (1 = off, first)")
+    parser.add_argument("--run-dir", type=Path, default=REPO / ".run" / "bench-quality", help="the stack's run dir")
     args = parser.parse_args()
     started = time.perf_counter()
     doc = {"command": "python bench/bench_quality.py " + " ".join(sys.argv[1:]),
+           "cold_start": cold_start(args.cold_items, args.cold_dim, args.cold_shards, args.cold_index,
+                                    args.cold_users, args.cold_k, args.run_dir),
+           "diversity": diversity(args.div_items, args.div_dim, args.div_users, args.div_candidates, 10,
+                                  tuple(float(v) for v in args.div_lambdas.split(",")), args.seed),
            "ope": {"obd": ope_obd(args.cache, args.bootstrap, args.seed),
                    "simulation": ope_simulation(args.sim_runs, args.sim_slates, args.sim_bootstrap, args.seed)},
            "canary": canary(args.canary_runs, args.canary_horizon, args.seed)}

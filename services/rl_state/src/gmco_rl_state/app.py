@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager
 
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
 from gmco_common.server import Registration, RunningServer, start_server
+from gmco_common.supervisor import Supervisor
 
 from gmco_rl_state.config import Settings
 from gmco_rl_state.servicer import SERVICE_NAME, build_servicer, model_config
@@ -35,8 +36,11 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     """Open the store on ``stack`` and start the server (used by ``__main__`` and by the tests)."""
     store = await stack.enter_async_context(open_store(settings))
     servicer = build_servicer(settings, store)
+    servicer.rollout.start()  # a bad experiments file fails the start, naming the setting
+    supervisor = await stack.enter_async_context(Supervisor())
+    supervisor.every("experiments", settings.experiments_poll_seconds, servicer.rollout.tick)
     running = await start_server(settings, [Registration(
         rl_state_service_pb2_grpc.add_RLStateServiceServicer_to_server, servicer, SERVICE_NAME)], stack=stack)
-    running.parts.update(store=store, servicer=servicer)
+    running.parts.update(store=store, servicer=servicer, rollout=servicer.rollout)
     log.info("rl_state ready: backend=%s policy=%s d=%d", settings.backend, settings.policy, settings.bandit_dim)
     return running

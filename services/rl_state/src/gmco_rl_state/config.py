@@ -58,6 +58,19 @@ class Settings(ServerSettings):
     cold_start_temperature: float = setting(
         0.1, help="softmax temperature of the cold-start policy", check=_positive, check_msg="> 0"
     )
+    diversity_lambda: float = setting(
+        1.0, help="MMR diversity re-ranking in Rank: weight of relevance against similarity to the items above, "
+        "in (0, 1]; 1 = off, 0.7 = a mild trade-off (see docs/benchmarks.md)",
+        check=lambda v: 0 < v <= 1, check_msg="must be in (0, 1]",
+    )
+    experiments_file: Path | None = setting(
+        None, help="policy experiments (JSON, or YAML): arms, weights, canary, guard; watched and reloaded "
+        "without a restart (docs/experiments.md)",
+    )
+    experiments_poll_seconds: float = setting(
+        5.0, help="how often the experiments file is checked for changes and the canary guard runs",
+        check=_positive, check_msg="> 0",
+    )
     rank_state_timeout_seconds: float = setting(
         0.25, help="Rank waits this long for the state, then answers cold start (degraded)",
         check=_positive, check_msg="> 0",

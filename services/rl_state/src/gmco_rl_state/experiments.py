@@ -18,7 +18,12 @@ Configuration (JSON, or YAML when PyYAML is installed)::
      "guard": {"margin": 0.0, "confidence": 0.95, "min_impressions": 500, "mixture_scale": 0.01}}
 
 ``arms`` maps policy name to a relative weight (or is a list of ``{"name", "weight"}``). ``canary`` is
-optional (without it: a plain A/B test, no guard).
+optional (without it: a plain A/B test, no guard). An arm is a built-in policy (``thompson``, ``greedy``)
+or one defined under ``policies``: a built-in with some of its settings changed, e.g.
+``"policies": {"thompson-v2": {"policy": "thompson", "prior_scale": 0.1, "diversity_lambda": 0.7}}``
+(the keys: ``policy``, ``prior_scale``, ``preference_weight``, ``diversity_lambda``; the others come from the
+service's settings). The running service (``gmco_rl_state.rollout``) watches the file and applies changes
+without a restart.
 
 The guard
 ---------
@@ -74,6 +79,24 @@ class GuardConfig:
     mixture_scale: float = 0.01  # tau: the differences (reward units) the test is tuned for
 
 
+BUILTIN_POLICIES = ("thompson", "greedy")
+# what a ``policies`` entry may change, with its check
+POLICY_OVERRIDES: dict[str, tuple[Any, str]] = {
+    "prior_scale": (lambda v: v > 0, "> 0"),
+    "preference_weight": (lambda v: v >= 0, ">= 0"),
+    "diversity_lambda": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A named ranking policy: a built-in (``base``) with some settings changed."""
+
+    name: str
+    base: str
+    overrides: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     arms: tuple[Arm, ...]
@@ -81,6 +104,17 @@ class ExperimentConfig:
     canary: str | None = None
     salt: str = ""
     guard: GuardConfig = field(default_factory=GuardConfig)
+    policies: tuple[PolicySpec, ...] = ()
+
+    def policy(self, name: str) -> PolicySpec:
+        """What ``name`` means: its ``policies`` entry, or the built-in of that name."""
+        for spec in self.policies:
+            if spec.name == name:
+                return spec
+        if name in BUILTIN_POLICIES:
+            return PolicySpec(name, name)
+        raise InvalidArgument(f"arms.{name}", f"is neither a built-in policy {list(BUILTIN_POLICIES)} nor defined "
+                                              "under 'policies'")
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.arms]
@@ -149,7 +183,8 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"salt": self.salt, "control": self.control, "canary": self.canary,
-                "arms": {a.name: a.weight for a in self.arms}, "guard": asdict(self.guard)}
+                "arms": {a.name: a.weight for a in self.arms}, "guard": asdict(self.guard),
+                "policies": {p.name: {"policy": p.base, **dict(p.overrides)} for p in self.policies}}
 
     def digest(self) -> str:
         """A short id of this configuration, to log beside each impression it assigned."""
@@ -161,7 +196,7 @@ def parse_config(doc: Mapping[str, Any]) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from a parsed JSON/YAML document; INVALID_ARGUMENT names a bad field."""
     if not isinstance(doc, Mapping):
         raise InvalidArgument("config", "must be an object")
-    unknown = set(doc) - {"salt", "control", "canary", "arms", "guard"}
+    unknown = set(doc) - {"salt", "control", "canary", "arms", "guard", "policies"}
     if unknown:
         raise InvalidArgument(min(unknown), "unknown key")
     raw_arms = doc.get("arms")
@@ -200,7 +235,36 @@ def parse_config(doc: Mapping[str, Any]) -> ExperimentConfig:
         values[key] = int(value) if isinstance(default, int) else float(value)
     if set(raw_guard) - set(values):
         raise InvalidArgument(f"guard.{min(set(raw_guard) - set(values))}", "unknown key")
-    return ExperimentConfig(tuple(arms), control, canary, salt, GuardConfig(**values))
+    return ExperimentConfig(tuple(arms), control, canary, salt, GuardConfig(**values),
+                            _parse_policies(doc.get("policies", {})))
+
+
+def _parse_policies(raw: Any) -> tuple[PolicySpec, ...]:
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("policies", "must map policy names to {policy, settings...}")
+    specs = []
+    for name, body in raw.items():
+        field_ = f"policies.{name}"
+        if not isinstance(name, str) or not name or name in BUILTIN_POLICIES:
+            raise InvalidArgument(field_, f"needs a name other than the built-ins {list(BUILTIN_POLICIES)}")
+        if not isinstance(body, Mapping):
+            raise InvalidArgument(field_, "must be an object")
+        base = body.get("policy")
+        if base not in BUILTIN_POLICIES:
+            raise InvalidArgument(f"{field_}.policy", f"is {base!r}; must be one of {list(BUILTIN_POLICIES)}")
+        overrides = []
+        for key, value in body.items():
+            if key == "policy":
+                continue
+            if key not in POLICY_OVERRIDES:
+                raise InvalidArgument(f"{field_}.{key}", f"unknown key (known: policy, {', '.join(POLICY_OVERRIDES)})")
+            check, msg = POLICY_OVERRIDES[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or not check(value):
+                raise InvalidArgument(f"{field_}.{key}", f"is {value!r}; must be a number {msg}")
+            overrides.append((key, float(value)))
+        specs.append(PolicySpec(name, base, tuple(sorted(overrides))))
+    return tuple(specs)
 
 
 def load_config(path: Path) -> ExperimentConfig:
@@ -233,6 +297,18 @@ class PolicyCounters:
         self.reward_sum += reward
         self.reward_sq_sum += reward * reward
         self.propensity_sum += propensity
+
+    def show(self, propensities: Any) -> None:
+        """Impressions served (their rewards, if any, come later through :meth:`reward`; an impression that
+        never gets feedback counts as reward 0)."""
+        p = np.asarray(propensities, dtype=np.float64)
+        self.impressions += int(p.size)
+        self.propensity_sum += float(p.sum())
+
+    def reward(self, rewards: Any) -> None:
+        r = np.asarray(rewards, dtype=np.float64)
+        self.reward_sum += float(r.sum())
+        self.reward_sq_sum += float((r * r).sum())
 
     def merge(self, other: PolicyCounters) -> None:
         self.impressions += other.impressions

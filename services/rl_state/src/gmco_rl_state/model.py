@@ -41,6 +41,7 @@ class Event:
     device: str
     propensity: float
     vector: np.ndarray | None
+    policy: str = ""  # the ranking policy that showed the item ("" = not known)
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,12 @@ from this log; ``ips`` then underestimates and ``snips`` rescales what it saw).
 
 The rl_state store today
 ------------------------
-``feedback_event`` holds media id, reward, propensity, time, surface, region, device and user, but no
-position, slate or policy: every event is then read as position 0 (exact for the top item; for the
-others the logged propensity is conditional on items the log does not hold). When the table gains
-``position`` (smallint, 0 = top), ``slate_id`` (text: the Rank call's id) and ``policy`` (text) columns,
-:func:`read_feedback` reads them and the CLI offers ``--weighting cascade`` and ``--policy``.
+``feedback_event`` holds media id, reward, propensity, time, surface, region, device, user and the policy
+that showed the item (``policy``, migration 0002; ``--policy`` selects one arm of an experiment), but no
+position or slate: every event is then read as position 0 (exact for the top item; for the others the
+logged propensity is conditional on items the log does not hold). When the table gains ``position``
+(smallint, 0 = top) and ``slate_id`` (text: the Rank call's id) columns, :func:`read_feedback` reads them and
+the CLI offers ``--weighting cascade``.
 """
 
 from __future__ import annotations

@@ -67,12 +67,15 @@ WITH st AS (
 ), events AS (
     SELECT * FROM unnest(%(event_ids)b::text[], %(event_users)b::text[], %(media_ids)b::bigint[],
                          %(rewards)b::real[], %(ts)b::bigint[], %(surfaces)b::smallint[], %(regions)b::text[],
-                         %(devices)b::text[], %(propensities)b::real[], %(has_vectors)b::boolean[])
-        AS e(event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector)
+                         %(devices)b::text[], %(propensities)b::real[], %(has_vectors)b::boolean[],
+                         %(policies)b::text[])
+        AS e(event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector,
+             policy)
     WHERE e.user_id IN (SELECT user_id FROM st)
 ), ins AS (
     INSERT INTO feedback_event
-        (event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector)
+        (event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector,
+         policy)
     SELECT * FROM events
     ON CONFLICT (event_id) DO NOTHING
     RETURNING 1
@@ -225,6 +228,7 @@ class PostgresStore:
             "devices": [e.device for e in events],
             "propensities": [e.propensity for e in events],
             "has_vectors": [e.vector is not None for e in events],
+            "policies": [e.policy for e in events],
             "user_ids": [r.user_id for r in rows],
             "versions": [r.version for r in rows],
             "event_counts": [r.event_count for r in rows],

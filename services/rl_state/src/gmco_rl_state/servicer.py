@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from gmco_rl_state import metrics
 from gmco_rl_state.config import Settings
 from gmco_rl_state.model import U64, Event, Learner, ModelConfig, StateRow
 from gmco_rl_state.policy import PolicyConfig, Ranker, Ranking
+from gmco_rl_state.rollout import Rollout
 from gmco_rl_state.store import StateStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RLStateService"].full_name
@@ -65,10 +67,10 @@ class RankOutcome:
 
 
 class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
-    def __init__(self, store: StateStore, learner: Learner, ranker: Ranker, rank_state_timeout: float) -> None:
+    def __init__(self, store: StateStore, learner: Learner, rollout: Rollout, rank_state_timeout: float) -> None:
         self._store = store
         self._learner = learner
-        self._ranker = ranker
+        self.rollout = rollout
         self._rank_state_timeout = rank_state_timeout
         self._media_dim = learner.config.media_dim
 
@@ -131,8 +133,16 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
         check_count(request.events, "events", MAX_FEEDBACK_EVENTS)
         vectors = self._event_vectors(request.events)
         events = [self._event(ev, f"events[{i}]", vectors[i]) for i, ev in enumerate(request.events)]
+        events = [dataclasses.replace(e, policy=self.rollout.policy_of(e.user_id, e.media_id)) for e in events]
         groups, repeats = dedupe(events)
-        outcomes = await self._store.record(groups, self._learner.apply)
+        new: dict[str, Sequence[Event]] = {}  # the events the store found new, per user (the last attempt's)
+
+        def apply(row: StateRow | None, user: str, events: Sequence[Event]) -> StateRow:
+            new[user] = events
+            return self._learner.apply(row, user, events)
+
+        outcomes = await self._store.record(groups, apply)
+        self._count_rewards({u: new[u] for u, o in outcomes.items() if o.applied and u in new})
         applied = sum(o.applied for o in outcomes.values())
         duplicates = repeats + sum(o.duplicates for o in outcomes.values())
         metrics.EVENTS_APPLIED.inc(applied)
@@ -141,6 +151,15 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
             applied_count=applied, duplicate_count=duplicates,
             user_versions=[pb.UserVersion(user_id=u, version=o.version) for u, o in outcomes.items()],
         )
+
+    def _count_rewards(self, applied: dict[str, Sequence[Event]]) -> None:
+        """Per-policy rewards of the events applied now (first deliveries only)."""
+        by_policy: dict[str, list[float]] = {}
+        for events in applied.values():
+            for e in events:
+                by_policy.setdefault(e.policy, []).append(e.reward)
+        for policy, rewards in by_policy.items():
+            self.rollout.rewarded(policy, rewards)
 
     # --- Rank ---------------------------------------------------------------------------------------
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
@@ -163,10 +182,13 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
             row, degraded = None, True
             metrics.RANK_DEGRADED.inc()
         ids = np.asarray(request.candidate_media_ids, dtype=U64)
+        ranker = self.rollout.cold if row is None else self.rollout.ranker(user)
         out = await asyncio.get_running_loop().run_in_executor(
-            None, self._rank, row, ids, candidates, request.k, request.context.surface, retrieval, popularity
+            None, self._rank, ranker, row, ids, candidates, request.k, request.context.surface, retrieval,
+            popularity
         )
         ranking = out.ranking
+        self.rollout.shown(user, ranking.policy, out.media_ids[ranking.indices].tolist(), ranking.propensities)
         items = [
             common_pb2.ScoredItem(media_id=int(out.media_ids[i]), score=float(ranking.scores[pos]),
                                   exploration=bool(ranking.exploration[pos]),
@@ -196,20 +218,20 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
                                   "candidate_media_ids")
         return Candidates(vectors=vectors)
 
-    def _rank(self, row: StateRow | None, ids: np.ndarray, candidates: Candidates, k: int, surface: int,
-              retrieval: np.ndarray | None, popularity: np.ndarray | None) -> RankOutcome:
+    def _rank(self, ranker: Ranker, row: StateRow | None, ids: np.ndarray, candidates: Candidates, k: int,
+              surface: int, retrieval: np.ndarray | None, popularity: np.ndarray | None) -> RankOutcome:
         rng = np.random.default_rng()
         if row is None:
-            return RankOutcome(self._ranker.rank_cold(len(ids), k, surface, retrieval, popularity, rng), ids, 0, 0)
+            similar = candidates.features if candidates.features is not None else candidates.vectors
+            return RankOutcome(ranker.rank_cold(len(ids), k, surface, retrieval, popularity, rng, similar), ids, 0, 0)
         state = self._learner.decode(row)
         keep = np.flatnonzero(~np.isin(ids, state.seen))
         if candidates.vectors is not None:
-            ranking = self._ranker.rank_user(state, normalize(candidates.vectors[keep]), min(k, len(keep)), rng)
+            ranking = ranker.rank_user(state, normalize(candidates.vectors[keep]), min(k, len(keep)), rng)
         else:
             assert candidates.features is not None
             preference = None if retrieval is None else retrieval[keep]
-            ranking = self._ranker.rank_features(state, candidates.features[keep], preference, min(k, len(keep)),
-                                                 rng)
+            ranking = ranker.rank_features(state, candidates.features[keep], preference, min(k, len(keep)), rng)
         return RankOutcome(ranking, ids[keep], len(ids) - len(keep), state.version)
 
 
@@ -221,6 +243,7 @@ def model_config(settings: Settings) -> ModelConfig:
 def build_servicer(settings: Settings, store: StateStore) -> RLStateServicer:
     """The servicer with the learner and ranker the settings describe."""
     learner = Learner(model_config(settings))
-    ranker = Ranker(learner, PolicyConfig(settings.policy, settings.prior_scale, settings.preference_weight,
-                                          settings.propensity_samples, settings.cold_start_temperature))
-    return RLStateServicer(store, learner, ranker, settings.rank_state_timeout_seconds)
+    base = PolicyConfig(settings.policy, settings.prior_scale, settings.preference_weight,
+                        settings.propensity_samples, settings.cold_start_temperature, settings.diversity_lambda)
+    rollout = Rollout(base, lambda cfg: Ranker(learner, cfg), settings.experiments_file)
+    return RLStateServicer(store, learner, rollout, settings.rank_state_timeout_seconds)

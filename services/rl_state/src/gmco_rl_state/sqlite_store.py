@@ -26,8 +26,8 @@ SELECT user_id, version, event_count, pref, bandit_a, bandit_b, seen FROM user_s
 """
 _INSERT_EVENT = """
 INSERT INTO feedback_event
-    (event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    (event_id, user_id, media_id, reward, event_ts_ms, surface, region, device, propensity, has_vector, policy)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (event_id) DO NOTHING
 """
 _UPSERT_STATE = """
@@ -82,7 +82,7 @@ class SqliteStore:
         updated = apply(row, user, new)
         db.executemany(_INSERT_EVENT, [
             (e.event_id, user, to_int64(e.media_id), e.reward, e.timestamp_ms, e.surface, e.region, e.device,
-             e.propensity, e.vector is not None) for e in new
+             e.propensity, e.vector is not None, e.policy) for e in new
         ])
         db.execute(_UPSERT_STATE, (user, updated.version, updated.event_count, updated.pref, updated.bandit_a,
                                    updated.bandit_b, updated.seen))
