@@ -15,7 +15,9 @@ lsn answers, which is read-your-writes over imported rows. Writes bench/results/
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,12 @@ from gmco.router.v1 import router_service_pb2 as rpb
 from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_stack.stack import Stack, StackConfig
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_parquet(path: Path, n: int, dim: int, first_id: int, seed: int = 11) -> float:
@@ -84,9 +92,15 @@ def main() -> None:
             command = [sys.executable, "-m", "gmco_cli", "import", str(source), "--catalog-dsn", stack.catalog_dsn,
                        "--dim", str(args.dim), "--batch-size", str(args.batch_size), "--state",
                        str(work / "state.json"), "--quiet", *(a for t in shards for a in ("--wait-for", t))]
+            shard_pids = [s.pid for s in stack.shard_services]
+            shard_cpu0 = [cpu_seconds(p) for p in shard_pids]
+            usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             wall = time.perf_counter() - t
+            usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            importer_cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+            shards_cpu = sum(cpu_seconds(p) - c for p, c in zip(shard_pids, shard_cpu0, strict=True))
             print(done.stdout, flush=True)
             m = re.search(r"imported (\d+) items .* in ([\d.]+) s: .*last lsn (\d+)", done.stdout)
             c = re.search(r"applied lsn \d+ ([\d.]+) s after", done.stdout)
@@ -114,12 +128,16 @@ def main() -> None:
         "catch_up_seconds_after_import": catch_up,
         "caught_up_items_per_second": appended / (seconds + catch_up),
         "process_wall_seconds": wall, "last_lsn": last_lsn,
+        # CPU the import cost: the gmco import process, and both shards tailing and applying the log
+        "importer_cpu_seconds": importer_cpu, "shards_cpu_seconds": shards_cpu,
+        "items_per_cpu_second": appended / (importer_cpu + shards_cpu),
         "read_back_ids": read_back, "recommend_with_min_lsn_items": len(rec.items),
         "parquet_write_seconds": gen_seconds,
     }
     path = write_json("bench_import", result)
     print(f"append {result['append_items_per_second']:,.0f} items/s, caught up "
-          f"{result['caught_up_items_per_second']:,.0f} items/s -> {path}")
+          f"{result['caught_up_items_per_second']:,.0f} items/s; CPU: importer {importer_cpu:.1f} s, shards "
+          f"{shards_cpu:.1f} s ({result['items_per_cpu_second']:,.0f} items per CPU second) -> {path}")
 
 
 if __name__ == "__main__":

@@ -211,3 +211,19 @@ def test_a_nan_in_fp16_bytes_names_the_row(tmp_path: Path) -> None:
     code, out = _run(str(tmp_path / "items.parquet"), "--catalog-dsn", str(tmp_path / "log.sqlite3"),
                      "--dim", str(DIM), "--state", str(tmp_path / "s.json"))
     assert code == 1 and "items.parquet: row 18: vector: holds NaN or Inf" in out, out
+
+
+def test_a_batch_committed_but_not_yet_recorded_is_not_written_twice(tmp_path: Path) -> None:
+    """The window a kill can hit: the log committed a batch, the resume file does not say so yet."""
+    ids, vectors, attrs = _items(900)
+    source = _parquet(tmp_path / "items.parquet", ids, vectors, attrs)
+    dsn, state = tmp_path / "log.sqlite3", tmp_path / "state.json"
+    args = (str(source), "--catalog-dsn", str(dsn), "--dim", str(DIM), "--batch-size", "300", "--state", str(state))
+    assert _run(*args)[0] == 0
+    doc = json.loads(state.read_text())
+    for entry in doc["files"].values():
+        entry["rows_done"] = 300  # as if the last two batches' records were lost
+    state.write_text(json.dumps(doc))
+    code, out = _run(*args)
+    assert code == 0 and "imported 0 items (900 already committed" in out, out
+    assert [e.media_id for e in _log(dsn)] == list(range(1, 901))

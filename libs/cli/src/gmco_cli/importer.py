@@ -17,8 +17,8 @@ Column (or key) names are mapped by :class:`Columns`; the attributes are those o
 Every row is validated before its batch is appended: an id in 0..2^64-1, a vector of exactly ``dim``
 finite values that fit FP16, attributes in range. A bad row stops the import with its file and row number
 (:class:`RowError`), and nothing of its batch is appended. Each batch is one transaction of the log
-(``CatalogLog.append``), so it is all there or not at all; its ``request_id`` is derived from the run and
-the batch's content, so a batch that was committed just before an interruption is not appended twice.
+(``CatalogLog.append``), so it is all there or not at all; its ``request_id`` is derived from the run, the
+file and the batch's rows, so a batch that was committed just before an interruption is not appended twice.
 
 Resume. A state file records, per input file, how many rows are committed; a second run with the same
 state file skips them (reading only their ids, for the duplicate check) and goes on from there.
@@ -501,15 +501,14 @@ class Duplicates:
             seen[media_id] = (file_index << 40) | chunk.position(i)
 
 
-def request_id(run_id: str, chunk: Chunk) -> str:
-    """The batch's idempotency key: the run and the batch's content."""
-    assert chunk.vectors is not None and chunk.attributes is not None
-    digest = hashlib.blake2b(run_id.encode(), digest_size=16)
+def request_id(run_id: str, file: Path, chunk: Chunk) -> str:
+    """The batch's idempotency key: the run, the file as it is now (size, mtime), the batch's position and its
+    ids. A rerun of the same run over the unchanged file draws the same keys, so the log takes a batch
+    committed just before an interruption only once; hashing the ids, not the 2 KB vectors, keeps it cheap."""
+    stat = file.stat()
+    digest = hashlib.blake2b(f"{run_id}\0{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+                             f"{chunk.first_row}\0{len(chunk.ids)}".encode(), digest_size=16)
     digest.update(chunk.ids.tobytes())
-    digest.update(chunk.vectors.tobytes())
-    for attr in chunk.attributes:
-        digest.update(len(attr).to_bytes(4, "little"))
-        digest.update(attr)
     return f"gmco-import:{digest.hexdigest()}"
 
 
@@ -580,8 +579,8 @@ async def import_files(files: Sequence[Path], dsn: str, dim: int, columns: Colum
                     if progress:
                         progress(n)
                     continue
-                writes = await asyncio.to_thread(writes_of, chunk)
-                rid = request_id(state.run_id, chunk)
+                writes, rid = await asyncio.to_thread(lambda c=chunk, f=file: (writes_of(c),
+                                                                              request_id(state.run_id, f, c)))
                 await settle()
                 pending = asyncio.ensure_future(log.append(writes, rid))
                 pending_done = (file, chunk.first_row + n - 1, n)
