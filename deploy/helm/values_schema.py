@@ -106,6 +106,8 @@ GLOBAL_COMMON: Schema = {
 GLOBAL_PARTS: dict[str, Schema] = {
     "auth": obj({"existingSecret": secret_ref(), "token": STRING, "tokenKey": {"type": "string", "minLength": 1}},
                 ["existingSecret", "token", "tokenKey"]),
+    "tracing": obj({"exporter": {"enum": ["none", "otlp"]}, "endpoint": STRING, "networkPolicyTo": OBJECTS},
+                   ["exporter", "endpoint", "networkPolicyTo"]),
     "shards": obj({"count": integer(1, 4096)}, ["count"]),
     "slotMaps": SLOT_MAPS,
     "catalog": obj({"enabled": BOOL}, ["enabled"]),
@@ -288,14 +290,14 @@ ENVOY_EXTRA: Schema = {
 ENVOY_LOG_LEVELS = ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]
 
 SUBCHARTS: dict[str, Schema] = {
-    "router": service_schema(["auth", "shards", "slotMaps", "catalog", "postgres"],
+    "router": service_schema(["auth", "tracing", "shards", "slotMaps", "catalog", "postgres"],
                              {"config": SETTINGS, "slotMap": MAP_NAME}, PY_LOG_LEVELS),
-    "shard": service_schema(["auth", "shards", "slotMaps", "catalog", "postgres"], SHARD_EXTRA, PY_LOG_LEVELS),
-    "cache": service_schema(["auth", "redis"], {"config": SETTINGS, "backend": {"enum": ["memory", "redis"]}},
+    "shard": service_schema(["auth", "tracing", "shards", "slotMaps", "catalog", "postgres"], SHARD_EXTRA, PY_LOG_LEVELS),
+    "cache": service_schema(["auth", "tracing", "redis"], {"config": SETTINGS, "backend": {"enum": ["memory", "redis"]}},
                             PY_LOG_LEVELS),
-    "ontology": service_schema(["auth", "neo4j"], {"config": SETTINGS, "backend": {"enum": ["embedded", "neo4j"]}},
+    "ontology": service_schema(["auth", "tracing", "neo4j"], {"config": SETTINGS, "backend": {"enum": ["embedded", "neo4j"]}},
                                PY_LOG_LEVELS),
-    "rl-state": service_schema(["auth", "postgres"], {"config": SETTINGS, "backend": {"enum": ["sqlite", "postgres"]}},
+    "rl-state": service_schema(["auth", "tracing", "postgres"], {"config": SETTINGS, "backend": {"enum": ["sqlite", "postgres"]}},
                                PY_LOG_LEVELS),
     "envoy": service_schema([], ENVOY_EXTRA, ENVOY_LOG_LEVELS),
 }

@@ -8,7 +8,9 @@ default-deny as a backstop). args:
   to      components this one calls
   stores  stores this one talks to: "postgres", "redis", "neo4j" (external ones by global.<store>.cidrs,
           in-cluster ones by podSelector)
-Every pod may resolve DNS and be scraped on its metrics port from global.networkPolicy.metricsFrom.
+Every pod may resolve DNS and be scraped on its metrics port from global.networkPolicy.metricsFrom; a
+GMC-O service exporting spans (global.tracing.exporter=otlp) may reach global.tracing.networkPolicyTo on
+the collector's port.
 */}}
 {{- define "gmco.lib.networkPolicy" -}}
 {{- $ctx := .ctx -}}
@@ -83,6 +85,15 @@ spec:
         - ipBlock:
             cidr: {{ . }}
         {{- end }}
+    {{- end }}
+    {{- end }}
+    {{- if and (ne $ctx.Chart.Name "envoy") $ctx.Values.global.tracing }}
+    {{- if and (eq (include "gmco.lib.tracingExporter" $ctx) "otlp") $ctx.Values.global.tracing.networkPolicyTo }}
+    - ports:
+        - port: {{ include "gmco.lib.tracingPort" $ctx }}
+          protocol: TCP
+      to:
+        {{- toYaml $ctx.Values.global.tracing.networkPolicyTo | nindent 8 }}
     {{- end }}
     {{- end }}
 {{- end }}

@@ -1,7 +1,8 @@
 {{/*
 The environment of a GMC-O process, as ConfigMap data: the settings every server shares, then the
 component's own (args.env, a dict of suffix -> value), then the operator's .Values.config.
-Keys are "<PREFIX><SUFFIX>", e.g. GMCO_ROUTER_CACHE_TARGET. args: dict "ctx" $ "env" $dict
+Keys are "<PREFIX><SUFFIX>", e.g. GMCO_ROUTER_CACHE_TARGET, and, with global.tracing.exporter=otlp, the
+exporter's own OTEL_EXPORTER_OTLP_ENDPOINT. args: dict "ctx" $ "env" $dict
 */}}
 {{- define "gmco.lib.envData" -}}
 {{- $ctx := .ctx -}}
@@ -12,11 +13,30 @@ Keys are "<PREFIX><SUFFIX>", e.g. GMCO_ROUTER_CACHE_TARGET. args: dict "ctx" $ "
     "METRICS_PORT" (include "gmco.lib.metricsPort" $ctx.Chart.Name)
     "LOG_LEVEL" $ctx.Values.logLevel
     "LOG_FORMAT" "json"
-    "GRACE_SECONDS" (toString $ctx.Values.gracePeriodSeconds) -}}
+    "GRACE_SECONDS" (toString $ctx.Values.gracePeriodSeconds)
+    "OTEL_EXPORTER" (include "gmco.lib.tracingExporter" $ctx) -}}
 {{- $env = merge (deepCopy ($ctx.Values.config | default dict)) (.env | default dict) $env -}}
 {{- range $key := keys $env | sortAlpha }}
 {{ printf "%s%s" $prefix $key }}: {{ index $env $key | toString | quote }}
+{{- end }}
+{{- if eq (include "gmco.lib.tracingExporter" $ctx) "otlp" }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ $ctx.Values.global.tracing.endpoint | quote }}
 {{- end -}}
+{{- end -}}
+
+{{/* global.tracing.exporter ("none" where the values have no tracing block); otlp needs an endpoint. */}}
+{{- define "gmco.lib.tracingExporter" -}}
+{{- $tracing := .Values.global.tracing | default dict -}}
+{{- $exporter := $tracing.exporter | default "none" -}}
+{{- if and (eq $exporter "otlp") (not $tracing.endpoint) -}}
+{{- fail "global.tracing.exporter=otlp needs global.tracing.endpoint (the collector's OTLP/gRPC address)" -}}
+{{- end -}}
+{{- $exporter -}}
+{{- end -}}
+
+{{/* The TCP port of the collector's endpoint (4317, OTLP/gRPC's, when it names none). */}}
+{{- define "gmco.lib.tracingPort" -}}
+{{- regexFind ":[0-9]+$" (regexReplaceAll "/+$" (regexReplaceAll "^[a-z]+://" .Values.global.tracing.endpoint "") "") | trimPrefix ":" | default "4317" -}}
 {{- end -}}
 
 {{/* The ConfigMap "<release>-<chart>-env". args: as gmco.lib.envData */}}
