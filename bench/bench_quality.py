@@ -309,9 +309,9 @@ def plot(doc: dict, path: Path) -> None:
     x = [r["intra_list_distance"] for r in table]
     y = [r["mean_relevance"] for r in table]
     ax.plot(x, y, "o-")
-    for r in table:
-        ax.annotate(f"λ={r['lambda']:g}, {r['distinct_genres_top10']:.1f} genres",
-                    (r["intra_list_distance"], r["mean_relevance"]), fontsize=8, xytext=(4, 4),
+    for i, r in enumerate(table):  # staggered: the mild lambdas sit close together
+        ax.annotate(f"λ={r['lambda']:g}: {r['distinct_genres_top10']:.1f} genres",
+                    (r["intra_list_distance"], r["mean_relevance"]), fontsize=8, xytext=(6, -12 - 11 * (i % 4)),
                     textcoords="offset points")
     cold = doc["cold_start"]
     ax.set(title=f"Diversity (MMR) vs relevance, top 10\n(cold start: median popularity rank "
