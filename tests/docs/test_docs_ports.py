@@ -3,6 +3,7 @@ list, the router's default targets, the chart's port table and the image build a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -61,3 +62,17 @@ def test_the_metrics_port_keeps_its_range_check(svc: str) -> None:
     prefix = f"GMCO_{svc.upper()}_"
     with pytest.raises(ConfigError, match=f"{prefix}METRICS_PORT=70000 is invalid"):
         load_settings(SETTINGS[svc], prefix, {f"{prefix}METRICS_PORT": "70000"})
+
+
+@pytest.mark.parametrize("svc", sorted(SETTINGS))
+def test_every_numeric_setting_has_a_range_check(svc: str) -> None:
+    unchecked = [f.name for f in dataclasses.fields(SETTINGS[svc])
+                 if re.search(r"\b(int|float)\b", str(f.type)) and not f.metadata.get("check")]
+    assert not unchecked, f"{svc}: numeric settings without a range check: {unchecked}"
+
+
+@pytest.mark.parametrize(("svc", "name"), [("rl_state", "PROJECTION_SEED"), ("shard", "FEATURE_SEED")])
+def test_a_negative_seed_is_refused_at_start(svc: str, name: str) -> None:
+    prefix = f"GMCO_{svc.upper()}_"
+    with pytest.raises(ConfigError, match=f"{prefix}{name}=-1 is invalid"):
+        load_settings(SETTINGS[svc], prefix, {f"{prefix}{name}": "-1"})

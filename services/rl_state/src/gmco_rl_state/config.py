@@ -32,7 +32,8 @@ class Settings(ServerSettings):
         check=lambda v: 16 <= v <= 32, check_msg="must be in 16..32",
     )
     projection_seed: int = setting(DEFAULT_SEED, help="seed of the fixed random projection (the shards' "
-                                   "GMCO_SHARD_FEATURE_SEED must match)")
+                                   "GMCO_SHARD_FEATURE_SEED must match)", check=lambda v: 0 <= v < 2**63,
+                                   check_msg="0..2^63-1 (a numpy seed)")
     policy: str = setting(
         "thompson", help="ranking policy for users with state; greedy = no exploration",
         choices=("thompson", "greedy"),

@@ -93,7 +93,8 @@ class Settings(ServerSettings):
                                "include_features (must equal GMCO_RL_STATE_BANDIT_DIM)", check=lambda v: 1 <= v <= 256,
                                check_msg="1..256")
     feature_seed: int = setting(DEFAULT_SEED, help="seed of the feature projection (must equal "
-                                "GMCO_RL_STATE_PROJECTION_SEED)")
+                                "GMCO_RL_STATE_PROJECTION_SEED)", check=lambda v: 0 <= v < 2**63,
+                                check_msg="0..2^63-1 (a numpy seed)")
     max_k: int = setting(1000, help="largest k a Search may ask for", check=_pos, check_msg="must be > 0")
     max_batch: int = setting(4096, help="largest query batch", check=_pos, check_msg="must be > 0")
     max_get: int = setting(10000, help="largest GetMedia id list", check=_pos, check_msg="must be > 0")
