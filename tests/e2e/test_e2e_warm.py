@@ -16,8 +16,8 @@ import pytest
 from gmco.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
-from gmco.router.v1 import router_service_pb2 as pb
 from gmco_cache.warm import parser, run
+from gmco_client import RecommendationClient
 from gmco_common.cache_key import context_hash, with_defaults
 from gmco_stack.stack import Stack
 from gmco_testing.procs import wait_until
@@ -32,7 +32,7 @@ def _version(stack: Stack, user: str) -> int:
     return reply.state.version
 
 
-async def test_warmed_from_a_file_then_served_as_a_cache_hit(stack: Stack, envoy, tmp_path: Path) -> None:
+async def test_warmed_from_a_file_then_served_as_a_cache_hit(stack: Stack, tmp_path: Path) -> None:
     users = [f"warm-file-{i}" for i in range(3)]
     entries = tmp_path / "entries.jsonl"
     # Ids far outside the catalogue's range: only the warmed list can contain them.
@@ -43,17 +43,16 @@ async def test_warmed_from_a_file_then_served_as_a_cache_hit(stack: Stack, envoy
     tally = await run(parser().parse_args(["--from-file", str(entries), "--cache", stack.services["cache"].target,
                                            "--rl-state", stack.services["rl_state"].target]))
     assert tally.done == 3 and tally.ok
-    for i, user in enumerate(users):
+    with RecommendationClient(stack.envoy_target, timeout=5) as client:
         # The request names the region only: the router fills in surface and device before keying.
-        reply = envoy.Recommend(pb.RecommendRequest(
-            user_id=user, k=3, context=common_pb2.RequestContext(region="GB"),
-            preferences=common_pb2.UserPreferences(blocked_genres=["horror"])),
-            metadata=[("x-user-id", user)], timeout=5)
+        replies = [client.recommend(user, k=3, context={"region": "GB"}, preferences={"blocked_genres": ["horror"]})
+                   for user in users]
+    for i, (user, reply) in enumerate(zip(users, replies, strict=True)):
         assert reply.cache_hit, user
         assert [it.media_id for it in reply.items] == [900_000_000 + 10 * i + j for j in range(3)]
 
 
-async def test_warmed_through_the_router_then_found_in_the_cache_service(stack: Stack, envoy,
+async def test_warmed_through_the_router_then_found_in_the_cache_service(stack: Stack,
                                                                         tmp_path: Path) -> None:
     users_file = tmp_path / "users.txt"
     users = [f"warm-router-{i}" for i in range(4)]
@@ -69,6 +68,6 @@ async def test_warmed_through_the_router_then_found_in_the_cache_service(stack: 
             # The router writes the list to the cache service just after its reply.
             wait_until(lambda r=request: cache.GetRecommendations(r, timeout=5).hit, 10,
                        f"the warmed list of {user} in the cache service")
-            again = envoy.Recommend(pb.RecommendRequest(user_id=user, k=5), metadata=[("x-user-id", user)],
-                                    timeout=5)
+            with RecommendationClient(stack.envoy_target, timeout=5) as client:
+                again = client.recommend(user, k=5)
             assert again.cache_hit and len(again.items) == 5
