@@ -189,3 +189,31 @@ def test_without_a_file_everyone_gets_the_settings_policy() -> None:
     assert rollout.config is None and rollout.check() is None
     assert rollout.ranker("anyone").config.policy == "thompson"
     assert rollout.policy_of("anyone", 5) == "thompson"
+
+
+async def test_the_service_rolls_a_worse_canary_back_on_its_own(tmp_path: Path) -> None:
+    """The wiring end to end: Rank counts impressions per arm, RecordFeedback credits the rewards to the arm
+    that showed the item, and the supervised job's guard rolls the canary back; its users then get the
+    control."""
+    doc = {"salt": "svc", "control": "thompson", "canary": "greedy", "arms": {"thompson": 50, "greedy": 50},
+           "guard": {"min_impressions": 30, "confidence": 0.95, "mixture_scale": 0.5}}
+    path = _write(tmp_path / "exp.json", doc)
+    config = load_config(path)
+    settings = make_settings("sqlite", tmp_path, experiments_file=path, experiments_poll_seconds=0.05)
+    vectors = unit_vectors(6, seed=1)
+    before = _metric("gmco_rl_state_canary_rollbacks_total", canary="greedy")
+    async with serve(settings) as svc:
+        await _with_state(svc.stub, USERS)
+        canary_users = [u for u in USERS if config.assign(u) == "greedy"]
+        assert canary_users and len(canary_users) < len(USERS)
+        for round_ in range(3):
+            for u in USERS:
+                resp = await svc.stub.Rank(rank_request(u, list(range(1, 7)), vectors, 2))
+                reward = 0.0 if resp.policy == "greedy" else 1.0  # the canary's items are never clicked
+                await svc.stub.RecordFeedback(pb.RecordFeedbackRequest(events=[
+                    event(f"{u}-{round_}-{item.media_id}", u, item.media_id, reward) for item in resp.items]))
+        deadline = time.monotonic() + 5.0
+        while _metric("gmco_rl_state_canary_rollbacks_total", canary="greedy") == before:
+            assert time.monotonic() < deadline, "the guard did not roll the canary back"
+            await asyncio.sleep(0.02)
+        assert set((await _policies(svc.stub, canary_users)).values()) == {"thompson"}
