@@ -15,10 +15,10 @@ COMMANDS: dict[str, str] = {
     "import": "gmco_cli.import_:import_",
     "migrate": "gmco_cli.migrate:migrate",
     "ope": "gmco_cli.ope:ope",
+    "plan": "gmco_cli.plan:plan",
     "slots": "gmco_cli.slots:slots",
     "stats": "gmco_cli.stats:stats",
     "warm": "gmco_cli.warm:warm",
-    "plan": "gmco_cli.plan:plan",
 }
 
 
