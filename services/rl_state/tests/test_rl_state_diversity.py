@@ -65,6 +65,16 @@ def test_mmr_spreads_the_list_over_the_pairs() -> None:
     assert diverse.propensities.tolist() == [1.0] * 4 and not diverse.exploration.any()
 
 
+def test_mmr_with_nothing_or_one_left_to_rank() -> None:
+    learner = Learner(CONFIG)
+    items = _near_duplicates(np.random.default_rng(0))
+    state = _state(learner, items)
+    for policy in (THOMPSON, GREEDY):
+        ranker = Ranker(learner, PolicyConfig(policy, 0.05, 1.0, 64, 0.1, diversity_lambda=0.5))
+        assert len(ranker.rank_user(state, items[:0], 0, np.random.default_rng(0)).indices) == 0
+        assert ranker.rank_user(state, items[:1], 1, np.random.default_rng(0)).indices.tolist() == [0]
+
+
 def _frequency_check(picks: np.ndarray, props: np.ndarray, n_items: int, label: str) -> list[str]:
     bad = []
     m = len(picks)

@@ -124,7 +124,8 @@ class Ranker:
         theta_hat = np.linalg.solve(chol.T, np.linalg.solve(chol, state.b))
         mean = z @ theta_hat + base
         name = cfg.name or cfg.policy
-        sim = _cosine(similar if similar is not None else z) if cfg.mmr else None
+        # MMR needs two candidates to choose between (and none at all: every candidate was seen)
+        sim = _cosine(similar if similar is not None else z) if cfg.mmr and len(z) > 1 and k > 1 else None
         if cfg.policy == GREEDY:
             order = (np.argsort(-mean, kind="stable")[:k] if sim is None
                      else mmr_order(_minmax(mean), sim, cfg.diversity_lambda, k))
