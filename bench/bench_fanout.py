@@ -387,9 +387,17 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         b.plot(ns, [r["fixed_rate"]["shard_stage_p99_ms"] for r in rows], style, label=f"{variant} shard stage p99")
         b.plot(ns, [r["fixed_rate"]["miss_p99_ms"] for r in rows], style, alpha=0.5, label=f"{variant} miss p99")
         c.plot(ns, [r["saturation"]["replies_per_second"] for r in rows], style, label=variant)
+    for variant in ("current", "baseline"):  # the fitted lines whose slope is the marginal cost
+        key = f"marginal_router_cpu_ms_per_shard_{variant}"
+        if key in doc:
+            ys = [doc["per_n"][str(n)][variant]["fixed_rate"]["router_cpu_ms_per_miss"] for n in ns]
+            mid = statistics.fmean(ys) - doc[key] * statistics.fmean(ns)
+            a.plot(ns, [mid + doc[key] * n for n in ns], ":", color="grey",
+                   label=f"{variant} fit: {doc[key]:.3f} ms/shard")
     for ax, title, unit in ((a, "router CPU per miss", "ms"), (b, f"p99 at {doc['rate']} req/s", "ms"),
                             (c, "replies/s at saturation", "replies/s")):
-        ax.set_xscale("log", base=2)
+        if ax is not a:  # CPU on a linear axis: the slope is the marginal cost
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("shards (N)")
         ax.set_ylabel(unit)
         ax.set_title(title)
@@ -516,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["host"]:
         host_main(argv[1])
+        return 0
+    if argv[:1] == ["plot"]:  # redraw a results file's PNG: bench_fanout.py plot <name>
+        import json
+
+        from common import RESULTS, plot_path
+
+        plot(json.loads((RESULTS / f"{argv[1]}.json").read_text()), plot_path(argv[1]))
         return 0
     args = parse_args(argv)
     doc = asyncio.run(run(args))
