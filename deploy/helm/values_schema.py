@@ -275,16 +275,11 @@ ENVOY_EXTRA: Schema = {
             "outlierBaseEjectionSeconds": {"type": "number", "exclusiveMinimum": 0},
             "maxRequests": integer(1),
             "maxRetries": integer(0),
-            "concurrencyMax": integer(1),
-            "concurrencyMin": integer(1),
-            "concurrencyMinRttIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
-            "concurrencyBufferPercent": {"type": "number", "minimum": 0, "maximum": 100},
         },
         ["ringMinSize", "ringMaxSize", "retries", "routeTimeoutSeconds", "healthIntervalSeconds",
          "healthTimeoutSeconds", "healthNoTrafficIntervalSeconds", "healthUnhealthyThreshold",
          "healthHealthyThreshold", "outlierConsecutive5xx", "outlierIntervalSeconds",
-         "outlierBaseEjectionSeconds", "maxRequests", "maxRetries", "concurrencyMax", "concurrencyMin",
-         "concurrencyMinRttIntervalSeconds", "concurrencyBufferPercent"],
+         "outlierBaseEjectionSeconds", "maxRequests", "maxRetries"],
     ),
 }
 ENVOY_LOG_LEVELS = ["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]

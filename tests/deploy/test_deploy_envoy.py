@@ -32,17 +32,14 @@ def test_tuned_config_is_the_local_stacks(chart, tmp_path):
             "healthIntervalSeconds": 2.5, "healthTimeoutSeconds": 0.1, "healthNoTrafficIntervalSeconds": 30,
             "healthUnhealthyThreshold": 4, "healthHealthyThreshold": 2, "outlierConsecutive5xx": 7,
             "outlierIntervalSeconds": 1.5, "outlierBaseEjectionSeconds": 45, "maxRequests": 123456,
-            "maxRetries": 77, "concurrencyMax": 300, "concurrencyMin": 2, "concurrencyMinRttIntervalSeconds": 15,
-            "concurrencyBufferPercent": 12.5}
+            "maxRetries": 77}
     values = tmp_path / "tuned.yaml"  # a file, not --set, which would turn 0.25 into a string
     values.write_text(yaml.safe_dump({"envoy": {"proxy": sets}}))
     objects = chart.render(values=[values])
     expected = stack_config(ring_min=2048, ring_max=16384, retries=3, route_timeout=0.25, health_interval=2.5,
                             health_timeout=0.1, health_no_traffic_interval=30, health_unhealthy_threshold=4,
                             health_healthy_threshold=2, outlier_consecutive_5xx=7, outlier_interval=1.5,
-                            outlier_base_ejection=45, max_requests=123456, max_retries=77,
-                            concurrency_max=300, concurrency_min=2, concurrency_min_rtt_interval=15,
-                            concurrency_buffer_pct=12.5)
+                            outlier_base_ejection=45, max_requests=123456, max_retries=77)
     assert chart_config(objects) == expected
 
 

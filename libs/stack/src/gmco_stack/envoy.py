@@ -46,12 +46,6 @@ class EnvoyParams:
     outlier_base_ejection: float = 10.0
     max_requests: int = 10_000
     max_retries: int = 1_000
-    # adaptive concurrency (overload shedding in Envoy): the limit's ceiling, the concurrency at which the
-    # minimum latency is re-measured and how often, and the headroom over it
-    concurrency_max: int = 1000
-    concurrency_min: int = 4
-    concurrency_min_rtt_interval: float = 120.0
-    concurrency_buffer_pct: float = 25.0
 
     def __post_init__(self) -> None:
         if not self.routers:
@@ -60,10 +54,6 @@ class EnvoyParams:
             raise ValueError(f"router_discovery must be STATIC, STRICT_DNS or LOGICAL_DNS, got {self.router_discovery}")
         if not 0 < self.ring_min <= self.ring_max:
             raise ValueError("need 0 < ring_min <= ring_max")
-        if not 0 < self.concurrency_min <= self.concurrency_max:
-            raise ValueError("need 0 < concurrency_min <= concurrency_max")
-        if not 0 <= self.concurrency_buffer_pct <= 100:
-            raise ValueError("concurrency_buffer_pct must be within 0..100")
 
 
 def render_envoy_config(template: str, params: EnvoyParams) -> str:
@@ -95,10 +85,6 @@ def render_envoy_config(template: str, params: EnvoyParams) -> str:
         "OUTLIER_BASE_EJECTION": _duration(params.outlier_base_ejection),
         "MAX_REQUESTS": params.max_requests,
         "MAX_RETRIES": params.max_retries,
-        "CONCURRENCY_MAX": params.concurrency_max,
-        "CONCURRENCY_MIN": params.concurrency_min,
-        "CONCURRENCY_MIN_RTT_INTERVAL": _duration(params.concurrency_min_rtt_interval),
-        "CONCURRENCY_BUFFER_PCT": f"{params.concurrency_buffer_pct:g}",
     }
     return string.Template(template).substitute({k: str(v) for k, v in values.items()})
 

@@ -50,6 +50,9 @@ class StackConfig:
     # Fixed ports from this base (make run prints stable addresses); None = free ports (tests).
     base_port: int | None = 7000
     envoy_port: int = 8080
+    # Envoy's circuit breaker to the routers: past this many requests in flight per router, Envoy answers
+    # UNAVAILABLE at once instead of queueing (overload is shed in C++, before a router's event loop).
+    envoy_max_requests_per_router: int = 32
     envoy_admin_port: int = 9901
     seed: int = 7
     log_level: str = "WARNING"
@@ -234,7 +237,8 @@ class Stack:
         self.envoy_config_path = run / "envoy.yaml"
         params = EnvoyParams(self.envoy_port, self.envoy_admin_port,
                              tuple(("127.0.0.1", s.port) for s in self.routers),
-                             metrics_port=self.envoy_metrics_port)
+                             metrics_port=self.envoy_metrics_port,
+                             max_requests=cfg.envoy_max_requests_per_router * cfg.routers)
         self.envoy_config = render_envoy_config(load_template(), params)
         self.services["envoy"] = Service(
             "envoy", [str(ENVOY_BIN), "-c", str(self.envoy_config_path), "--log-level", "warn",

@@ -30,11 +30,7 @@ which Envoy resolves with STRICT_DNS into one ring entry per router pod.
     "OUTLIER_INTERVAL" (printf "%gs" ($p.outlierIntervalSeconds | float64))
     "OUTLIER_BASE_EJECTION" (printf "%gs" ($p.outlierBaseEjectionSeconds | float64))
     "MAX_REQUESTS" (printf "%d" ($p.maxRequests | int))
-    "MAX_RETRIES" (printf "%d" ($p.maxRetries | int))
-    "CONCURRENCY_MAX" (printf "%d" ($p.concurrencyMax | int))
-    "CONCURRENCY_MIN" (printf "%d" ($p.concurrencyMin | int))
-    "CONCURRENCY_MIN_RTT_INTERVAL" (printf "%gs" ($p.concurrencyMinRttIntervalSeconds | float64))
-    "CONCURRENCY_BUFFER_PCT" (printf "%g" ($p.concurrencyBufferPercent | float64)) -}}
+    "MAX_RETRIES" (printf "%d" ($p.maxRetries | int)) -}}
 {{- $config := .Files.Get "files/envoy.yaml.tmpl" -}}
 {{- if not $config }}{{ fail "files/envoy.yaml.tmpl is missing: it links to deploy/envoy/envoy.yaml.tmpl" }}{{ end -}}
 {{- range $key, $value := $values }}
