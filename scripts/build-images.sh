@@ -39,8 +39,8 @@ case "$ENGINE" in
     # --layers by default: on vfs (no copy-on-write) every cached step is a full copy of the file system,
     # and a change anywhere in the code invalidates all but the first steps anyway; without it a stage
     # is one container, committed once (the router: about 1 minute instead of 2.5 here).
-    BUILD=(buildah --storage-driver "${GMCO_STORAGE_DRIVER:-vfs}" bud --isolation chroot --network host
-           --format docker)
+    BUILDAH=(buildah --storage-driver "${GMCO_STORAGE_DRIVER:-vfs}")
+    BUILD=("${BUILDAH[@]}" bud --isolation chroot --network host --format docker)
     if [ "${BUILDAH_LAYERS:-0}" = 1 ]; then BUILD+=(--layers); fi ;;
   *) echo "build-images: ENGINE must be docker or buildah, not $ENGINE" >&2; exit 1 ;;
 esac
@@ -78,7 +78,19 @@ for image in "${images[@]}"; do
   esac
   echo "build-images: $ref ($ENGINE, $IMAGE_BASE base)"
   start=$SECONDS
+  previous=""
+  if [ "$ENGINE" = buildah ]; then
+    previous="$("${BUILDAH[@]}" images --quiet --no-trunc "$ref" 2>/dev/null || true)"
+  fi
   # shellcheck disable=SC2086  # args is a list of flags
   "${BUILD[@]}" -f "$dockerfile" $args "${base_args[@]}" -t "$ref" .
+  # The image this one replaces lost its tag: remove it (unless a container still uses it), so that
+  # rebuilding on vfs does not leave a full copy of the file system behind each time.
+  if [ -n "$previous" ]; then
+    current="$("${BUILDAH[@]}" images --quiet --no-trunc "$ref" 2>/dev/null || true)"
+    if [ "$previous" != "$current" ]; then
+      "${BUILDAH[@]}" rmi "$previous" >/dev/null 2>&1 || true
+    fi
+  fi
   echo "build-images: $ref built in $((SECONDS - start)) s"
 done
