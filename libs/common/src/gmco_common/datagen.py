@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -60,12 +59,6 @@ class Catalogue:
         return common_pb2.MediaItem(
             media_id=int(self.media_ids[i]), vector=encode_vector(self.vectors[i]), attributes=self.attributes(i)
         )
-
-    def media_items(self, batch_size: int = 512, rows: np.ndarray | None = None) -> Iterator[list[common_pb2.MediaItem]]:
-        """MediaItem protos in batches (all rows, or the given row indices)."""
-        idx = np.arange(len(self)) if rows is None else rows
-        for start in range(0, len(idx), batch_size):
-            yield [self.media_item(int(i)) for i in idx[start:start + batch_size]]
 
     def subset(self, rows: np.ndarray) -> Catalogue:
         return Catalogue(**{f.name: getattr(self, f.name)[rows] if f.name != "centroids" else self.centroids

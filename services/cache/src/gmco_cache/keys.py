@@ -36,7 +36,6 @@ _FROM_PROTO = {
     pb.KEYSPACE_USER_VECTOR: Keyspace.USER_VECTOR,
     pb.KEYSPACE_MEDIA_VECTOR: Keyspace.MEDIA_VECTOR,
 }
-_TO_PROTO = {v: k for k, v in _FROM_PROTO.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +90,6 @@ def key_from_proto(key: pb.CacheKey, field: str) -> Key:
     if keyspace is Keyspace.USER_VECTOR:
         return user_vector_key(key.user_id, f"{field}.")
     return media_vector_key(key.media_id)
-
-
-def keyspace_to_proto(keyspace: Keyspace) -> int:
-    return _TO_PROTO[keyspace]
 
 
 def check_value(value: bytes, field: str, max_bytes: int) -> bytes:
