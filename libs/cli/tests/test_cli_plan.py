@@ -119,7 +119,15 @@ def _results(tmp: Path) -> Path:
 
 
 def test_load_measured_reads_the_results_files(tmp_path: Path) -> None:
+    (tmp_path / "shard_scale.json").write_text(json.dumps({
+        "machine": {"cpus": 2}, "rows": 1_000_000, "dim": 1024, "backend": "ivf", "qps_batch1_per_core": 300.0,
+        "qps_b32_grpc": 1500.0, "rss_bytes": 2_500_000_000, "writes": {"p99_ms_without_writes": 4.0}}))
     m = load_measured(_results(tmp_path))
+    ivf = m.profiles["cpu-ivf-1m"]
+    assert ivf.qps.value == 300.0 and ivf.cores == 1 and ivf.p99_ms.value == 4.0
+    assert ivf.bytes_per_row.value == 2500.0 and ivf.bytes_per_row.measured
+    assert m.profiles["cpu-ivf-1m-b32"].qps.value == 1500.0 and m.profiles["cpu-ivf-1m-b32"].cores == 2
+    assert not any("shard_scale" in x for x in m.missing)
     assert m.fanout is not None
     assert m.fanout.per_shard_ms == pytest.approx(0.5) and m.fanout.base_ms == pytest.approx(5.0)
     hnsw = m.profiles["cpu-hnsw-1k"]

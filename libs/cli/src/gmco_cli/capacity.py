@@ -138,25 +138,33 @@ def _shard_profiles(name: str, doc: dict[str, Any]) -> dict[str, Profile]:
 
 
 def _scale_profile(doc: dict[str, Any]) -> dict[str, Profile]:
-    """The 1M-row CPU shard of bench-shard-scale (shard_scale.json), when it has been measured."""
-    needed = ("rows", "dim", "qps_batch1_per_core")
-    if not all(k in doc for k in needed):
+    """The large CPU shard of bench-shard-scale (shard_scale.json), when it has been measured: batch 1 from
+    its in-process single-core sweep (``qps_batch1_per_core``, one core), batch 32 from its gRPC run
+    (``qps_b32_grpc``, the machine's CPUs)."""
+    if not all(k in doc for k in ("rows", "dim")):
         return {}
     cpus = _cpus(doc)
     rows, dim = int(doc["rows"]), int(doc["dim"])
+    backend = str(doc.get("backend", "ivf"))
     if "rss_bytes" in doc:
         bpr = Figure(doc["rss_bytes"] / rows, "shard_scale.json: rss_bytes / rows", True)
     else:
         bpr = Figure(2 * dim + COLUMN_BYTES_PER_ROW, "FP16 row + columns (not measured)", False)
-    p99 = None
     writes = doc.get("writes") or {}
-    if "p99_ms_without_writes" in writes:
-        p99 = Figure(writes["p99_ms_without_writes"], "shard_scale.json: writes.p99_ms_without_writes", True)
-    name = f"cpu-{doc.get('index_backend', 'ivf')}-{rows // 1_000_000}m" if rows >= 1_000_000 else f"cpu-scale-{rows}"
-    return {name: Profile(name, str(doc.get("index_backend", "ivf")), rows, dim,
-                          Figure(doc["qps_batch1_per_core"] * cpus,
-                                 f"shard_scale.json: qps_batch1_per_core x {cpus} CPUs", True),
-                          1, p99, cpus, 0, bpr, f"{cpus} CPUs")}
+    p99 = (Figure(writes["p99_ms_without_writes"], "shard_scale.json: writes.p99_ms_without_writes", True)
+           if "p99_ms_without_writes" in writes else None)
+    size = f"{rows // 1_000_000}m" if rows >= 1_000_000 else f"{rows // 1000}k"
+    out: dict[str, Profile] = {}
+    if "qps_batch1_per_core" in doc:
+        name = f"cpu-{backend}-{size}"
+        out[name] = Profile(name, backend, rows, dim,
+                            Figure(doc["qps_batch1_per_core"], "shard_scale.json: qps_batch1_per_core (in process, "
+                                   "one core)", True), 1, p99, 1, 0, bpr, "1 core")
+    if "qps_b32_grpc" in doc:
+        name = f"cpu-{backend}-{size}-b32"
+        out[name] = Profile(name, backend, rows, dim, Figure(doc["qps_b32_grpc"], "shard_scale.json: qps_b32_grpc",
+                                                            True), 32, p99, cpus, 0, bpr, f"{cpus} CPUs")
+    return out
 
 
 def _gpu_profile(doc: dict[str, Any]) -> dict[str, Profile]:
