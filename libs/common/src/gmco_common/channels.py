@@ -69,8 +69,9 @@ class ChannelOptions:
     tls_key_file: Path | None = None
 
 
-def make_channel(target: str, opts: ChannelOptions | None = None) -> grpc.aio.Channel:
-    """An ``aio`` channel to ``target`` (host:port) with retries and deadline propagation."""
+def make_channel(target: str, opts: ChannelOptions | None = None, *, interceptors: bool = True) -> grpc.aio.Channel:
+    """An ``aio`` channel to ``target`` (host:port) with retries and deadline propagation; without
+    ``interceptors`` (tracing, deadline, ids, token per call) for a caller that sets those itself."""
     opts = opts or ChannelOptions()
     options = [
         ("grpc.max_receive_message_length", opts.max_message_bytes),
@@ -80,12 +81,13 @@ def make_channel(target: str, opts: ChannelOptions | None = None) -> grpc.aio.Ch
         ("grpc.keepalive_time_ms", 30000),
     ]
     # The tracing interceptors first (outermost): the CLIENT span covers the call, retries included.
-    interceptors = [*client_interceptors(), _PropagatingInterceptor(opts.default_timeout, opts.auth_token)]
+    chain = ([*client_interceptors(), _PropagatingInterceptor(opts.default_timeout, opts.auth_token)]
+             if interceptors else None)
     if opts.tls_ca_file is not None:
         creds = grpc.ssl_channel_credentials(
             root_certificates=opts.tls_ca_file.read_bytes(),
             private_key=opts.tls_key_file.read_bytes() if opts.tls_key_file else None,
             certificate_chain=opts.tls_cert_file.read_bytes() if opts.tls_cert_file else None,
         )
-        return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, creds, options=options, interceptors=chain)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=chain)

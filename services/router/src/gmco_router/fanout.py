@@ -89,7 +89,7 @@ class FanOut:
             task = loop.create_task(_call_with_failover(rset, replica, prepared))
             owner[task] = sid
             running[sid] = 1
-            delay = replica.hedge_delay()
+            delay = rset.hedge_delay(replica)
             if delay is not None:
                 delays[sid] = delay
         start = loop.time()

@@ -51,7 +51,7 @@ from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2
 from gmco.shard.v1 import shard_service_pb2
 from gmco_common.cache_key import context_hash, context_key
-from gmco_common.context import deadline_var, time_remaining
+from gmco_common.context import budget, deadline_var, time_remaining
 from gmco_common.errors import DeadlineExceeded, Unavailable, from_rpc_error, is_dependency_failure
 from gmco_common.lru import TtlLru
 from gmco_common.vectors import decode_vector, encode_batch, normalize
@@ -366,7 +366,8 @@ class Recommender:
         with p.stage("cache_get"):
             try:
                 resp = await self._cache.GetRecommendations(cache_service_pb2.GetRecommendationsRequest(
-                    user_id=p.user_id, context_hash=p.context_hash, user_version=p.version))
+                    user_id=p.user_id, context_hash=p.context_hash, user_version=p.version),
+                    timeout=budget(self._s.cache_timeout_ms / 1000))
             except grpc.aio.AioRpcError as exc:
                 log.warning("cache lookup failed: %s", exc.code().name)
                 CACHE_LOOKUPS.labels("error").inc()
@@ -386,7 +387,8 @@ class Recommender:
     async def _user_state(self, p: Plan) -> None:
         with p.stage("user_state"):
             try:
-                resp = await self._rl.GetUserState(rl_state_service_pb2.GetUserStateRequest(user_id=p.user_id))
+                resp = await self._rl.GetUserState(rl_state_service_pb2.GetUserStateRequest(user_id=p.user_id),
+                                                   timeout=budget(self._s.rl_state_timeout_ms / 1000))
             except grpc.aio.AioRpcError as exc:
                 p.dependency_failed(exc, "rl_state GetUserState", "rl_state")
                 p.state_failed = True
@@ -401,7 +403,8 @@ class Recommender:
             if compiled is None:
                 try:
                     resp = await self._ontology.ResolveConstraints(ontology_service_pb2.ResolveConstraintsRequest(
-                        context=p.request.context, preferences=p.request.preferences))
+                        context=p.request.context, preferences=p.request.preferences),
+                        timeout=budget(self._s.ontology_timeout_ms / 1000))
                 except grpc.aio.AioRpcError as exc:
                     p.dependency_failed(exc, "ontology ResolveConstraints", "ontology")
                     compiled = self._filters.get_stale(p.context_key) or common_pb2.Filter()
@@ -513,7 +516,7 @@ class Recommender:
         )
         with p.stage("rank"):
             try:
-                resp = await self._rl.Rank(request)
+                resp = await self._rl.Rank(request, timeout=budget(self._s.rl_state_timeout_ms / 1000))
             except grpc.aio.AioRpcError as exc:
                 p.dependency_failed(exc, "rl_state Rank", "rl_state")
                 top = slice(0, p.request.k)

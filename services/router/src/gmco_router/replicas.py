@@ -1,9 +1,9 @@
 """Shard replicas: where they are, whether they are healthy, and which one gets the next call.
 
 Each shard has a :class:`ReplicaSet`. A call goes to a healthy replica whose circuit is closed, the one
-with the fewest calls in flight (ties broken at random). A call slower than that replica's recent p95
-is hedged to a second replica and the first answer wins; a call that fails is retried once on another
-replica. A replica's circuit opens after ``breaker_failures`` consecutive failures and lets one probe
+expected to answer first ((calls in flight + 1) x median latency, one call in twenty to each in turn). A call
+slower than the fastest replica's recent p95 is hedged to a second replica and the first answer wins; a
+call that fails is retried once on another replica. A replica's circuit opens after ``breaker_failures`` consecutive failures and lets one probe
 through after ``breaker_cooldown``. Health comes from the standard gRPC health service, polled in the
 background by :class:`ShardPool`, which also re-resolves DNS when replicas come from DNS.
 """
@@ -23,7 +23,7 @@ from typing import Self, TypeVar
 import grpc
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
 from gmco_common.breaker import CircuitBreaker
-from gmco_common.channels import ChannelOptions, make_channel, retry_service_config
+from gmco_common.channels import ChannelOptions, make_channel
 from gmco_common.config import ConfigError
 from gmco_common.supervisor import Supervisor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +35,7 @@ T = TypeVar("T")
 ShardCall = Callable[[shard_service_pb2_grpc.ShardServiceStub], Awaitable[T]]
 
 SHARD_SERVICE = "gmco.shard.v1.ShardService"
+EXPLORE_EVERY = 20  # one shard call in this many goes to the replicas in turn, so every latency stays known
 SEARCH_METHOD = f"/{SHARD_SERVICE}/Search"
 
 HEDGED = Counter("gmco_router_hedged_calls_total", "Shard calls hedged to a second replica.", ["shard"])
@@ -52,23 +53,9 @@ _REPLICA_FAULTS = frozenset({
 
 def search_channel(target: str, opts: ChannelOptions) -> grpc.aio.Channel:
     """A channel for the fan-out's Search calls: ``make_channel``'s options without its per-call
-    interceptor (the fan-out computes deadline, ids and trace context once for all shards). Its arguments
+    interceptors (the fan-out computes deadline, ids and trace context once for all shards). Its arguments
     equal those of the replica's other channel, so gRPC shares one subchannel (one TCP connection)."""
-    options = [
-        ("grpc.max_receive_message_length", opts.max_message_bytes),
-        ("grpc.max_send_message_length", opts.max_message_bytes),
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", retry_service_config(opts.max_attempts, opts.idempotent)),
-        ("grpc.keepalive_time_ms", 30000),
-    ]
-    if opts.tls_ca_file is not None:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=opts.tls_ca_file.read_bytes(),
-            private_key=opts.tls_key_file.read_bytes() if opts.tls_key_file else None,
-            certificate_chain=opts.tls_cert_file.read_bytes() if opts.tls_cert_file else None,
-        )
-        return grpc.aio.secure_channel(target, creds, options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+    return make_channel(target, opts, interceptors=False)
 
 
 class NoReplicaAvailable(Exception):
@@ -103,6 +90,10 @@ class LatencyWindow:
     def add(self, seconds: float) -> None:
         self._samples.append(seconds)
         self._new += 1
+
+    def p50(self) -> float:
+        self.p95()  # re-sorts when due
+        return self._sorted[len(self._sorted) // 2] if self._sorted else 0.0
 
     def p95(self) -> float:
         if not self._samples:
@@ -145,7 +136,8 @@ class Replica:
         return self.healthy and self.breaker.available()
 
     def hedge_delay(self) -> float | None:
-        """Seconds after which a call to this replica is hedged; None when there is no basis yet."""
+        """Seconds after which a call to this replica is hedged by its own p95; None when there is no basis
+        yet. :meth:`ReplicaSet.hedge_delay` (the set's fastest p95) is what the router uses."""
         if not self.policy.hedge or len(self.latencies) < self.policy.hedge_min_samples:
             return None
         return max(self.latencies.p95(), self.policy.hedge_min_delay)
@@ -163,6 +155,12 @@ class Replica:
                     log.warning("circuit opened for shard %s replica %s", self.shard_id, self.target)
             else:
                 self.breaker.abandoned()
+            raise
+        except asyncio.CancelledError:
+            # A hedge's loser: it took at least this long. Without the sample a replica whose every call
+            # loses its race would keep the latency record of its fast days and keep being picked.
+            self.latencies.add(time.perf_counter() - start)
+            self.breaker.abandoned()
             raise
         except BaseException:
             self.breaker.abandoned()
@@ -185,15 +183,40 @@ class ReplicaSet:
     def __init__(self, shard_id: int, replicas: Iterable[Replica] = ()) -> None:
         self.shard_id = shard_id
         self.replicas: list[Replica] = list(replicas)
+        self._picks = 0
 
     def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
-        """A selectable replica with the fewest calls in flight; None when there is none."""
+        """A selectable replica, the one expected to answer first; None when there is none.
+
+        Once every candidate has a latency record, the expected wait of each is (calls in flight + 1) x
+        its median latency, so a replica that has turned slow (a noisy neighbour, a long GC, a slow disk)
+        loses its share of the calls without failing any, and one call in ``EXPLORE_EVERY`` goes to the
+        candidates in turn, so that a slow one that recovered is noticed. Until then: the fewest calls in
+        flight, ties at random."""
         skip = set(map(id, exclude))
         candidates = [r for r in self.replicas if id(r) not in skip and r.selectable()]
-        if not candidates:
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        if any(len(r.latencies) < r.policy.hedge_min_samples for r in candidates):
+            fewest = min(r.in_flight for r in candidates)
+            return random.choice([r for r in candidates if r.in_flight == fewest])
+        self._picks += 1
+        if self._picks % EXPLORE_EVERY == 0:
+            return candidates[(self._picks // EXPLORE_EVERY) % len(candidates)]
+        waits = [(r.in_flight + 1) * r.latencies.p50() for r in candidates]
+        best = min(waits)
+        return random.choice([r for r, w in zip(candidates, waits, strict=True) if w == best])
+
+    def hedge_delay(self, primary: Replica) -> float | None:
+        """When to hedge a call to ``primary``: at the p95 of the fastest measured replica of the set, so
+        that a call that went to a slow replica is hedged as early as one to a fast one would be."""
+        if not primary.policy.hedge:
             return None
-        fewest = min(r.in_flight for r in candidates)
-        return random.choice([r for r in candidates if r.in_flight == fewest])
+        measured = [r.latencies.p95() for r in self.replicas
+                    if r.selectable() and len(r.latencies) >= r.policy.hedge_min_samples]
+        if not measured:
+            return None
+        return max(min(measured), primary.policy.hedge_min_delay)
 
     async def call(self, call: ShardCall[T]) -> T:
         """Run ``call`` on one replica; hedge it when slow, fail over once when it fails."""
@@ -202,7 +225,7 @@ class ReplicaSet:
             raise NoReplicaAvailable(f"shard {self.shard_id}: no healthy replica")
         first = asyncio.ensure_future(primary.invoke(call))
         try:
-            done, _ = await asyncio.wait({first}, timeout=primary.hedge_delay())
+            done, _ = await asyncio.wait({first}, timeout=self.hedge_delay(primary))
         except BaseException:
             first.cancel()
             raise
