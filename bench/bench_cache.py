@@ -21,7 +21,7 @@ Part 2, hit ratio. A request stream is simulated (no servers; simulated clock): 
 ``--rate`` requests/s; each request's user is drawn from a Zipf(1.1) law truncated to 1M users (user of
 rank r has probability proportional to r^-1.1); one context per user; with probability ``--feedback``
 the request is followed by feedback that bumps the user's state version (the cached list becomes
-unreachable). The cache is the service's own in-process TTL LRU (gmco_cache.memory.TtlLru) with the
+unreachable). The cache is the service's own in-process TTL LRU (gmco_common.lru.TtlLru) with the
 production TTL of 300 s and a capacity of N entries; a miss stores the freshly computed list. The first
 half of the stream warms the cache and is not counted.
 """
@@ -46,7 +46,7 @@ import numpy as np
 from gmco.cache.v1 import cache_service_pb2 as pb
 from gmco.cache.v1 import cache_service_pb2_grpc
 from gmco.common.v1 import common_pb2
-from gmco_cache.memory import TtlLru
+from gmco_common.lru import TtlLru
 from gmco_testing.procs import free_port, stop_process, wait_grpc_serving
 from gmco_testing.redis_cluster import RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -160,7 +160,7 @@ def simulate(users: np.ndarray, capacity: int, rate: float, feedback: float, see
     arrivals = np.cumsum(rng.exponential(1 / rate, len(users)))
     bumps = rng.random(len(users)) < feedback
     now = 0.0
-    lru = TtlLru(capacity, 1 << 62, clock=lambda: now)
+    lru = TtlLru(capacity, TTL_SECONDS, clock=lambda: now)
     versions = np.zeros(USERS_ZIPF, dtype=np.int64)
     counted = hits = 0
     half = len(users) // 2
@@ -169,7 +169,7 @@ def simulate(users: np.ndarray, capacity: int, rate: float, feedback: float, see
         key = f"{user}:{versions[user]}"
         hit = lru.get(key) is not None
         if not hit:
-            lru.set(key, b"", TTL_SECONDS)
+            lru.put(key, b"")
         if bump:
             versions[user] += 1
         if i >= half:
