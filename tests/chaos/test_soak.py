@@ -91,6 +91,7 @@ def test_soak(chaos, tmp_path) -> None:
     assert warm, "the warm-up sent nothing"
     baseline = {n: _rss_mb(p) for n, p in pids.items()}
     peak = dict(baseline)
+    series: list[dict[str, float]] = []  # every 30 s: a growth that levels off is a cache filling, not a leak
 
     stop = threading.Event()
     writer = Writer(chaos, stop)
@@ -103,9 +104,12 @@ def test_soak(chaos, tmp_path) -> None:
     window: tuple[float, float] | None = None
     while k6.poll() is None:
         time.sleep(5)
-        for name, pid in pids.items():
+        now = {name: _rss_mb(pid) for name, pid in pids.items()}
+        for name, mb in now.items():
             if name != victim.name or window is not None:
-                peak[name] = max(peak[name], _rss_mb(pid))
+                peak[name] = max(peak[name], mb)
+        if not series or time.time() - started >= 30 * len(series):
+            series.append({"t": round(time.time() - started), **{n: round(v, 1) for n, v in now.items()}})
         if window is None and time.time() - started >= duration / 2:
             killed = time.time()
             victim.kill()
@@ -154,6 +158,7 @@ def test_soak(chaos, tmp_path) -> None:
         "rss_baseline_mb": {n: round(v, 1) for n, v in baseline.items()},
         "rss_peak_mb": {n: round(v, 1) for n, v in peak.items()},
         "rss_growth_fraction": {n: round(g, 3) for n, g in growth.items()},
+        "rss_series_mb": series,
         "command": "make soak",
     }
     out = ROOT / "bench" / "results" / "soak.json"
