@@ -312,6 +312,22 @@ def test_snapshot_restores_identical_results_for_every_segment_layout(small_cata
     assert _live_ids(restored) == _live_ids(store)
 
 
+def test_snapshot_cut_with_several_unsealed_segments_restores_them_all(small_catalogue, make_store, tmp_path) -> None:
+    """Cut while writes go on: frozen segments still waiting for their index beside the growing one,
+    more live rows together than one growing segment holds. All of them come back."""
+    store = make_store("exact", seal_rows=100)
+    vectors = np.asarray(small_catalogue.vectors)
+    for i in range(5):  # 5 x 50 rows: frozen segments of 100 rows and a growing one, none sealed yet
+        ids = np.arange(80_000 + 50 * i, 80_050 + 50 * i, dtype=np.uint64)
+        store.upsert(ids, vectors[50 * i:50 * i + 50], [_attrs()] * 50, lsn=10 + i)
+    unsealed = [seg for seg in store.segments() if not seg.sealed]
+    assert sum(seg.live for seg in unsealed) > 100, "the layout this test needs did not come about"
+    save_snapshot(store, tmp_path)
+    restored = ShardStore(DIM, "exact", store.params, seal_rows=100)
+    assert load_snapshot(restored, tmp_path) == 14
+    assert _live_ids(restored) == _live_ids(store)
+
+
 def test_snapshot_refuses_other_settings(small_catalogue, make_store, tmp_path) -> None:
     save_snapshot(make_store(), tmp_path)
     with pytest.raises(ValueError, match="dimension"):

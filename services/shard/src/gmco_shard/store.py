@@ -164,8 +164,9 @@ class ShardStore:
         it has no index."""
         sealed = [s for s in segments if s.sealed]
         growing = [s for s in segments if not s.sealed]
-        grow = new_growing(self.dim, max(self.seal_rows, *(s.n for s in growing))) if growing else \
-            new_growing(self.dim, self.seal_rows)
+        # Room for the live rows of every unsealed segment together: a snapshot cut while writes go on holds
+        # the growing segment and frozen ones still waiting for their index (each up to SEAL_ROWS).
+        grow = new_growing(self.dim, max(self.seal_rows, sum(s.live for s in growing)))
         for seg in growing:  # rows of unsealed segments are replayed into one growing segment
             live = seg.live_rows()
             self._append(grow, np.asarray(seg.cols.media_ids)[live], seg.vectors, seg.cols, live)
