@@ -31,10 +31,8 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from gmco_testing.procs import free_port, kill9, port_open, wait_until
+from gmco_testing.procs import ManagedServer, free_port, kill9, port_open, wait_until
 
 HOST = "127.0.0.1"
 _INSTALL = ("the `milvus` package (the Milvus 2.3.5 standalone server) is not installed: run "
@@ -98,7 +96,7 @@ def _die_with_parent() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
-class MilvusServer:
+class MilvusServer(ManagedServer):
     """One Milvus standalone process with its data in a temporary directory; a context manager."""
 
     def __init__(self, settings: dict[str, str] | None = None, start_timeout: float = 120.0) -> None:
@@ -218,14 +216,3 @@ class MilvusServer:
             self.root = None
 
     # ----------------------------------------------------------------------------------------------
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()

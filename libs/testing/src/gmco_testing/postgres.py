@@ -22,10 +22,8 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from gmco_testing.procs import free_port, port_open, wait_until
+from gmco_testing.procs import ManagedServer, free_port, port_open, wait_until
 
 DEFAULT_BIN = Path(os.environ.get("GMCO_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -40,7 +38,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class PostgresServer:
+class PostgresServer(ManagedServer):
     """One PostgreSQL cluster in a temporary directory; a context manager."""
 
     def __init__(self, bin_dir: Path = DEFAULT_BIN, user: str = "postgres", database: str = "postgres",
@@ -179,14 +177,3 @@ class PostgresServer:
         return self.dsn_for(name)
 
     # ----------------------------------------------------------------------------------------------
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from types import TracebackType
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,3 +87,25 @@ def kill9(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+
+class ManagedServer:
+    """``with Server(...) as server:``: ``start()`` on entry, ``cleanup()`` on exit and when the start fails."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cleanup()
