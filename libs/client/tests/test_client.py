@@ -4,6 +4,7 @@ deadline, with x-user-id set."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -117,7 +118,10 @@ def test_the_deadline_covers_every_attempt(server: Server) -> None:
     assert time.monotonic() - started < 1.5
     assert 1 < len(server.servicer.calls) < 50
     remaining = [c["time_remaining"] for c in server.servicer.calls]
-    assert remaining[0] <= 0.5 and remaining == sorted(remaining, reverse=True)  # one deadline, shrinking
+    # One deadline, shrinking: a fresh deadline per attempt would start each at 0.5 s again. The server
+    # reads it from the grpc-timeout header on receipt, so neighbours may differ by a little jitter.
+    assert remaining[0] <= 0.5 and remaining[-1] < remaining[0] - 0.1
+    assert all(later <= earlier + 0.005 for earlier, later in itertools.pairwise(remaining))
 
 
 def test_a_slow_answer_is_deadline_exceeded_and_not_retried(server: Server) -> None:
