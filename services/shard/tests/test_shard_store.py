@@ -244,6 +244,44 @@ def test_background_seals_swap_atomically_under_concurrent_searches_and_writes(s
     assert not deleted & live
 
 
+@pytest.mark.parametrize("backend", ["exact", "hnsw", "ivf"])
+@pytest.mark.parametrize("step", ["seal", "compact"])
+def test_writes_during_a_rebuild_are_carried_into_the_new_segment(small_catalogue, make_store, backend,
+                                                                  step) -> None:
+    """Deletes and replacing upserts that land while a segment is being rebuilt (between the rebuild reading
+    its sources and the swap) hit the new segment's rows of those ids, in whatever row order its index laid
+    them out (IVF groups rows by list)."""
+    store = make_store(backend, seal_rows=100)
+    vectors = np.asarray(small_catalogue.vectors)
+    new_ids = np.arange(90_000, 90_150, dtype=np.uint64)
+    store.upsert(new_ids, vectors[:150], [_attrs()] * 150)  # 100 frozen rows and 50 growing ones
+    old_ids = small_catalogue.media_ids
+    expected = set(old_ids.tolist()) | set(new_ids.tolist())
+    doomed = np.concatenate([new_ids[3:100:9], old_ids[5:3000:97]]).astype(np.uint64)
+    replaced = np.concatenate([new_ids[1:100:13], old_ids[7:3000:131]]).astype(np.uint64)
+    build = store._seal
+
+    def seal_then_write(*args, **kw):  # the writes arrive while the index is being built
+        segment = build(*args, **kw)
+        store.delete(doomed)
+        store.upsert(replaced, vectors[-replaced.shape[0]:], [_attrs(rating=9)] * replaced.shape[0])
+        return segment
+
+    store._seal = seal_then_write  # type: ignore[method-assign]
+    if step == "seal":  # the 100 frozen rows; the base segment's rows are written in place
+        assert store.maintain() == "seal"
+    else:  # every segment, the 3000-row base too
+        store.compact()
+    expected = (expected - set(doomed.tolist())) | set(replaced.tolist())  # deleted, then some written again
+    live = []
+    for seg in store.segments():
+        live += seg.cols.media_ids[seg.live_rows()].tolist()
+    assert len(live) == len(set(live)), "an id is live in two segments"
+    assert set(live) == expected
+    for mid, found in zip(replaced.tolist(), store.get(replaced.tolist()), strict=True):
+        assert found is not None and found[2].rating == 9, mid  # the replacing version, not the rebuilt one
+
+
 def test_compaction_swaps_atomically_while_writes_continue(small_catalogue, make_store) -> None:
     store = make_store("hnsw")
     q = generate_queries(small_catalogue, 5)

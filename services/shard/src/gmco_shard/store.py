@@ -417,16 +417,14 @@ class ShardStore:
         """Under the lock: replace ``old`` with ``new``, carrying over rows that died during the rebuild."""
         with self._lock:
             if new is not None:
-                at = 0
-                died = []
-                for seg, live in new._sources:  # type: ignore[attr-defined]
-                    gone = ~seg.is_alive(live)
-                    died.append(np.flatnonzero(gone) + at)
-                    at += live.shape[0]
+                # Rows that died in a source since the rebuild read it die in the new segment too, found by
+                # media id: the index may have laid the rows out in another order (IVF groups them by list).
+                died = [seg.cols.media_ids[live[~seg.is_alive(live)]]
+                        for seg, live in new._sources]  # type: ignore[attr-defined]
                 del new._sources  # type: ignore[attr-defined]
-                dead = np.concatenate(died) if died else np.empty(0, np.int64)
+                dead = np.concatenate(died) if died else np.empty(0, np.uint64)
                 if dead.shape[0]:
-                    new.kill(dead)
+                    new.kill(new.rows_of(dead))
             old_ids = {s.seg_id for s in old}
             kept = [s for s in self._sealed if s.seg_id not in old_ids]
             # the new segment takes the place of the oldest it replaces, so segment age order holds
