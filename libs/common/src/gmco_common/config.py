@@ -146,6 +146,10 @@ class ServerSettings:
     log_format: str = setting("json", choices=("json", "text"))
     otel_exporter: str = setting("none", help="span exporter", choices=("none", "console", "otlp"))
     instance_id: str = setting("", help="name of this process in logs and responses; default host:port")
+    blas_threads: int = setting(
+        1, help="threads numpy's BLAS may use per call; 1 serves concurrent requests best (a small matrix "
+        "product split across threads waits for them on a busy machine)", check=_positive, check_msg="must be > 0"
+    )
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -1,5 +1,5 @@
 """Server interceptors, attached in this order: tracing (the standard OpenTelemetry gRPC interceptor,
-:mod:`gmco_common.tracing`), request context, metrics, auth, error mapping.
+:mod:`gmco_common.tracing`; only while a tracer provider records spans), request context, metrics, auth, error mapping.
 
 Each wraps the unary handler of a method. Health checks and reflection pass through request context and
 auth untouched so that probes need no token.

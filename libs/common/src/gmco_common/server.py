@@ -184,7 +184,8 @@ async def start_server(
     SERVING once no condition is false. With ``stack``, the server stops when the stack unwinds (after a
     drain it is stopped already)."""
     configure_tracing(settings, service_name_of([reg.full_name for reg in registrations]))
-    interceptors: list[grpc.aio.ServerInterceptor] = [server_interceptor(), RequestContextInterceptor(),
+    tracing = server_interceptor()
+    interceptors: list[grpc.aio.ServerInterceptor] = [*([tracing] if tracing else []), RequestContextInterceptor(),
                                                       MetricsInterceptor()]
     if settings.auth_token:
         interceptors.append(AuthInterceptor(settings.auth_token))

@@ -1,0 +1,45 @@
+"""What every service's process gets from ``run_service``: numpy's BLAS capped to ``*_BLAS_THREADS`` threads,
+and no tracing interceptor while no tracer provider records spans. Each check runs in a fresh interpreter,
+since both are process-wide."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numpy_blas_is_capped_and_faiss_is_left_alone(threads: int) -> None:
+    out = _run(f"""
+import faiss, numpy, threadpoolctl
+from gmco_common.cli import limit_numpy_blas
+before = {{lib["filepath"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info()}}
+capped = limit_numpy_blas({threads})
+assert capped and all("numpy" in p for p in capped), capped
+for lib in threadpoolctl.threadpool_info():
+    print(lib["filepath"].split("/")[-2], lib["user_api"], before[lib["filepath"]], lib["num_threads"])
+""")
+    rows = [line.split() for line in out.splitlines()]
+    assert [r[3] for r in rows if r[0] == "numpy.libs"] == [str(threads)]
+    others = [r for r in rows if r[0] != "numpy.libs"]
+    assert others and all(r[2] == r[3] for r in others), rows  # faiss's BLAS and OpenMP keep their threads
+
+
+def test_no_tracing_interceptors_without_a_provider_and_both_with_one() -> None:
+    out = _run("""
+from gmco_common.tracing import client_interceptors, server_interceptor
+print(server_interceptor() is None, client_interceptors() == [])
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+trace.set_tracer_provider(TracerProvider())
+print(server_interceptor() is not None, len(client_interceptors()) > 0)
+""")
+    assert out.splitlines() == ["True True", "True True"]
