@@ -22,7 +22,7 @@ from gmco_shard.planner import Planner
 from gmco_shard.replication import Replication
 from gmco_shard.servicer import ShardServicer
 from gmco_shard.snapshot import save_snapshot
-from gmco_shard.store import ShardStore
+from gmco_shard.store import MAINTENANCE_THREADS, ShardStore
 
 log = logging.getLogger("gmco_shard")
 SERVICE = shard_service_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
@@ -36,7 +36,8 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     slots = slot_map(settings).slots_for(settings.shard_id)
     store = ShardStore(settings.dim, settings.index_backend, settings.index_params(),
                        Planner(settings.planner_costs()), owned_slots=slots, seal_rows=settings.seal_rows,
-                       merge_factor=settings.merge_factor, purge_fraction=settings.purge_fraction)
+                       merge_factor=settings.merge_factor, purge_fraction=settings.purge_fraction,
+                       maintenance_threads=settings.maintenance_threads or MAINTENANCE_THREADS)
     catalog = await stack.enter_async_context(open_log(settings.catalog_dsn)) if settings.catalog_dsn else None
     health = Health()
     await health.set_condition("loading", False)

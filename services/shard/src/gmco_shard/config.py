@@ -66,6 +66,9 @@ class Settings(ServerSettings):
     purge_fraction: float = setting(PURGE_FRACTION, help="a segment is rebuilt without its tombstones when they "
                                     "exceed this fraction of its rows", check=lambda v: 0 < v <= 1,
                                     check_msg="in (0, 1]")
+    maintenance_threads: int = setting(0, help="threads a background index build (seal, merge, purge, compact) "
+                                       "may use; 0 = all cores but one, so that searches keep a core",
+                                       check=lambda v: v >= 0, check_msg=">= 0")
     batch_window_ms: float = setting(0.0, help="micro-batching window for concurrent searches (0 = off; 1 on GPU)",
                                      check=lambda v: 0 <= v <= 20, check_msg="0..20 ms")
     batch_max: int = setting(1024, help="most query rows merged into one batch", check=_pos, check_msg="must be > 0")

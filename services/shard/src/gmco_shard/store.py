@@ -24,6 +24,7 @@ owns (resharding) are dropped whenever a segment is rebuilt.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from gmco_common.slots import NUM_SLOTS, slots_of
 from gmco_shard import bitmaps
 from gmco_shard.columns import AttributeColumns, copy_rows, empty_columns, read_attributes, write_attributes
 from gmco_shard.filters import AttributeIndex, evaluate_filter, is_trivial
-from gmco_shard.index.base import FilteringIndex, create_index, topk
+from gmco_shard.index.base import FilteringIndex, build_threads, create_index, topk
 from gmco_shard.index.exact import exact_search
 from gmco_shard.index.params import IndexParams
 from gmco_shard.planner import ACORN, EXACT, INDEX, POPULARITY, PREFILTER, Planner
@@ -52,6 +53,9 @@ _PURGE_MIN_DEAD = 1000
 # A replaced segment's index frees what it holds elsewhere (a Milvus collection) this long after the swap,
 # when no search that started before the swap can still be reading it.
 RETIRE_DELAY_SECONDS = 60.0
+# Threads a background index build (seal, merge, purge, compact) may use: all cores but one, so that
+# searches keep a core while it runs (the start-up build takes every core).
+MAINTENANCE_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,8 @@ class Cut:
 class ShardStore:
     def __init__(self, dim: int, backend: str, params: IndexParams, planner: Planner | None = None,
                  owned_slots: Sequence[int] | None = None, seal_rows: int = SEAL_ROWS,
-                 merge_factor: int = MERGE_FACTOR, purge_fraction: float = PURGE_FRACTION) -> None:
+                 merge_factor: int = MERGE_FACTOR, purge_fraction: float = PURGE_FRACTION,
+                 maintenance_threads: int = MAINTENANCE_THREADS) -> None:
         self.dim = dim
         self.backend = backend
         self.params = params
@@ -93,6 +98,7 @@ class ShardStore:
         self.seal_rows = seal_rows
         self.merge_factor = merge_factor
         self.purge_fraction = purge_fraction
+        self.maintenance_threads = maintenance_threads
         self._lock = threading.RLock()
         self._maintenance = threading.Lock()
         self._sealed: tuple[Segment, ...] = ()  # sealed and frozen, oldest first
@@ -475,7 +481,8 @@ class ShardStore:
                     self._freeze()
                     sources = [self._sealed[-1]]
             start = time.perf_counter()
-            new = self._rebuild(sources, progress)
+            with build_threads(self.maintenance_threads):
+                new = self._rebuild(sources, progress)
             self._swap(sources, new)
             log.info("%s: %d segment(s), %d rows -> %d rows in %.1f s; %d segments now", what, len(sources),
                      sum(s.n for s in sources), 0 if new is None else new.n, time.perf_counter() - start,
@@ -490,7 +497,8 @@ class ShardStore:
                 with self._lock:
                     self._freeze()
                     sources = list(self._sealed)
-                new = self._rebuild(sources, progress)
+                with build_threads(self.maintenance_threads):
+                    new = self._rebuild(sources, progress)
                 self._swap(sources, new)
                 log.info("compaction: %d rows in one segment, generation %d", 0 if new is None else new.n,
                          self.generation)

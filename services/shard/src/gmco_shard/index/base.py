@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +133,21 @@ def backend_class(name: str) -> type[VectorIndex]:
         hint = "; or GMCO_SHARD_INDEX_BACKEND=cupy for exact search on the GPU without cuVS" if name == "cuvs" else ""
         raise ConfigError(f"index backend {name!r} is installed but cannot load: {exc}{hint}") from exc
     return getattr(module, cls_name)
+
+
+@contextmanager
+def build_threads(threads: int) -> Iterator[None]:
+    """Index builds started by the calling thread inside the block use at most ``threads`` OpenMP threads
+    (faiss's k-means, assignment and graph builds). OpenMP keeps the setting per thread, so a background
+    build is capped while a build on another thread (the start-up load) keeps every core."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def create_index(name: str, dim: int, params: IndexParams) -> VectorIndex:
