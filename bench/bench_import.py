@@ -8,8 +8,10 @@ reads its timings:
 - append rate: items/s from the first row read to the last batch committed in the log;
 - caught-up rate: items / (import + time until every replica has applied the last lsn).
 
-Afterwards the first and last imported items are read back from the shards (GetMedia) and a Recommend with min_lsn = the last
-lsn answers, which is read-your-writes over imported rows. Writes bench/results/bench_import.json.
+While it runs, the log's head and every replica's ``applied_lsn`` are sampled (GetStats) every 0.2 s: the
+timeline shows whether the shards keep up. Afterwards the first and last imported items are read back from the
+shards (GetMedia) and a Recommend with min_lsn = the last lsn answers, which is read-your-writes over imported
+rows. Writes bench/results/bench_import.json and bench/results/bench_import.png.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import argparse
 import os
 import re
 import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json
+from common import plot_path, write_json
 from gmco.router.v1 import router_service_pb2 as rpb
 from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
@@ -39,6 +44,68 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Timeline:
+    """Samples (seconds since start, log head, each replica's applied_lsn) from a thread until stopped."""
+
+    def __init__(self, catalog: str, shards: list[str], every: float = 0.2) -> None:
+        self.samples: list[list[float]] = []
+        self._catalog, self._shards, self._every = catalog, shards, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        channels = [grpc.insecure_channel(t) for t in self._shards]
+        stubs = [shard_service_pb2_grpc.ShardServiceStub(c) for c in channels]
+        log = sqlite3.connect(f"file:{self._catalog}?mode=ro", uri=True)
+        try:
+            while not self._stop.is_set():
+                head = log.execute("SELECT coalesce(max(lsn), 0) FROM catalog_log").fetchone()[0]
+                try:
+                    applied = [s.GetStats(shard_service_pb2.GetStatsRequest(), timeout=10).applied_lsn for s in stubs]
+                except grpc.RpcError:
+                    continue
+                self.samples.append([round(time.perf_counter() - self.started, 3), head, *applied])
+                self._stop.wait(self._every)
+        finally:
+            log.close()
+            for c in channels:
+                c.close()
+
+
+def plot(result: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = plot_path("bench_import")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [2, 1]})
+    samples = np.asarray(result["timeline"]["samples"], float)
+    if samples.size:
+        ax.plot(samples[:, 0], samples[:, 1], c="k", label="log head (gmco import)")
+        for i in range(2, samples.shape[1]):
+            ax.plot(samples[:, 0], samples[:, i], label=f"shard {i - 2} applied_lsn", alpha=0.8)
+        done = samples[samples[:, 1] >= result["last_lsn"], 0]
+        if done.size:
+            ax.axvline(done[0], ls=":", c="grey", label="last entry committed")
+    ax.set(xlabel="seconds since the gmco import process started", ylabel="lsn",
+           title=f"{result['items']:,} x {result['dim']} into the log: {result['caught_up_items_per_second']:,.0f}"
+                 " items/s caught up")
+    ax.legend(fontsize=8)
+    bx.bar(["importer", "shards (both)"], [result["importer_cpu_seconds"], result["shards_cpu_seconds"]])
+    bx.set(ylabel="CPU seconds", title="CPU spent on the import")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_parquet(path: Path, n: int, dim: int, first_id: int, seed: int = 11) -> float:
@@ -96,7 +163,8 @@ def main() -> None:
             shard_cpu0 = [cpu_seconds(p) for p in shard_pids]
             usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            with Timeline(stack.catalog_dsn, shards) as timeline:
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
             wall = time.perf_counter() - t
             usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             importer_cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
@@ -133,8 +201,11 @@ def main() -> None:
         "items_per_cpu_second": appended / (importer_cpu + shards_cpu),
         "read_back_ids": read_back, "recommend_with_min_lsn_items": len(rec.items),
         "parquet_write_seconds": gen_seconds,
+        "timeline": {"columns": ["seconds", "log_head_lsn", *(f"shard_{i}_applied_lsn" for i in range(2))],
+                     "samples": timeline.samples},
     }
     path = write_json("bench_import", result)
+    plot(result)
     print(f"append {result['append_items_per_second']:,.0f} items/s, caught up "
           f"{result['caught_up_items_per_second']:,.0f} items/s; CPU: importer {importer_cpu:.1f} s, shards "
           f"{shards_cpu:.1f} s ({result['items_per_cpu_second']:,.0f} items per CPU second) -> {path}")

@@ -27,6 +27,7 @@ async def contract_append_read(log) -> None:
     everything = await log.read(0, None, 100)
     assert [e.media_id for e in everything.entries] == [1, 2, 3, 2]
     assert [e.op for e in everything.entries] == [Op.UPSERT] * 3 + [Op.DELETE]
+    assert [e.lsn for e in everything.entries] == [*range(r1.first_lsn, r1.last_lsn + 1), r2.first_lsn]
     assert everything.scanned_lsn == r2.last_lsn
     page = await log.read(0, None, 2)
     assert len(page.entries) == 2 and page.scanned_lsn == page.entries[-1].lsn

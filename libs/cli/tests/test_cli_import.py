@@ -106,6 +106,43 @@ def test_json_lines_round_trip(tmp_path: Path) -> None:
     _assert_round_trip(tmp_path / "log.sqlite3", ids, vectors, attrs)
 
 
+def test_parquet_attributes_are_the_bytes_protobuf_writes_row_for_row(tmp_path: Path) -> None:
+    """The Parquet reader encodes attributes with numpy, a column at a time; each row's bytes must be what
+    MediaAttributes(...).SerializeToString(deterministic=True) gives: nulls, zeros left out, -0.0, FP32
+    rounding and overflow, the largest values, long genre lists, batches that split row groups."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    ids = np.arange(1, n + 1, dtype=np.uint64)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    top = np.uint64((1 << 64) - 1)
+    region = np.where(rng.random(n) < 0.2, top, rng.integers(0, 1 << 63, n, dtype=np.uint64) >> rng.integers(
+        0, 64, n).astype(np.uint64))
+    popularity = rng.choice(np.array([0.0, -0.0, 1e-46, 1e39, 0.1, 3.4028235e38]), n)
+    genres = [None if i % 17 == 0 else [int(g) for g in rng.integers(0, 1 << 32, i % 40, dtype=np.uint64)]
+              for i in range(n)]
+    nulls = rng.random(n) < 0.1
+    table = pa.table({
+        "media_id": pa.array(ids),
+        "vector": pa.array(vectors.tolist(), pa.list_(pa.float32())),
+        "genre_ids": pa.array(genres, pa.list_(pa.uint32())),
+        "rating": pa.array(rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32), mask=nulls),
+        "region_mask": pa.array(region, pa.uint64()),
+        "format_mask": pa.array(rng.integers(0, 3, n), pa.int64()),
+        "release_year": pa.array(rng.integers(0, 10000, n), pa.int16(), mask=~nulls & (rng.random(n) < 0.1)),
+        "popularity": pa.array(popularity, pa.float64(), mask=rng.random(n) < 0.05),
+    })
+    pq.write_table(table, tmp_path / "items.parquet", row_group_size=700)
+    code, out = _run(str(tmp_path / "items.parquet"), "--catalog-dsn", str(tmp_path / "log.sqlite3"), "--dim",
+                     str(DIM), "--batch-size", "512", "--state", str(tmp_path / "s.json"))
+    assert code == 0, out
+    entries = _log(tmp_path / "log.sqlite3")
+    assert len(entries) == n
+    rows = table.drop_columns(["media_id", "vector"]).to_pylist()
+    for entry, row in zip(entries, rows, strict=True):
+        want = common_pb2.MediaAttributes(**{k: v for k, v in row.items() if v is not None})
+        assert entry.attributes == want.SerializeToString(deterministic=True), (entry.media_id, row)
+
+
 @pytest.mark.parametrize(("change", "row", "says"), [
     (lambda docs: docs[3].update(vector=[1.0] * (DIM - 1)), 4, f"vector: has dimension {DIM - 1}, expected {DIM}"),
     (lambda docs: docs[3].update(vector=[float("nan")] * DIM), 4, "NaN"),

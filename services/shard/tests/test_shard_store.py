@@ -8,10 +8,12 @@ import threading
 import numpy as np
 import pytest
 from gmco.common.v1 import common_pb2
+from gmco_catalog.log import LogEntry, Op
 from gmco_common.config import ConfigError
 from gmco_common.datagen import exact_ground_truth, generate_queries, save_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slot_of, slots_of
 from gmco_shard import bitmaps
+from gmco_shard.apply import apply_entries
 from gmco_shard.columns import columns_from_catalogue, columns_from_items
 from gmco_shard.filters import AttributeIndex, evaluate_filter
 from gmco_shard.index.base import create_index
@@ -23,6 +25,7 @@ from gmco_shard.snapshot import load_snapshot, save_snapshot
 from gmco_shard.store import ShardStore
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 DIM = 32
 SMALL = IndexParams(hnsw=HnswParams(m=16, ef_construction=80, ef_search=64))
@@ -405,3 +408,172 @@ def test_compaction_drops_slots_no_longer_owned(make_store, small_catalogue) -> 
     assert len(kept) == int(owned[slots].sum()) < len(ids)
     moved = int(ids[~owned[slots]][0])
     assert store.get([moved]) == [None]
+
+
+# -- applying catalogue-log entries in batches (gmco_shard.apply) ------------------------------------------
+
+def _entry(lsn: int, media_id: int, vector: np.ndarray | None = None, attrs: common_pb2.MediaAttributes | None = None,
+           op: int = Op.UPSERT, raw_vector: bytes | None = None, raw_attrs: bytes | None = None) -> LogEntry:
+    if op != Op.UPSERT:
+        return LogEntry(lsn, slot_of(media_id), op, media_id, None, None)
+    vec = raw_vector if raw_vector is not None else np.asarray(vector, "<f2").tobytes()
+    blob = raw_attrs if raw_attrs is not None else (attrs or _attrs()).SerializeToString()
+    return LogEntry(lsn, slot_of(media_id), op, media_id, vec, blob)
+
+
+def _vec(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float16)
+
+
+def _skipped(reason: str) -> float:
+    return REGISTRY.get_sample_value("gmco_shard_log_entries_skipped_total", {"reason": reason}) or 0.0
+
+
+def _empty_store() -> ShardStore:
+    store = ShardStore(DIM, "exact", SMALL, seal_rows=64)
+    store.mark_loaded()
+    return store
+
+
+def _contents(store: ShardStore) -> dict[int, tuple[bytes, bytes]]:
+    """Live id -> (vector bytes, attributes bytes), from every segment."""
+    out: dict[int, tuple[bytes, bytes]] = {}
+    for m in sorted(_live_ids(store)):
+        _, vector, attrs = store.get([m])[0]
+        out[m] = (vector.tobytes(), attrs.SerializeToString(deterministic=True))
+    return out
+
+
+def test_apply_a_batch_with_an_id_upserted_twice_keeps_the_later_write() -> None:
+    store = _empty_store()
+    apply_entries(store, [_entry(1, 7, _vec(1), _attrs((1,), rating=1)), _entry(2, 8, _vec(2)),
+                          _entry(3, 7, _vec(3), _attrs((2,), rating=3))], 3)
+    got = store.get([7])[0]
+    assert got is not None and got[1].tobytes() == _vec(3).tobytes() and got[2] == _attrs((2,), rating=3)
+    assert store.stats()["item_count"] == 2
+    # the same in a store where id 7 already lives in a sealed segment
+    store = _empty_store()
+    store.bulk_load(_vec(0)[None], columns_from_items([common_pb2.MediaItem(media_id=7, attributes=_attrs())]))
+    apply_entries(store, [_entry(1, 7, _vec(1)), _entry(2, 7, _vec(3))], 2)
+    assert store.get([7])[0][1].tobytes() == _vec(3).tobytes() and store.stats()["item_count"] == 1
+
+
+def test_apply_a_batch_with_an_upsert_then_a_delete_of_the_id_deletes_it() -> None:
+    store = _empty_store()
+    apply_entries(store, [_entry(1, 5, _vec(5))], 1)  # lives before the batch
+    apply_entries(store, [_entry(2, 5, _vec(6)), _entry(3, 9, _vec(9)), _entry(4, 5, op=Op.DELETE),
+                          _entry(5, 11, _vec(11)), _entry(6, 11, op=Op.DELETE)], 6)
+    got = store.get([5, 9, 11])
+    assert got[0] is None and got[2] is None and got[1][1].tobytes() == _vec(9).tobytes()
+    assert _live_ids(store) == {9}
+
+
+def test_apply_a_batch_with_a_delete_then_an_upsert_of_the_id_keeps_the_upsert() -> None:
+    store = _empty_store()
+    apply_entries(store, [_entry(1, 5, _vec(5)), _entry(2, 6, _vec(6))], 2)
+    apply_entries(store, [_entry(3, 5, op=Op.DELETE), _entry(4, 5, _vec(50), _attrs((4,))),
+                          _entry(5, 12, op=Op.DELETE), _entry(6, 12, _vec(12))], 6)
+    assert _live_ids(store) == {5, 6, 12}
+    got = store.get([5])[0]
+    assert got[1].tobytes() == _vec(50).tobytes() and got[2] == _attrs((4,))
+
+
+_u64 = st.integers(0, (1 << 64) - 1)
+_attributes = st.builds(
+    lambda genres, rating, region, fmt, year, pop: common_pb2.MediaAttributes(
+        genre_ids=genres, rating=rating, region_mask=region, format_mask=fmt, release_year=year, popularity=pop),
+    genres=st.lists(st.integers(0, (1 << 31) - 1), max_size=8), rating=st.integers(0, 255), region=_u64, fmt=_u64,
+    year=st.integers(0, 9999), pop=st.floats(0, allow_infinity=False, allow_nan=False, width=32) | st.just(-0.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(attrs=st.lists(_attributes, min_size=1, max_size=40))
+def test_apply_round_trips_attributes_and_vectors_exactly(attrs) -> None:
+    store = _empty_store()
+    entries = [_entry(i + 1, 1000 + i, _vec(i), a) for i, a in enumerate(attrs)]
+    assert apply_entries(store, entries, len(entries)) == 0
+    for i, a in enumerate(attrs):
+        _, vector, got = store.get([1000 + i])[0]
+        assert vector.tobytes() == _vec(i).tobytes()
+        # bytes, not ==: -0.0 must stay -0.0 and every field must come back as it went in
+        assert got.SerializeToString(deterministic=True) == a.SerializeToString(deterministic=True)
+
+
+def test_apply_skips_poison_entries_in_a_batch_and_keeps_what_came_before() -> None:
+    store = _empty_store()
+    good = _vec(1)
+    nan = np.full(DIM, np.nan, np.float16)
+    entries = [
+        _entry(1, 1, good), _entry(2, 1, raw_vector=good.tobytes()[:-2]),  # wrong size: id 1 keeps lsn 1
+        _entry(3, 2, good), _entry(4, 2, nan),  # not finite
+        _entry(5, 3, good), _entry(6, 3, raw_vector=good.tobytes(), raw_attrs=b"\xff\xff\xff"),  # undecodable
+        _entry(7, 4, good), _entry(8, 4, good, _attrs(rating=300)),  # out of bounds
+        _entry(9, 5, good, common_pb2.MediaAttributes(genre_ids=list(range(9)))),  # 9 genres: out of bounds
+        _entry(10, 6, good), LogEntry(11, slot_of(6), 9, 6, None, None),  # an op this version does not know
+        _entry(12, 7, good),
+    ]
+    reasons = ("vector_size", "vector_not_finite", "attributes_undecodable", "attributes_out_of_bounds", "unknown_op")
+    before = [_skipped(r) for r in reasons]
+    assert apply_entries(store, entries, 12) == 6
+    assert [_skipped(r) - b for r, b in zip(reasons, before, strict=True)] == [1, 1, 1, 2, 1]
+    assert _live_ids(store) == {1, 2, 3, 4, 6, 7}
+    for media_id in (1, 2, 3, 4):  # the earlier valid write stands
+        assert store.get([media_id])[0][1].tobytes() == good.tobytes()
+    assert store.applied_lsn == 12
+
+
+def test_apply_moves_applied_lsn_to_the_batch_end_only_after_its_rows_are_in() -> None:
+    seen: list[tuple[str, int]] = []
+
+    class Watching(ShardStore):
+        def upsert(self, *args, **kw):
+            n = super().upsert(*args, **kw)
+            seen.append(("upsert", self.applied_lsn))
+            return n
+
+        def delete(self, *args, **kw):
+            n = super().delete(*args, **kw)
+            seen.append(("delete", self.applied_lsn))
+            return n
+
+    store = Watching(DIM, "exact", SMALL)
+    store.mark_loaded()
+    apply_entries(store, [_entry(1, 1, _vec(1))], 1)
+    seen.clear()
+    apply_entries(store, [_entry(2, 2, _vec(2)), _entry(3, 1, op=Op.DELETE), _entry(4, 3, _vec(3))], 9)
+    assert sorted(seen) == [("delete", 1), ("upsert", 1)]  # neither write moved it
+    assert store.applied_lsn == 9  # the scanned lsn, past the last entry
+    assert _live_ids(store) == {2, 3}
+    apply_entries(store, [], 12)  # nothing of our slots in the scanned range
+    assert store.applied_lsn == 12
+
+
+_ops = st.lists(st.tuples(st.sampled_from([Op.UPSERT, Op.UPSERT, Op.DELETE, "poison"]), st.integers(1, 6),
+                          st.integers(0, 3)), max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(before=_ops, batch=_ops)
+def test_apply_a_batch_equals_applying_its_entries_one_by_one(before, batch) -> None:
+    """Against the reference (every entry its own batch): the same live rows with the same contents."""
+    def entries(ops, first_lsn):
+        out = []
+        for k, (op, media_id, seed) in enumerate(ops):
+            lsn = first_lsn + k
+            if op == "poison":
+                out.append(_entry(lsn, media_id, raw_vector=b"\x00" * 6))
+            elif op == Op.DELETE:
+                out.append(_entry(lsn, media_id, op=Op.DELETE))
+            else:
+                out.append(_entry(lsn, media_id, _vec(seed), _attrs((seed,), rating=seed)))
+        return out
+
+    first = entries(before, 1)
+    second = entries(batch, len(first) + 1)
+    one_by_one, batched = _empty_store(), _empty_store()
+    for e in first + second:
+        apply_entries(one_by_one, [e], e.lsn)
+    apply_entries(batched, first, len(first))
+    apply_entries(batched, second, len(first) + len(second))
+    assert _contents(batched) == _contents(one_by_one)
+    assert batched.applied_lsn == len(first) + len(second)

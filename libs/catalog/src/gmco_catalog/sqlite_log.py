@@ -54,13 +54,12 @@ class SqliteCatalogLog:
                     if got:
                         db.execute("ROLLBACK")
                         return AppendResult(got[0], got[1], duplicate=True)
-                first = last = 0
-                for row in rows:
-                    cur = db.execute(
-                        "INSERT INTO catalog_log (slot, op, media_id, vector, attributes) VALUES (?, ?, ?, ?, ?)", row
-                    )
-                    last = cur.lastrowid or 0
-                    first = first or last
+                db.executemany(
+                    "INSERT INTO catalog_log (slot, op, media_id, vector, attributes) VALUES (?, ?, ?, ?, ?)", rows
+                )
+                # One writer holds the write lock and lsn is AUTOINCREMENT, so the rows took consecutive lsns.
+                last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                first = last - len(rows) + 1
                 if request_id:
                     db.execute("INSERT INTO catalog_requests VALUES (?, ?, ?)", (request_id, first, last))
                 db.execute("COMMIT")

@@ -7,6 +7,7 @@ bulk import in the same column layout.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -94,6 +95,34 @@ def write_attributes(cols: AttributeColumns, row: int, media_id: int, attrs: com
     cols.format_mask[row] = attrs.format_mask
     cols.release_year[row] = attrs.release_year
     cols.popularity[row] = attrs.popularity
+
+
+def columns_from_attributes(media_ids: np.ndarray, attrs: Sequence[common_pb2.MediaAttributes]
+                            ) -> tuple[AttributeColumns, np.ndarray]:
+    """Columns for ``attrs`` (decoded messages, one per id), built a column at a time, and a mask of the rows
+    that :func:`check_attributes` would reject; those rows' columns hold no meaningful values. The rows
+    that pass get exactly what :func:`write_attributes` writes."""
+    n = len(attrs)
+    cols = empty_columns(n)
+    cols.media_ids[:] = media_ids
+    rating = np.fromiter((a.rating for a in attrs), np.uint32, n)
+    year = np.fromiter((a.release_year for a in attrs), np.uint32, n)
+    cols.popularity[:] = np.fromiter((a.popularity for a in attrs), np.float32, n)
+    cols.region_mask[:] = np.fromiter((a.region_mask for a in attrs), np.uint64, n)
+    cols.format_mask[:] = np.fromiter((a.format_mask for a in attrs), np.uint64, n)
+    genres = [a.genre_ids for a in attrs]
+    counts = np.fromiter(map(len, genres), np.int64, n)
+    flat = np.fromiter(itertools.chain.from_iterable(genres), np.int64, int(counts.sum()))
+    row = np.repeat(np.arange(n), counts)
+    col = np.arange(flat.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
+    bad = (counts > MAX_GENRES) | (rating > 255) | (year > 9999) | ~np.isfinite(cols.popularity) \
+        | (cols.popularity < 0)
+    bad[row[flat > MAX_GENRE_ID]] = True
+    fits = col < MAX_GENRES
+    cols.genre_ids[row[fits], col[fits]] = np.where(flat[fits] > MAX_GENRE_ID, -1, flat[fits]).astype(np.int32)
+    cols.rating[:] = np.minimum(rating, 255)
+    cols.release_year[:] = np.minimum(year, np.iinfo(np.uint16).max)
+    return cols, bad
 
 
 def read_attributes(cols: AttributeColumns, row: int) -> common_pb2.MediaAttributes:

@@ -93,7 +93,8 @@ class Segment:
         if self.ids is not None:
             return self.ids.rows_of(media_ids)
         assert self.lookup is not None
-        return np.fromiter((self.lookup.get(int(m), -1) for m in media_ids), np.int64, len(media_ids))
+        ids = np.asarray(media_ids, np.uint64).tolist()
+        return np.fromiter(map(self.lookup.get, ids, itertools.repeat(-1)), np.int64, len(ids))
 
     def is_alive(self, rows: np.ndarray) -> np.ndarray:
         r = np.asarray(rows, np.int64)

@@ -201,11 +201,12 @@ class ShardStore:
         assert seg.lookup is not None
         count = src.shape[0]
         start = seg.n
+        if count and (np.diff(src) == 1).all():
+            src = slice(int(src[0]), int(src[0]) + count)  # a run of rows: copied without a gather
         seg.vectors[start:start + count] = vectors[src]
         copy_rows(seg.cols, start, cols, src)
         bitmaps.set_rows(seg.alive, np.arange(start, start + count))
-        for i, m in enumerate(media_ids.tolist()):
-            seg.lookup[int(m)] = start + i
+        seg.lookup.update(zip(np.asarray(media_ids, np.uint64).tolist(), range(start, start + count)))
         seg.live += count
         seg.n = start + count  # last: a concurrent search reads n, then only rows below it
 
