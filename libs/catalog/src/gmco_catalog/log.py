@@ -27,13 +27,14 @@ class Op(IntEnum):
     DELETE = 2
 
 
+_OPS = {int(op): op for op in Op}
+
+
 def parse_op(value: int) -> Op | int:
     """A stored op code as :class:`Op`; a code this version does not know (a newer or buggy writer) stays a
-    plain int, so that readers can skip the entry instead of failing on it."""
-    try:
-        return Op(value)
-    except ValueError:
-        return value
+    plain int, so that readers can skip the entry instead of failing on it. (A dict lookup: ``Op(value)``
+    was a fifth of a replica's log reads during a bulk import.)"""
+    return _OPS.get(value, value)
 
 
 @dataclass(frozen=True)
