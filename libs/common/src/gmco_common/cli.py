@@ -33,9 +33,8 @@ def limit_numpy_blas(threads: int) -> list[str]:
     libraries capped. A service multiplies small matrices for many requests at once: OpenBLAS splitting
     each one across threads made a 100 x 1024 by 1024 x 32 product take 2.9 ms instead of 0.4 ms on a
     loaded 2-core machine, waiting for threads that were not running."""
-    from threadpoolctl import ThreadpoolController
-
     import numpy  # noqa: F401 - its BLAS must be loaded to be found
+    from threadpoolctl import ThreadpoolController
 
     capped = []
     for lib in ThreadpoolController().lib_controllers:
