@@ -10,7 +10,7 @@ that the RSS check measures growth beyond them and not a cache filling (docs/rel
 memory"). At the soak's 30 requests/s they fill far slower than the soak lasts: each router's list LRU
 (``GMCO_ROUTER_LIST_CACHE_ENTRIES``, 20,000 lists of k=10, about 5.7 KB of RSS each) gains about 9 lists
 a second, rl_state's memo of which policy showed which item to whom (``Rollout``, 200,000 (user, item)
-pairs) about 100 pairs a second. The pre-warm sends every router, directly, RecommendBatch calls of
+pairs) about 140 pairs a second. The pre-warm sends every router, directly, RecommendBatch calls of
 first-time users with the soak's k and contexts until it has stored more lists than its LRU holds; their
 Rank calls put ten pairs each into rl_state's memo, twice its bound in all. The cache service, which
 those lists fill too (a store bounded at 1M entries / 512 MB, far beyond any soak), is restarted
