@@ -175,6 +175,41 @@ def l1_line(by: dict[str, Phase]) -> list[str]:
             f"{metric(off, 'grpc_req_duration', 'p(99)'):.2f} ms) without: {r_on / max(r_off, 1e-9):.2f}x.")]
 
 
+def plot_slo(result: dict, path: Path) -> None:
+    """p99 of every ladder step against its target (miss and hit), and CPU per request per process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, label, target in ((axes[0], "miss", result["miss_p99_target_ms"]),
+                              (axes[1], "hit", result["hit_p99_target_ms"])):
+        steps = result[label]["steps"]
+        rates = [st["rate"] for st in steps]
+        ax.plot(rates, [st["p99_ms"] for st in steps], "o-", label="p99")
+        ax.plot(rates, [st["p50_ms"] for st in steps], "s--", label="p50")
+        for st in steps:
+            ax.annotate("pass" if st["passed"] else "fail", (st["rate"], st["p99_ms"]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8)
+        ax.axhline(target, color="tab:red", lw=1, label=f"p99 target {target} ms")
+        ax.set_yscale("log")
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_ylabel("latency through Envoy (ms)")
+        ax.set_title(f"{label} path: highest passing rate {result[label]['max_rate_at_p99_target']} req/s")
+        ax.legend(fontsize=8)
+    cores = result["miss_closed_loop_cpu_cores"]
+    qps = max(result["miss_closed_loop_qps"], 1e-9)
+    names = sorted(cores)
+    axes[2].bar(names, [1e3 * cores[n] / qps for n in names], color="tab:purple")
+    axes[2].set_ylabel("CPU ms per miss (closed loop)")
+    axes[2].set_title(f"miss path CPU: {result['cpu_ms_per_miss']:.1f} ms per miss in all")
+    axes[2].tick_params(axis="x", rotation=45)
+    fig.suptitle("GMC-O SLO phases, k6 constant-arrival-rate (shared 2-core machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def doc_section(args: argparse.Namespace, results: list[Phase], stack: Stack, started: str,
                 load_at_start: float) -> str:
     by = {p.name: p for p in results}
@@ -356,7 +391,8 @@ def main() -> None:
                            "index_backend": config.index_backend, "load_avg_1m_at_start": load_at_start,
                            "command": " ".join(sys.argv)})
             (RESULTS / "k6_slo.json").write_text(json.dumps(result, indent=2))
-            print(f"bench: wrote bench/results/k6_slo.json: miss {result['miss']['max_rate_at_p99_target']} "
+            plot_slo(result, RESULTS / "k6_slo.png")
+            print(f"bench: wrote bench/results/k6_slo.{{json,png}}: miss {result['miss']['max_rate_at_p99_target']} "
                   f"req/s, hit {result['hit']['max_rate_at_p99_target']} req/s, idle miss p50 "
                   f"{result['idle_miss_p50_ms']:.1f} ms, CPU {result['cpu_ms_per_miss']:.1f} ms/miss", flush=True)
             if args.slo_only:
