@@ -40,12 +40,27 @@ def test_a_request_heavier_than_the_limit_runs_alone(fake_clock) -> None:
 def test_latency_above_the_baseline_shrinks_the_limit_down_to_its_floor(fake_clock) -> None:
     adm = Admission(max_limit=64, min_limit=4, window=10, clock=fake_clock)
     start = adm.limit
-    _complete(adm, fake_clock, 10, 0.010)  # baseline window: 10 ms
+    _complete(adm, fake_clock, 10, 0.010, concurrent=10)  # baseline window: 10 ms, 10 of 16 in progress
     assert adm.limit == start  # not saturated, not slow: unchanged
-    _complete(adm, fake_clock, 10, 0.030)  # 3x the baseline: queueing
+    _complete(adm, fake_clock, 10, 0.030, concurrent=10)  # 3x the baseline while busy: queueing
     assert adm.limit == int(start * 0.8)
-    _complete(adm, fake_clock, 200, 0.030)
+    for _ in range(60):  # one round at a time, as many at once as the limit allows
+        _complete(adm, fake_clock, adm.limit, 0.030, concurrent=adm.limit)
     assert adm.limit == 4
+
+
+def test_slow_windows_while_far_below_the_limit_leave_it_alone(fake_clock) -> None:
+    """A light load whose latency varies (a mix of slow and fast calls, a stall of the machine) is not
+    queueing on this limit: the limit stays, and the next burst of weighted calls is admitted."""
+    adm = Admission(max_limit=64, min_limit=4, window=10, clock=fake_clock)
+    start = adm.limit
+    _complete(adm, fake_clock, 10, 0.010, concurrent=2)
+    for _ in range(50):
+        _complete(adm, fake_clock, 10, 0.100, concurrent=2)  # 10x the baseline, never half the limit busy
+    assert adm.limit == start
+    with contextlib.ExitStack() as stack:
+        for _ in range(5):
+            stack.enter_context(adm.admit("batch", weight=3))  # 15 of 16 units: nothing refused
 
 
 def test_a_saturated_limit_grows_while_latency_stays_at_the_baseline(fake_clock) -> None:
@@ -60,8 +75,9 @@ def test_a_saturated_limit_grows_while_latency_stays_at_the_baseline(fake_clock)
 
 def test_slow_requests_below_the_limit_are_never_refused(fake_clock) -> None:
     adm = Admission(max_limit=16, min_limit=4, window=5, clock=fake_clock)
-    _complete(adm, fake_clock, 5, 0.001)
-    _complete(adm, fake_clock, 100, 1.0)  # latency 1000x: the limit falls to its floor...
+    _complete(adm, fake_clock, 5, 0.001, concurrent=5)
+    for _ in range(40):  # latency 1000x while busy: the limit falls to its floor...
+        _complete(adm, fake_clock, adm.limit, 1.0, concurrent=adm.limit)
     assert adm.limit == 4
     with adm.admit("m"), adm.admit("m"), adm.admit("m"), adm.admit("m"):  # ...and 4 at once still run
         pass
