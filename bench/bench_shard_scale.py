@@ -371,6 +371,11 @@ def crossover(store: ShardStore, cat: Catalogue, queries: np.ndarray, a) -> list
 
 
 # -- writes ---------------------------------------------------------------------------------------------
+def live_ids(store: ShardStore) -> list[int]:
+    """Every live media id of ``store``, once per live row (an id live twice appears twice)."""
+    return [m for seg in store.segments() for m in seg.cols.media_ids[seg.live_rows()].tolist()]
+
+
 def writes(store: ShardStore, cat: Catalogue, queries: np.ndarray, breadth: int, snap_dir: Path, a) -> dict:
     rng = np.random.default_rng(21)
     ids = np.asarray(cat.media_ids)
@@ -462,9 +467,7 @@ def writes(store: ShardStore, cat: Catalogue, queries: np.ndarray, breadth: int,
         during = list(latencies)
     restored = ShardStore(store.dim, store.backend, store.params)
     restored_lsn = load_snapshot(restored, snap_dir) if snapshot_thread else None
-    restored_ids: set[int] = set()
-    for seg in restored.segments():
-        restored_ids |= set(seg.cols.media_ids[seg.live_rows()].tolist())
+    restored_ids = set(live_ids(restored))
     expected = set(ids.tolist())
     for op_lsn, op, mid in ops:  # the acknowledged state at the snapshot's lsn
         if restored_lsn is None or op_lsn > restored_lsn:
@@ -475,9 +478,7 @@ def writes(store: ShardStore, cat: Catalogue, queries: np.ndarray, breadth: int,
             expected.discard(mid)
     exact_restore = restored_lsn is not None and restored_ids == expected
     del restored
-    now_ids: list[int] = []
-    for seg in store.segments():
-        now_ids += seg.cols.media_ids[seg.live_rows()].tolist()
+    now_ids = live_ids(store)
     result = {"upserts_per_second": sum(1 for o in ops if o[1] == "u") / duration,
               "deletes_per_second": sum(1 for o in ops if o[1] == "d") / duration,
               "minutes": a.write_minutes, "max_growing_rows": max_growing[0],

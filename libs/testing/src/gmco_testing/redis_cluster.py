@@ -27,9 +27,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
-from gmco_testing.procs import free_port, kill9, stop_process, wait_until
+from gmco_testing.procs import ManagedServer, free_port, kill9, stop_process, wait_until
 
 REDIS_SERVER = os.environ.get("GMCO_REDIS_SERVER", "redis-server")
 REDIS_CLI = os.environ.get("GMCO_REDIS_CLI", "redis-cli")
@@ -135,7 +135,7 @@ class RedisNode:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
 
-class _Servers:
+class _Servers(ManagedServer):
     """Temporary directory and teardown shared by the single node and the cluster."""
 
     def __init__(self, prefix: str) -> None:
@@ -165,18 +165,12 @@ class _Servers:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
 
-    def __enter__(self):
-        self.root = Path(tempfile.mkdtemp(prefix=self._prefix))
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def cleanup(self) -> None:
         self.close()
+
+    def __enter__(self) -> Self:
+        self.root = Path(tempfile.mkdtemp(prefix=self._prefix))
+        return super().__enter__()
 
 
 class RedisServer(_Servers):
