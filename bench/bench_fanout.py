@@ -1,27 +1,29 @@
 """``make bench-fanout``: what one router pays for every shard a miss fans out to, for N = 1 .. 64 shards.
 
 One catalogue (``--items`` x ``--dim``, exact backend) is split N ways by the even slot map, so the shards
-shrink as N grows and their own search work stays small. Shards are packed ``--per-process`` to a process:
-a host process (``bench_fanout.py host ...``) runs that many complete shard servers (``gmco_shard.app.start``,
-each on its own port, each its own store and slots) in one event loop, so that 64 shards need 8 processes,
-not 64. Ontology, rl_state and cache run once; one router per N is started against the N shards and driven
-directly (no Envoy) by this process over gRPC, every request a miss (``skip_cache``) for one of
-``--users`` users that were given state first (a Recommend and a positive feedback each).
+shrink as N grows and their own search work stays small. Shards are packed ``--per-process`` to a process,
+in one of two layouts (``--layouts``, each measured for every N, side by side, the first one reported):
+  logical  one shard server per process serving ``--per-process`` logical shards from one store
+           (``GMCO_SHARD_SHARD_IDS=a-b``); the router lists each logical shard at its process and, finding
+           them at the same replicas, sends one Search per process for all of them (gmco_router.fanout)
+  servers  ``--per-process`` complete shard servers in one host process (``bench_fanout.py host ...``,
+           ``gmco_shard.app.start`` each on its own port, each its own store and slots): one Search per shard
+Ontology, rl_state and cache run once; one router per N and layout is started against the N shards and
+driven directly (no Envoy) by this process over gRPC, every request a miss (``skip_cache``) for one of
+``--users`` users that were given state first (a Recommend and a positive feedback each). Every reply's
+items must name the shard that the slot map gives them, and none may be degraded.
 
-Per N, in this order:
+Per N and layout, in this order:
   idle   ``--idle-seconds`` without requests: the router's background CPU (health checks of every shard)
   fixed  open loop at ``--rate`` req/s, ``--repeats`` windows of ``--seconds``: router CPU per miss (the
          router process's utime+stime from /proc/<pid>/stat over the window, divided by the replies; the
          background CPU is included, not subtracted), client-side miss latency, the router's own
          ``shard_search`` stage timing from each reply
   sat    closed loop with ``--concurrency`` callers, one window: replies/s, CPU per miss, latencies
-  floor  this process alone sends one prebuilt Search to every shard with bare grpc.aio calls: its own CPU
-         per call, the floor under any Python router's per-shard cost (median of 3)
-The marginal router CPU per added shard is the least-squares slope of the fixed-rate CPU per miss over N.
-
-``--baseline-src DIR`` runs a second router, from the router sources in DIR (e.g. a ``git archive`` of an
-older commit), against the same shard processes right after the current one, so that before/after are
-ratios measured side by side in one run. ``--smoke`` is the quick N = 1, 2 run of ``make test``.
+Per N, once: ``floor``, this process alone sends one prebuilt Search to every shard process with bare
+grpc.aio calls and nothing else: its own CPU per call, the floor under any Python router's cost per call
+(median of 3). The marginal router CPU per added shard is the least-squares slope of the fixed-rate CPU per
+miss over N. ``--smoke`` is the quick N = 1, 2 run of ``make test``.
 """
 
 from __future__ import annotations
@@ -153,26 +155,40 @@ class Services:
             Path(f"{self.db}{suffix}").unlink(missing_ok=True)
 
 
-def start_shards(n: int, per_process: int, args: argparse.Namespace, data_dir: Path, run: Path) -> tuple[list[Proc], str]:
-    """N shards, ``per_process`` to a host process; returns the hosts and the router's GMCO_ROUTER_SHARDS."""
+LAYOUTS = ("logical", "servers")
+
+
+def start_shards(n: int, per_process: int, layout: str, args: argparse.Namespace, data_dir: Path, run: Path
+                 ) -> tuple[list[Proc], str]:
+    """N shards, ``per_process`` to a process in ``layout``; returns the processes and the router's
+    GMCO_ROUTER_SHARDS (every logical shard listed at the process that serves it)."""
     from gmco_testing.procs import free_port, grpc_serving, wait_until
 
-    ports = [free_port() for _ in range(n)]
-    hosts: list[Proc] = []
     env = base_env("GMCO_SHARD_", shard_count=n, dim=args.dim, index_backend="exact", data_dir=data_dir,
                    snapshot_interval_seconds=0, metrics_port=0)
+    hosts: list[Proc] = []
+    if layout == "logical":
+        at: list[int] = []
+        for first in range(0, n, per_process):
+            last = min(n, first + per_process) - 1
+            port = free_port()
+            hosts.append(spawn(f"shards-{layout}-{n}-{first}", [sys.executable, "-m", "gmco_shard"],
+                               {**env, "GMCO_SHARD_PORT": str(port), "GMCO_SHARD_SHARD_IDS": f"{first}-{last}"},
+                               port, SHARD_SERVICE, run / "logs"))
+            at.extend([port] * (last - first + 1))
+        return hosts, ",".join(f"{i}=127.0.0.1:{p}" for i, p in enumerate(at))
+    ports = [free_port() for _ in range(n)]
     for first in range(0, n, per_process):
         ids = range(first, min(n, first + per_process))
         spec = ",".join(f"{i}:{ports[i]}" for i in ids)
-        hosts.append(spawn(f"shards-{n}-{first}", [sys.executable, str(Path(__file__).resolve()), "host", spec],
-                           env, ports[ids[-1]], SHARD_SERVICE, run / "logs"))
+        hosts.append(spawn(f"shards-{layout}-{n}-{first}", [sys.executable, str(Path(__file__).resolve()), "host",
+                                                            spec], env, ports[ids[-1]], SHARD_SERVICE, run / "logs"))
     for i in range(n):  # the host answers on its last port once all of its shards are serving; check all
         wait_until(lambda t=f"127.0.0.1:{ports[i]}": grpc_serving(t, SHARD_SERVICE), 60, f"shard {i}")
     return hosts, ",".join(f"{i}=127.0.0.1:{p}" for i, p in enumerate(ports))
 
 
-def start_router(name: str, shards: str, services: Services, args: argparse.Namespace, run: Path,
-                 src: Path | None) -> Proc:
+def start_router(name: str, shards: str, services: Services, args: argparse.Namespace, run: Path) -> Proc:
     from gmco_testing.procs import free_port
 
     port = free_port()
@@ -180,8 +196,6 @@ def start_router(name: str, shards: str, services: Services, args: argparse.Name
                    ontology_target=services.targets["ontology"], rl_state_target=services.targets["rl_state"],
                    media_dim=args.dim, metrics_port=0, instance_id=name)
     env.pop("GMCO_ROUTER_CATALOG_DSN", None)
-    if src is not None:  # an older router's sources ahead of the installed one
-        env["PYTHONPATH"] = os.pathsep.join([str(src), env["PYTHONPATH"]])
     return spawn(name, [sys.executable, "-m", "gmco_router"], env, port, ROUTER_SERVICE, run / "logs")
 
 
@@ -197,6 +211,7 @@ class Window:
     miss_ms: list[float]
     shard_ms: list[float]
     codes: dict[str, int] = dataclasses.field(default_factory=dict)
+    wrong_shard: int = 0  # reply items whose shard_id is not the slot map's
 
     @property
     def cpu_ms_per_miss(self) -> float:
@@ -211,14 +226,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 class Driver:
-    def __init__(self, target: str, users: list[str], k: int) -> None:
+    def __init__(self, target: str, users: list[str], k: int, shards: int = 0) -> None:
         import grpc
+        import numpy as np
         from gmco.router.v1 import router_service_pb2_grpc
+        from gmco_common.slots import SlotMap
 
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = router_service_pb2_grpc.RecommendationServiceStub(self.channel)
         self.users = users
         self.k = k
+        self.owner = np.asarray(SlotMap.even(shards).owner) if shards else None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -239,6 +257,11 @@ class Driver:
         w.miss_ms.append(1e3 * (time.perf_counter() - start))
         w.replies += 1
         w.degraded += resp.degraded
+        if self.owner is not None and resp.items:
+            from gmco_common.slots import slots_of
+
+            named = [i.shard_id for i in resp.items]
+            w.wrong_shard += int((self.owner[slots_of([i.media_id for i in resp.items])] != named).sum())
         w.shard_ms.extend(1e3 * t.seconds for t in resp.timings if t.stage == "shard_search")
         return resp
 
@@ -297,6 +320,7 @@ def summary(windows: list[Window]) -> dict[str, Any]:
         "router_cpu_ms_per_miss_windows": [w.cpu_ms_per_miss for w in windows],
         "replies_per_second": statistics.median(w.replies / w.wall for w in windows),
         "replies": sum(w.replies for w in windows), "errors": sum(w.errors for w in windows),
+        "wrong_shard_items": sum(w.wrong_shard for w in windows),
         "error_codes": {c: sum(w.codes.get(c, 0) for w in windows) for c in {c for w in windows for c in w.codes}},
         "degraded": sum(w.degraded for w in windows),
         "miss_p50_ms": pct(miss, 0.5), "miss_p99_ms": pct(miss, 0.99),
@@ -312,9 +336,10 @@ def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def measure(router: Proc, users: list[str], args: argparse.Namespace, profile: Path | None = None) -> dict[str, Any]:
+async def measure(router: Proc, users: list[str], shards: int, args: argparse.Namespace,
+                  profile: Path | None = None) -> dict[str, Any]:
     pid = router.popen.pid
-    driver = Driver(router.target, users, args.k)
+    driver = Driver(router.target, users, args.k, shards)
     try:
         warm = Window(0, 0, 0, 0, 0, [], [])
         for u in users:  # the router learns each user's version; then a short warm-up at the fixed rate
@@ -349,7 +374,8 @@ async def grpc_floor(spec: str, dim: int, rounds: int) -> float:
 
     options = [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(2, True)),
                ("grpc.max_receive_message_length", 64 << 20)]
-    channels = [grpc.aio.insecure_channel(part.split("=", 1)[1], options=options) for part in spec.split(",")]
+    targets = dict.fromkeys(part.split("=", 1)[1] for part in spec.split(","))  # one call per process
+    channels = [grpc.aio.insecure_channel(t, options=options) for t in targets]
     calls = [c.unary_unary("/gmco.shard.v1.ShardService/Search", request_serializer=None,
                            response_deserializer=spb.SearchResponse.FromString) for c in channels]
     query = np.random.default_rng(1).standard_normal((1, dim)).astype(np.float32)
@@ -377,7 +403,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     ns = [int(n) for n in doc["per_n"]]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for variant, style in (("current", "o-"), ("baseline", "s--")):
+    for variant, style in zip(doc["layouts"], ("o-", "s--"), strict=False):
         rows = [doc["per_n"][str(n)].get(variant) for n in ns]
         if not all(rows):
             continue
@@ -387,7 +413,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         b.plot(ns, [r["fixed_rate"]["shard_stage_p99_ms"] for r in rows], style, label=f"{variant} shard stage p99")
         b.plot(ns, [r["fixed_rate"]["miss_p99_ms"] for r in rows], style, alpha=0.5, label=f"{variant} miss p99")
         c.plot(ns, [r["saturation"]["replies_per_second"] for r in rows], style, label=variant)
-    for variant in ("current", "baseline"):  # the fitted lines whose slope is the marginal cost
+    for variant in doc["layouts"]:  # the fitted lines whose slope is the marginal cost
         key = f"marginal_router_cpu_ms_per_shard_{variant}"
         if key in doc:
             ys = [doc["per_n"][str(n)][variant]["fixed_rate"]["router_cpu_ms_per_miss"] for n in ns]
@@ -411,7 +437,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default="1,2,4,8,16,32,64", help="comma-separated N")
-    p.add_argument("--per-process", type=int, default=8, help="shards per host process")
+    p.add_argument("--per-process", type=int, default=8, help="shards per process")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="how shards share a process, measured side by side; the first is reported (logical: "
+                        "one server serving several logical shards, one call each; servers: several servers)")
     p.add_argument("--items", type=int, default=16_000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--users", type=int, default=200)
@@ -425,10 +454,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sat-repeats", type=int, default=1)
     p.add_argument("--warmup-seconds", type=float, default=3.0)
     p.add_argument("--idle-seconds", type=float, default=3.0)
-    p.add_argument("--baseline-src", type=Path, default=None,
-                   help="router sources (a directory holding gmco_router/) measured beside the current router")
-    p.add_argument("--current-src", type=Path, default=None,
-                   help="router sources for the current router (default: this checkout's)")
     p.add_argument("--profile-dir", type=Path, default=None,
                    help="py-spy the router during the fixed-rate windows (raw collapsed stacks) into this directory")
     p.add_argument("--profile-at", default="16,64", help="the N to profile with --profile-dir")
@@ -436,6 +461,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="N = 1, 2, short windows, small catalogue; no results file")
     args = p.parse_args(argv)
     args.profile_at = {int(n) for n in args.profile_at.split(",")}
+    args.layouts = [v.strip() for v in args.layouts.split(",") if v.strip()]
+    if not args.layouts or set(args.layouts) - set(LAYOUTS) or len(set(args.layouts)) != len(args.layouts):
+        p.error(f"--layouts: one or both of {', '.join(LAYOUTS)}, each once")
     if args.smoke:
         args.shards, args.items, args.dim, args.users = "1,2", 2000, 64, 8
         args.seconds, args.repeats, args.warmup_seconds, args.idle_seconds, args.concurrency = 1.5, 1, 0.5, 0.5, 4
@@ -457,64 +485,67 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     seeded = False
     try:
         for n in ns:
-            hosts, spec = start_shards(n, args.per_process, args, data_dir, run_dir)
-            try:
-                row: dict[str, Any] = {"shards": n, "shard_processes": len(hosts),
-                                       "rows_per_shard": args.items / n}
-                variants = ([("current", args.current_src)]
-                            + ([("baseline", args.baseline_src)] if args.baseline_src else []))
-                for variant, src in variants:
-                    router = start_router(f"router-{variant}-{n}", spec, services, args, run_dir, src)
+            row: dict[str, Any] = {"shards": n, "rows_per_shard": args.items / n}
+            for layout in args.layouts:
+                hosts, spec = start_shards(n, args.per_process, layout, args, data_dir, run_dir)
+                try:
+                    router = start_router(f"router-{layout}-{n}", spec, services, args, run_dir)
                     try:
                         if not seeded:
-                            driver = Driver(router.target, users, args.k)
+                            driver = Driver(router.target, users, args.k, n)
                             await driver.seed()
                             await driver.close()
                             seeded = True
-                        profile = (args.profile_dir / f"router-{variant}-{n}.txt"
+                        profile = (args.profile_dir / f"router-{layout}-{n}.txt"
                                    if args.profile_dir is not None and n in args.profile_at else None)
-                        row[variant] = await measure(router, users, args, profile)
+                        row[layout] = await measure(router, users, n, args, profile)
                     finally:
                         router.stop()
-                    f = row[variant]["fixed_rate"]
-                    print(f"N={n:3d} {variant:8s} CPU/miss {f['router_cpu_ms_per_miss']:7.2f} ms (fixed) "
-                          f"{row[variant]['saturation']['router_cpu_ms_per_miss']:7.2f} ms (sat); shard stage "
+                    row[layout]["shard_processes"] = len(hosts)
+                    row[layout]["calls_per_miss"] = len({part.split("=", 1)[1] for part in spec.split(",")})
+                    f = row[layout]["fixed_rate"]
+                    print(f"N={n:3d} {layout:8s} CPU/miss {f['router_cpu_ms_per_miss']:7.2f} ms (fixed) "
+                          f"{row[layout]['saturation']['router_cpu_ms_per_miss']:7.2f} ms (sat); shard stage "
                           f"p50/p99 {f['shard_stage_p50_ms']:.1f}/{f['shard_stage_p99_ms']:.1f} ms; miss p99 "
-                          f"{f['miss_p99_ms']:.1f} ms; sat {row[variant]['saturation']['replies_per_second']:.1f}"
-                          " replies/s", flush=True)
-                row["grpc_floor_cpu_ms_per_call"] = statistics.median(
-                    [await grpc_floor(spec, args.dim, args.floor_rounds) for _ in range(3)])
-                print(f"N={n:3d} floor    bare grpc.aio Search: {row['grpc_floor_cpu_ms_per_call']:.3f} ms client CPU "
-                      "per call", flush=True)
-                per_n[str(n)] = row
-            finally:
-                for h in hosts:
-                    h.stop()
+                          f"{f['miss_p99_ms']:.1f} ms; sat {row[layout]['saturation']['replies_per_second']:.1f}"
+                          f" replies/s; {row[layout]['calls_per_miss']} calls/miss", flush=True)
+                    if "grpc_floor_cpu_ms_per_call" not in row:
+                        row["grpc_floor_cpu_ms_per_call"] = statistics.median(
+                            [await grpc_floor(spec, args.dim, args.floor_rounds) for _ in range(3)])
+                        print(f"N={n:3d} floor    bare grpc.aio Search: {row['grpc_floor_cpu_ms_per_call']:.3f} ms "
+                              "client CPU per call", flush=True)
+                finally:
+                    for h in hosts:
+                        h.stop()
+            per_n[str(n)] = row
     finally:
         services.stop()
     doc: dict[str, Any] = {"rate": args.rate, "concurrency": args.concurrency, "items": args.items, "dim": args.dim,
-                           "per_process": args.per_process, "k": args.k, "seconds": args.seconds,
-                           "repeats": args.repeats, "index_backend": "exact"}
-    for variant in ("current", "baseline"):
-        if all(variant in r for r in per_n.values()) and len(ns) > 1:
-            doc[f"marginal_router_cpu_ms_per_shard_{variant}"] = slope(
-                [float(n) for n in ns], [per_n[str(n)][variant]["fixed_rate"]["router_cpu_ms_per_miss"] for n in ns])
-    doc["marginal_router_cpu_ms_per_shard"] = doc.get("marginal_router_cpu_ms_per_shard_current", math.nan)
+                           "per_process": args.per_process, "layouts": args.layouts, "k": args.k,
+                           "seconds": args.seconds, "repeats": args.repeats, "index_backend": "exact"}
+    for layout in args.layouts:
+        if len(ns) > 1:
+            doc[f"marginal_router_cpu_ms_per_shard_{layout}"] = slope(
+                [float(n) for n in ns], [per_n[str(n)][layout]["fixed_rate"]["router_cpu_ms_per_miss"] for n in ns])
+    doc["marginal_router_cpu_ms_per_shard"] = doc.get(f"marginal_router_cpu_ms_per_shard_{args.layouts[0]}", math.nan)
     doc["grpc_floor_cpu_ms_per_call_median"] = statistics.median(r["grpc_floor_cpu_ms_per_call"] for r in per_n.values())
-    if "marginal_router_cpu_ms_per_shard_baseline" in doc:
-        doc["marginal_ratio_current_to_baseline"] = (doc["marginal_router_cpu_ms_per_shard"]
-                                                     / doc["marginal_router_cpu_ms_per_shard_baseline"])
-    for n, row in per_n.items():  # the keys the issue names, flat per N (the current router, fixed rate)
-        cur = row["current"]
+    if len(args.layouts) == 2 and len(ns) > 1:
+        a, b = args.layouts
+        doc[f"marginal_ratio_{a}_to_{b}"] = (doc[f"marginal_router_cpu_ms_per_shard_{a}"]
+                                             / doc[f"marginal_router_cpu_ms_per_shard_{b}"])
+    for n, row in per_n.items():  # the keys the issue names, flat per N (the reported layout, fixed rate)
+        cur = row[args.layouts[0]]
         row.update(router_cpu_ms_per_miss=cur["fixed_rate"]["router_cpu_ms_per_miss"],
                    router_cpu_ms_per_miss_saturated=cur["saturation"]["router_cpu_ms_per_miss"],
                    shard_stage_p50_ms=cur["fixed_rate"]["shard_stage_p50_ms"],
                    shard_stage_p99_ms=cur["fixed_rate"]["shard_stage_p99_ms"],
                    miss_p50_ms=cur["fixed_rate"]["miss_p50_ms"], miss_p99_ms=cur["fixed_rate"]["miss_p99_ms"],
-                   replies_per_second=cur["saturation"]["replies_per_second"])
-        if "baseline" in row:
-            row["cpu_ratio_current_to_baseline"] = (cur["fixed_rate"]["router_cpu_ms_per_miss"]
-                                                    / row["baseline"]["fixed_rate"]["router_cpu_ms_per_miss"])
+                   replies_per_second=cur["saturation"]["replies_per_second"],
+                   shard_processes=cur["shard_processes"], calls_per_miss=cur["calls_per_miss"])
+        if len(args.layouts) == 2:
+            other = row[args.layouts[1]]
+            row[f"cpu_ratio_{args.layouts[0]}_to_{args.layouts[1]}"] = (
+                cur["fixed_rate"]["router_cpu_ms_per_miss"] / other["fixed_rate"]["router_cpu_ms_per_miss"])
         per_n[n] = row
     doc["per_n"] = per_n
     return doc
@@ -536,12 +567,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = asyncio.run(run(args))
     # Below saturation nothing may fail; at saturation the router's admission limit may shed
     # (RESOURCE_EXHAUSTED, reported in error_codes), but no answer may be degraded.
-    bad = [n for n, r in doc["per_n"].items() for v in ("current", "baseline") if v in r
-           for phase in ("fixed_rate", "saturation") if r[v][phase]["degraded"]
+    bad = [n for n, r in doc["per_n"].items() for v in doc["layouts"]
+           for phase in ("fixed_rate", "saturation") if r[v][phase]["degraded"] or r[v][phase]["wrong_shard_items"]
            or (phase == "fixed_rate" and r[v][phase]["errors"])]
-    print(f"marginal router CPU per added shard: {doc['marginal_router_cpu_ms_per_shard']:.3f} ms"
-          + (f" (baseline {doc['marginal_router_cpu_ms_per_shard_baseline']:.3f} ms)"
-             if "marginal_router_cpu_ms_per_shard_baseline" in doc else ""))
+    print(f"marginal router CPU per added shard: {doc['marginal_router_cpu_ms_per_shard']:.3f} ms "
+          f"({doc['layouts'][0]})" + "".join(f"; {v} {doc[f'marginal_router_cpu_ms_per_shard_{v}']:.3f} ms"
+                                             for v in doc["layouts"][1:]
+                                             if f"marginal_router_cpu_ms_per_shard_{v}" in doc))
     if args.out:
         from common import plot_path, write_json
 
@@ -549,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(doc, plot_path(args.out))
         print(f"wrote {path}")
     if bad:
-        print(f"errors or degraded replies at N = {sorted(set(bad))}", file=sys.stderr)
+        print(f"errors, degraded replies or items naming the wrong shard at N = {sorted(set(bad))}", file=sys.stderr)
         return 1
     return 0
 

@@ -18,6 +18,7 @@ def test_fanout_bench_smoke_on_one_and_two_shards() -> None:
                             capture_output=True, text=True, timeout=240, check=False, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("N=")]
-    assert [w[1] for w in lines if w[2] == "current"] == ["1", "2"]
+    assert [w[1] for w in lines if w[2] == "logical"] == ["1", "2"]
+    assert [w[1] for w in lines if w[2] == "servers"] == ["1", "2"]
     assert [w[1] for w in lines if w[2] == "floor"] == ["1", "2"]
     assert "marginal router CPU per added shard" in result.stdout

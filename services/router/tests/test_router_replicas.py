@@ -193,7 +193,7 @@ def test_merge_dedupes_and_sorts() -> None:
             popularities=np.full(len(items), 0.5, "<f4").tobytes(), features=encode_batch(feats, "float32"))
         return shard_service_pb2.SearchResponse(results=[result], feature_version="v1")
 
-    answers = {0: answer((1, 0.9), (2, 0.5)), 1: answer((3, 0.7), (1, 0.9)), 2: None}
+    answers = {(0,): answer((1, 0.9), (2, 0.5)), (1,): answer((3, 0.7), (1, 0.9)), (2,): None}
     merged = merge(answers, 0, 10)
     assert merged.media_ids.tolist() == [1, 3, 2]
     assert merged.shard_ids.tolist() == [0, 1, 0]

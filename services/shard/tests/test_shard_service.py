@@ -337,3 +337,49 @@ async def test_popularity_order_returns_the_most_popular_allowed_items(shard, sm
     want = allowed[np.argsort(-small_catalogue.popularity[allowed], kind="stable")[:10]] + 1
     assert ids.tolist() == want.tolist() and "popularity" in resp.paths
     assert np.allclose(np.frombuffer(resp.results[0].scores, "<f4"), small_catalogue.popularity[ids - 1])
+
+
+async def test_one_process_serves_several_logical_shards_in_one_search(catalogue_dir, small_catalogue) -> None:
+    """GMCO_SHARD_SHARD_IDS=1-2 of 4: one store with both shards' slots; a Search names each result's shard
+    (by its slot); a call for other shards is FAILED_PRECONDITION naming both sets, not a wrong answer."""
+    from gmco_common.slots import SlotMap
+
+    slots = SlotMap.even(4)
+    async with serve_shard(_settings(catalogue_dir, "exact", shard_count=4, shard_ids="1-2")) as svc:
+        stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)
+        stats = await stub.GetStats(pb.GetStatsRequest())
+        assert list(stats.shard_ids) == [1, 2] and stats.shard_id == 1
+        assert list(stats.slots) == slots.slots_for(1) + slots.slots_for(2)
+        owned = slots.shards_of(small_catalogue.media_ids.tolist())
+        assert stats.item_count == int(np.isin(owned, [1, 2]).sum())
+        q = generate_queries(small_catalogue, 3)
+        for shard_ids in ([], [2, 1]):
+            cols = await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=20, columnar=True,
+                                                      shard_ids=shard_ids))
+            for col in cols.results:
+                ids = np.frombuffer(col.media_ids, "<u8")
+                got = np.frombuffer(col.shard_ids, "<u4")
+                assert len(ids) == 20 and got.tolist() == slots.shards_of(ids.tolist()).tolist()
+                assert set(got.tolist()) <= {1, 2}
+        items = await stub.Search(pb.SearchRequest(queries=encode_batch(q[:1]), k=10))
+        assert [i.shard_id for i in items.results[0].items] == slots.shards_of(
+            [i.media_id for i in items.results[0].items]).tolist()
+        code, details = await _code(stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5, shard_ids=[1])))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "[1]" in details and "[1, 2]" in details and "GMCO_ROUTER_SHARDS" in details
+
+
+def test_shard_ids_setting_is_parsed_and_bounded() -> None:
+    from gmco_common.config import ConfigError
+    from gmco_shard.config import parse_shard_ids
+
+    assert parse_shard_ids("0-3, 7,5", "V") == (0, 1, 2, 3, 5, 7)
+    assert Settings(port=0, shard_count=8, shard_ids="4-7").hosted_shards == (4, 5, 6, 7)
+    assert Settings(port=0, shard_count=8, shard_ids="4-7").shard_id == 4
+    assert Settings(port=0, shard_count=8, shard_id=3).hosted_shards == (3,)
+    for bad, words in (("7-4", "empty"), ("a", "not a shard id"), ("0-9999", "at most"), (",", "no shard id"),
+                       ("2-9", "SHARD_COUNT")):
+        with pytest.raises(ConfigError, match=words):
+            Settings(port=0, shard_count=8, shard_ids=bad)
+    with pytest.raises(ConfigError, match="first of"):
+        Settings(port=0, shard_count=8, shard_id=1, shard_ids="4-7")

@@ -10,7 +10,8 @@ The arithmetic, for a peak of P requests/s:
 - misses M = P (1 - h); every miss searches one replica of every shard, so each shard sees M queries/s;
 - shards S = ceil(items / rows per shard), rows per shard being the profile's measured shard size;
 - replicas per shard R = max(requested, ceil(M / (replica QPS x utilisation)));
-- router CPU per miss = base + per-shard x S (the fit of bench/results/fanout.json), per hit the
+- router CPU per miss = base + per-shard x S (the fit of bench/results/fanout.json, one call per shard:
+  a planned shard is one process; several logical shards in one process would cost one call), per hit the
   router's measured CPU per hit; routers = ceil((M x miss CPU + (P - M) x hit CPU) / (cores per router x
   utilisation));
 - cache lookups P/s plus M puts/s go to the cache service and Redis; live lists ~= min(users, M x TTL)
@@ -188,15 +189,21 @@ def _gpu_profile(doc: dict[str, Any]) -> dict[str, Profile]:
 
 
 def _fanout(doc: dict[str, Any]) -> FanoutCost | None:
+    """Router CPU per miss over the shard count, one call per shard: a planned shard is one process (its
+    measured size is a process's rows), and a call, not a logical shard, is what the router pays for. So
+    the fit is of the bench's ``servers`` layout (one call per shard) when the file has it."""
     per_n = doc.get("per_n") or {}
-    points = sorted((int(n), r["router_cpu_ms_per_miss"]) for n, r in per_n.items() if "router_cpu_ms_per_miss" in r)
+    layout = "servers" if "servers" in (doc.get("layouts") or ()) else None
+    key = f"per_n.*.{layout}.fixed_rate.router_cpu_ms_per_miss" if layout else "per_n.*.router_cpu_ms_per_miss"
+    points = sorted((int(n), r[layout]["fixed_rate"]["router_cpu_ms_per_miss"] if layout else r["router_cpu_ms_per_miss"])
+                    for n, r in per_n.items() if (layout in r if layout else "router_cpu_ms_per_miss" in r))
     if len(points) < 2:
         return None
     xs = np.asarray([p[0] for p in points], float)
     ys = np.asarray([p[1] for p in points], float)
     slope, intercept = np.polyfit(xs, ys, 1)
     return FanoutCost(float(intercept), float(slope), tuple(int(x) for x in xs),
-                      "fanout.json: least-squares fit of per_n.*.router_cpu_ms_per_miss over N")
+                      f"fanout.json: least-squares fit of {key} over N (one call per shard)")
 
 
 def _router_hit_cpu(doc: dict[str, Any]) -> Figure | None:

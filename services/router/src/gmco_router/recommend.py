@@ -59,7 +59,7 @@ from prometheus_client import Counter, Histogram
 
 from gmco_router.catalogue import Catalogue
 from gmco_router.config import Settings
-from gmco_router.fanout import FanOut, merge_columns
+from gmco_router.fanout import Answers, FanOut, merge_columns
 from gmco_router.local import SingleFlight
 from gmco_router.replicas import NoReplicaAvailable, ShardPool
 
@@ -260,7 +260,7 @@ class SearchBatcher:
                 fut.set_result(None)
 
 
-def merge(answers: dict[int, shard_service_pb2.SearchResponse | None], row: int, limit: int,
+def merge(answers: Answers, row: int, limit: int,
           feature_dim: int = 0) -> Candidates:
     """The global top-``limit`` of one query row over every shard's answer, best score first, each id once
     (``feature_dim``: the width of the zero features given to candidates whose shard sent none)."""
@@ -495,9 +495,10 @@ class Recommender:
         elapsed = time.perf_counter() - start
         for i, p in enumerate(plans):
             p.record("shard_search", elapsed)
-            for shard_id, answer in answers.items():
+            for shard_ids, answer in answers.items():
                 if answer is None:
-                    p.degrade(f"shard-{shard_id}")
+                    for shard_id in shard_ids:
+                        p.degrade(f"shard-{shard_id}")
             p.no_shard = all(a is None for a in answers.values())
             with p.stage("merge"):
                 p.candidates = merge(answers, i, self.candidate_count(p.request.k))

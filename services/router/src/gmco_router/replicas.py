@@ -11,6 +11,7 @@ background by :class:`ShardPool`, which also re-resolves DNS when replicas come 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import socket
@@ -177,13 +178,25 @@ class Replica:
             await self.search_channel.close()
 
 
+_GENERATIONS = itertools.count(1)
+
+
 class ReplicaSet:
     """The replicas of one shard, with selection, failover and hedging."""
 
     def __init__(self, shard_id: int, replicas: Iterable[Replica] = ()) -> None:
         self.shard_id = shard_id
-        self.replicas: list[Replica] = list(replicas)
+        self.replicas = list(replicas)
         self._picks = 0
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self._replicas
+
+    @replicas.setter
+    def replicas(self, replicas: list[Replica]) -> None:
+        self._replicas = replicas
+        self.generation = next(_GENERATIONS)  # tells the fan-out to regroup shards by their replicas
 
     def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
         """A selectable replica, the one expected to answer first; None when there is none.
@@ -353,20 +366,25 @@ class ShardPool:
             self.set_targets(sid, targets)
 
     async def check_health(self) -> None:
-        replicas = [r for s in self.shards.values() for r in s.replicas]
-        await asyncio.gather(*(self._check(r) for r in replicas))
+        """One health check per target: a process serving several logical shards is asked once."""
+        by_target: dict[str, list[Replica]] = {}
+        for rset in self.shards.values():
+            for r in rset.replicas:
+                by_target.setdefault(r.target, []).append(r)
+        await asyncio.gather(*(self._check(replicas) for replicas in by_target.values()))
 
-    async def _check(self, replica: Replica) -> None:
+    async def _check(self, replicas: list[Replica]) -> None:
         timeout = min(self._policy.health_interval, 1.0)
         try:
-            resp = await health_pb2_grpc.HealthStub(replica.channel).Check(
+            resp = await health_pb2_grpc.HealthStub(replicas[0].channel).Check(
                 health_pb2.HealthCheckRequest(service=SHARD_SERVICE), timeout=timeout)
             healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             healthy = False
-        if healthy != replica.healthy:
-            log.warning("shard %s replica %s is now %s", replica.shard_id, replica.target,
-                        "healthy" if healthy else "unhealthy")
-        replica.healthy = healthy
-        REPLICA_HEALTHY.labels(str(replica.shard_id), replica.target).set(int(healthy))
+        for replica in replicas:
+            if healthy != replica.healthy:
+                log.warning("shard %s replica %s is now %s", replica.shard_id, replica.target,
+                            "healthy" if healthy else "unhealthy")
+            replica.healthy = healthy
+            REPLICA_HEALTHY.labels(str(replica.shard_id), replica.target).set(int(healthy))
 

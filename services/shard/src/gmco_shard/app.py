@@ -33,7 +33,8 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     backend = backend_class(settings.index_backend)  # fail fast when the backend's extra is missing
     log.info("index backend %s (%s.%s%s)", settings.index_backend, backend.__module__, backend.__name__,
              ", on the GPU" if backend.on_gpu else "")
-    slots = slot_map(settings).slots_for(settings.shard_id)
+    owners = slot_map(settings)
+    slots = sorted(s for shard in settings.hosted_shards for s in owners.slots_for(shard))
     store = ShardStore(settings.dim, settings.index_backend, settings.index_params(),
                        Planner(settings.planner_costs()), owned_slots=slots, seal_rows=settings.seal_rows,
                        merge_factor=settings.merge_factor, purge_fraction=settings.purge_fraction,
@@ -43,7 +44,7 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     await health.set_condition("loading", False)
     background = await stack.enter_async_context(Supervisor(health))
     replication = Replication(catalog, slots, store) if catalog is not None else None
-    servicer = ShardServicer(store, settings, slots, replication, background)
+    servicer = ShardServicer(store, settings, slots, replication, background, owners)
     running = await start_server(settings, [Registration(
         shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)], stack=stack,
         health_state=health)

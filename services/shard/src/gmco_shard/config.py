@@ -37,6 +37,9 @@ class Settings(ServerSettings):
                             check=lambda v: v >= 0, check_msg=">= 0")
     shard_count: int = setting(1, help="shards in the even slot map", check=lambda v: 1 <= v <= 4096,
                                check_msg="1..4096")
+    shard_ids: str = setting("", help="several logical shards served by this one process from one store, each "
+                             "answered in the same Search call: ids and ranges, e.g. '0-7' or '0,2,5-6' (at most "
+                             "4096; SHARD_ID is then their first); empty: SHARD_ID alone")
     slot_map_file: Path | None = setting(None, help="JSON slot map (overrides the even map; see gmco_common.slots)")
     replica_id: int = setting(0, help="replica number within the shard (logs, stats)", check=lambda v: v >= 0,
                               check_msg=">= 0")
@@ -128,6 +131,15 @@ class Settings(ServerSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.shard_ids:
+            hosted = parse_shard_ids(self.shard_ids, f"{PREFIX}SHARD_IDS")
+            if self.shard_id not in (0, hosted[0]):
+                raise ConfigError(f"{PREFIX}SHARD_ID={self.shard_id} is not the first of {PREFIX}SHARD_IDS="
+                                  f"{self.shard_ids!r}; leave SHARD_ID unset with SHARD_IDS")
+            object.__setattr__(self, "shard_id", hosted[0])
+            if hosted[-1] >= self.shard_count and self.slot_map_file is None:
+                raise ConfigError(f"{PREFIX}SHARD_IDS={self.shard_ids!r} names shard {hosted[-1]}, but "
+                                  f"{PREFIX}SHARD_COUNT={self.shard_count}: every id must be < SHARD_COUNT")
         if self.shard_id >= self.shard_count and self.slot_map_file is None:
             raise ConfigError(f"{PREFIX}SHARD_ID={self.shard_id} must be < {PREFIX}SHARD_COUNT={self.shard_count}")
         if self.data_dir is not None and not (self.data_dir / "meta.json").is_file():
@@ -137,6 +149,11 @@ class Settings(ServerSettings):
             raise ConfigError(f"{PREFIX}INDEX_BACKEND=milvus needs {PREFIX}MILVUS_URI: a Milvus URI "
                               "(http://host:19530) or a Milvus Lite file path ending in .db")
         self.index_params()  # the typed parameters' own cross-field checks, at start
+
+    @property
+    def hosted_shards(self) -> tuple[int, ...]:
+        """The logical shards this process serves, ascending: SHARD_IDS, or SHARD_ID alone."""
+        return parse_shard_ids(self.shard_ids, f"{PREFIX}SHARD_IDS") if self.shard_ids else (self.shard_id,)
 
     def index_params(self) -> IndexParams:
         """The index backends' typed parameters, built from these settings."""
@@ -159,3 +176,24 @@ class Settings(ServerSettings):
 
     def planner_costs(self) -> PlannerCosts:
         return PlannerCosts(exact_max_rows=self.exact_max_rows, acorn_max_fraction=self.acorn_max_fraction)
+
+
+MAX_HOSTED_SHARDS = 4096
+
+
+def parse_shard_ids(spec: str, var: str) -> tuple[int, ...]:
+    """``'0-3,7'`` -> ``(0, 1, 2, 3, 7)``: ids and inclusive ranges, each id once, ascending."""
+    ids: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, sep, last = part.partition("-")
+        if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+            raise ConfigError(f"{var}: {part[:40]!r} is not a shard id or a range like '0-7'")
+        lo, hi = int(first), int(last) if sep else int(first)
+        if hi < lo:
+            raise ConfigError(f"{var}: the range {part!r} is empty (write it low-high)")
+        if hi - lo + len(ids) >= MAX_HOSTED_SHARDS or hi >= MAX_HOSTED_SHARDS:
+            raise ConfigError(f"{var}: at most {MAX_HOSTED_SHARDS} shards, ids < {MAX_HOSTED_SHARDS}")
+        ids.update(range(lo, hi + 1))
+    if not ids:
+        raise ConfigError(f"{var}: no shard id in {spec[:40]!r}")
+    return tuple(sorted(ids))
