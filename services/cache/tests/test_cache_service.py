@@ -28,6 +28,25 @@ async def test_put_get_and_version_invalidation(memory_service: Service) -> None
     assert not other_context.hit
 
 
+async def test_put_recommendations_batch_stores_each_list_under_its_own_key(memory_service: Service) -> None:
+    stub = memory_service.stub
+    puts = [pb.PutRecommendationsRequest(user_id=f"u{i}", context_hash="c", user_version=i, recommendations=recs(i))
+            for i in range(4)]
+    stored = await stub.PutRecommendationsBatch(pb.PutRecommendationsBatchRequest(puts=puts))
+    assert stored.stored_count == 4 and not stored.bypassed
+    for i in range(4):
+        got = await stub.GetRecommendations(pb.GetRecommendationsRequest(user_id=f"u{i}", context_hash="c",
+                                                                         user_version=i))
+        assert got.hit and [it.media_id for it in got.recommendations.items] == [i]
+    # One bad entry refuses the whole batch, naming it, and stores nothing.
+    bad = [pb.PutRecommendationsRequest(user_id="v0", context_hash="c", recommendations=recs(1)),
+           pb.PutRecommendationsRequest(user_id="v1", context_hash="", recommendations=recs(1))]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.PutRecommendationsBatch(pb.PutRecommendationsBatchRequest(puts=bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "puts[1].context_hash" in err.value.details()
+    assert not (await stub.GetRecommendations(pb.GetRecommendationsRequest(user_id="v0", context_hash="c"))).hit
+
+
 async def test_batch_get_put_in_request_order(memory_service: Service) -> None:
     stub = memory_service.stub
     keys = [pb.CacheKey(keyspace=pb.KEYSPACE_USER_VECTOR, user_id=f"u{i}") for i in range(5)]
@@ -60,6 +79,7 @@ async def test_ttl_expiry_and_override() -> None:
     (lambda s: s.PutRecommendations(pb.PutRecommendationsRequest(user_id="u", context_hash="c",
                                                                  recommendations=recs(*range(200)))),
      "recommendations"),
+    (lambda s: s.PutRecommendationsBatch(pb.PutRecommendationsBatchRequest()), "puts"),
     (lambda s: s.BatchGet(pb.BatchGetRequest()), "keys"),
     (lambda s: s.BatchPut(pb.BatchPutRequest()), "entries"),
     (lambda s: s.BatchGet(pb.BatchGetRequest(keys=[rec_key("u"), pb.CacheKey(user_id="u")])), "keys[1].keyspace"),

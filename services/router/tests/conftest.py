@@ -151,6 +151,8 @@ class FakeCache(cache_service_pb2_grpc.CacheServiceServicer):
         self.store: dict[tuple[str, str, int], bytes] = {}
         self.put_delay = 0.0
         self.puts_fail = False
+        self.batch_unimplemented = False  # answer PutRecommendationsBatch as an older cache service would
+        self.batch_sizes: list[int] = []
 
     async def GetRecommendations(self, request, context):
         await self.switch.enter("Get", context)
@@ -169,6 +171,17 @@ class FakeCache(cache_service_pb2_grpc.CacheServiceServicer):
         self.store[(request.user_id, request.context_hash, request.user_version)] = \
             request.recommendations.SerializeToString()
         return cache_service_pb2.PutRecommendationsResponse(stored=True)
+
+    async def PutRecommendationsBatch(self, request, context):
+        if self.batch_unimplemented:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        await self.switch.enter("PutBatch", context)
+        if self.puts_fail:
+            raise Unavailable("cache writes are switched off")
+        self.batch_sizes.append(len(request.puts))
+        for put in request.puts:
+            self.store[(put.user_id, put.context_hash, put.user_version)] = put.recommendations.SerializeToString()
+        return cache_service_pb2.PutRecommendationsBatchResponse(stored_count=len(request.puts))
 
 
 class FakeOntology(ontology_service_pb2_grpc.OntologyServiceServicer):

@@ -41,6 +41,26 @@ async def test_miss_then_hit(h) -> None:
     assert not any(i.HasField("vector") for i in second.items)
 
 
+async def test_misses_reuse_the_user_state_at_the_known_version_until_feedback_bumps_it(h, make_harness) -> None:
+    """skip_cache misses of one user read its state from rl_state once; feedback through the router bumps the
+    version, so the next miss reads the new state (and excludes the item just seen) instead of the old copy."""
+    first = await h.stub.Recommend(req(skip_cache=True), timeout=5)
+    await h.stub.Recommend(req(skip_cache=True), timeout=5)
+    again = await h.stub.Recommend(req(skip_cache=True), timeout=5)
+    assert h.rl.switch.calls["GetUserState"] == 1 and h.rl.switch.calls["Rank"] == 3
+    assert "user_state" not in [t.stage for t in again.timings] and not again.degraded
+    liked = first.items[0].media_id
+    event = rl_state_service_pb2.FeedbackEvent(event_id="e-state", user_id="u1", media_id=liked, reward=1.0)
+    await h.stub.RecordFeedback(pb.RecordFeedbackRequest(events=[event]), timeout=5)
+    after = await h.stub.Recommend(req(skip_cache=True), timeout=5)
+    assert h.rl.switch.calls["GetUserState"] == 2 and after.user_version == 1
+    assert liked not in {i.media_id for i in after.items}  # the new state's seen items were used
+    async with make_harness(user_state_cache_entries=0) as off:
+        for _ in range(3):
+            await off.stub.Recommend(req(skip_cache=True), timeout=5)
+        assert off.rl.switch.calls["GetUserState"] == 3
+
+
 async def test_router_list_cache_serves_hits_while_the_cache_service_is_down(h) -> None:
     first = await h.stub.Recommend(req(), timeout=5)
     h.cache.switch.down = True
@@ -54,6 +74,7 @@ async def test_router_list_cache_serves_hits_while_the_cache_service_is_down(h) 
 async def test_router_list_cache_off_or_expired_asks_the_cache_service(make_harness) -> None:
     async with make_harness(list_cache_entries=0) as h:
         await h.stub.Recommend(req(), timeout=5)
+        await _eventually(lambda: h.cache.switch.calls.get("Put", 0) == 1)  # after GMCO_ROUTER_CACHE_PUT_WINDOW_MS
         second = await h.stub.Recommend(req(), timeout=5)
         assert second.cache_hit and h.cache.switch.calls["Get"] == 2
         assert "local_cache_get" not in [t.stage for t in second.timings]
@@ -197,6 +218,27 @@ async def test_a_failed_or_dropped_cache_put_never_reaches_the_caller(make_harne
         answers = await asyncio.gather(*(h.stub.Recommend(req(user=f"d{i}"), timeout=5) for i in range(4)))
         assert all(a.items and not a.degraded for a in answers)
         assert puts("dropped") > dropped
+
+
+async def test_cache_puts_within_the_window_share_one_call(make_harness) -> None:
+    """Six misses answered together: their six lists reach the cache service in one PutRecommendationsBatch;
+    with the window off, one PutRecommendations each; an older cache service without the batch method gets
+    one put per list, and every list is stored either way."""
+    users = [f"w{i}" for i in range(6)]
+    async with make_harness(cache_put_window_ms=200) as h:
+        await asyncio.gather(*(h.stub.Recommend(req(user=u), timeout=5) for u in users))
+        await _eventually(lambda: sum(h.cache.batch_sizes) == 6)
+        assert h.cache.batch_sizes == [6] and h.cache.switch.calls.get("Put", 0) == 0
+        assert {key[0] for key in h.cache.store} == set(users)
+    async with make_harness(cache_put_window_ms=0) as h:
+        await asyncio.gather(*(h.stub.Recommend(req(user=u), timeout=5) for u in users))
+        await _eventually(lambda: h.cache.switch.calls.get("Put", 0) == 6)
+        assert h.cache.batch_sizes == []
+    async with make_harness(cache_put_window_ms=200) as h:
+        h.cache.batch_unimplemented = True
+        await asyncio.gather(*(h.stub.Recommend(req(user=u), timeout=5) for u in users))
+        await _eventually(lambda: h.cache.switch.calls.get("Put", 0) == 6)
+        assert {key[0] for key in h.cache.store} == set(users)
 
 
 async def test_a_user_without_state_gets_the_most_popular_allowed_items(h) -> None:

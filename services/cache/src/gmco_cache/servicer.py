@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 
 from gmco_cache.cache import Cache
 from gmco_cache.config import Settings
-from gmco_cache.keys import check_batch, check_value, key_from_proto, recommendations_key
+from gmco_cache.keys import Key, check_batch, check_value, key_from_proto, recommendations_key
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,22 @@ class CacheServicer:
         value = check_value(request.recommendations.SerializeToString(), "recommendations", self._max_value_bytes)
         stored = await self._cache.put([(key, value)], request.ttl_seconds)
         return pb.PutRecommendationsResponse(stored=stored.count == 1, bypassed=stored.bypassed)
+
+    async def PutRecommendationsBatch(self, request: pb.PutRecommendationsBatchRequest,
+                                      context: grpc.aio.ServicerContext) -> pb.PutRecommendationsBatchResponse:
+        check_batch(len(request.puts), "puts", self._max_batch_keys)
+        by_ttl: dict[int, list[tuple[Key, bytes]]] = {}
+        for i, put in enumerate(request.puts):  # every entry is checked before anything is stored
+            key = recommendations_key(put.user_id, put.context_hash, put.user_version, f"puts[{i}].")
+            value = check_value(put.recommendations.SerializeToString(), f"puts[{i}].recommendations",
+                                self._max_value_bytes)
+            by_ttl.setdefault(put.ttl_seconds, []).append((key, value))
+        stored, bypassed = 0, False
+        for ttl, entries in by_ttl.items():
+            result = await self._cache.put(entries, ttl)
+            stored += result.count
+            bypassed = bypassed or result.bypassed
+        return pb.PutRecommendationsBatchResponse(stored_count=stored, bypassed=bypassed)
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: grpc.aio.ServicerContext) -> pb.BatchGetResponse:
         check_batch(len(request.keys), "keys", self._max_batch_keys)

@@ -183,10 +183,13 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
             metrics.RANK_DEGRADED.inc()
         ids = np.asarray(request.candidate_media_ids, dtype=U64)
         ranker = self.rollout.cold if row is None else self.rollout.ranker(user)
-        out = await asyncio.get_running_loop().run_in_executor(
-            None, self._rank, ranker, row, ids, candidates, request.k, request.context.surface, retrieval,
-            popularity
-        )
+        args = (ranker, row, ids, candidates, request.k, request.context.surface, retrieval, popularity)
+        if candidates.features is not None:
+            # Features (32 floats a candidate): a few hundred microseconds of numpy, cheaper on the event loop
+            # than the hop to a thread and back (profiled: the hop was about a tenth of rl_state's CPU).
+            out = self._rank(*args)
+        else:  # 1024-d vectors, projected here: off the event loop
+            out = await asyncio.get_running_loop().run_in_executor(None, self._rank, *args)
         ranking = out.ranking
         self.rollout.shown(user, ranking.policy, out.media_ids[ranking.indices].tolist(), ranking.propensities)
         items = [

@@ -105,6 +105,11 @@ class Settings(ServerSettings):
         20_000, help="recommendation lists kept in this router's own LRU in front of the cache service, which "
         "spares a hit its cache-service round trip; ring hash keeps a user on one router (0 = off)",
         check=_non_negative, check_msg=">= 0")
+    user_state_cache_entries: int = setting(
+        4_096, help="user states (preference vector, seen items) kept in this router's LRU by version: a miss "
+        "for a user whose version the router knows (USER_VERSION_TTL_SECONDS) and whose state it holds at that "
+        "version skips GetUserState; feedback bumps the version, so a changed state is never used (0 = off; "
+        "about 6 KB each at 1024 dims)", check=_non_negative, check_msg=">= 0")
     list_cache_ttl_seconds: float = setting(
         30.0, help="how long a list stays in the router's LRU; a list can outlive its cache-service entry by at "
         "most this much", check=_positive, check_msg="> 0")
@@ -118,6 +123,10 @@ class Settings(ServerSettings):
         1.0, help="misses arriving within this window share one Search per shard (0 = every miss searches "
         "alone; measured: docs/benchmarks.md, 'Miss path')", check=lambda v: 0 <= v <= 50, check_msg="0..50 ms")
     batch_max: int = setting(32, help="most misses in one shared Search", check=_positive, check_msg="> 0")
+    cache_put_window_ms: float = setting(
+        20.0, help="cache writes made after replies within this window share one PutRecommendationsBatch call "
+        "(the list is in this router's LRU at once; other routers see it this much later); 0 = one call each, at "
+        "once", check=lambda v: 0 <= v <= 1000, check_msg="0..1000")
     cache_put_max_pending: int = setting(
         1000, help="cache writes run after the reply; beyond this many in flight a write is dropped (counted in "
         "gmco_router_cache_puts_total{result=dropped})", check=_positive, check_msg="> 0")

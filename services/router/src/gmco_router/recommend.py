@@ -8,14 +8,17 @@ on one router, and feedback for the user passes through that router, so the map 
 case and a feedback makes the old key unreachable at once; after a failover to another router, an entry
 older than the TTL is re-read from rl_state. When the version is unknown, GetUserState runs first.
 
-Miss path. User state, constraints and the video-page anchor are fetched concurrently. Concurrent misses
+Miss path. User state, constraints and the video-page anchor are fetched concurrently; the user state
+comes from this router's own LRU when it holds it at the version the router knows (same trust as the cache
+key: Envoy keeps a user on one router, feedback bumps the version), else from GetUserState. Concurrent misses
 arriving within ``batch_window_ms`` share one ``Search`` per shard (a batch with one filter per query row:
 each user's seen items differ), as one RecommendBatch does. Shards answer in columns (ids, scores,
 popularity) with each candidate's bandit features (32 floats, not its 1024-d vector); candidates are
 merged per request with numpy; rl_state ranks from the features. A user without state (and no anchor)
 gets the most popular allowed items of every shard instead of a search for a zero vector. The answer is
 sent before the list is written to the cache service: that put runs in the background, bounded by
-``cache_put_max_pending`` (a put that does not fit is dropped and counted, never an error to anyone).
+``cache_put_max_pending`` (a put that does not fit is dropped and counted, never an error to anyone), and
+puts made within ``cache_put_window_ms`` of each other share one call (gmco_router.puts).
 Concurrent identical misses (same user, context, k and version) share one computation (single-flight).
 
 Router-local lists. In front of the cache service each router keeps an LRU of the lists it computed or
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import math
 import time
@@ -51,7 +53,7 @@ from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2
 from gmco.shard.v1 import shard_service_pb2
 from gmco_common.cache_key import context_hash, context_key
-from gmco_common.context import budget, deadline_var, time_remaining
+from gmco_common.context import budget, time_remaining
 from gmco_common.errors import DeadlineExceeded, Unavailable, from_rpc_error, is_dependency_failure
 from gmco_common.lru import TtlLru
 from gmco_common.vectors import decode_vector, encode_batch, normalize
@@ -61,6 +63,7 @@ from gmco_router.catalogue import Catalogue
 from gmco_router.config import Settings
 from gmco_router.fanout import Answers, FanOut, merge_columns
 from gmco_router.local import SingleFlight
+from gmco_router.puts import CachePuts
 from gmco_router.replicas import NoReplicaAvailable, ShardPool
 
 log = logging.getLogger(__name__)
@@ -70,16 +73,16 @@ STAGE_SECONDS = Histogram(
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
 )
 CACHE_LOOKUPS = Counter("gmco_router_cache_lookups_total", "Recommendation cache lookups by result.", ["result"])
-CACHE_PUTS = Counter("gmco_router_cache_puts_total",
-                     "Recommendation lists written to the cache service after the reply, by result "
-                     "(stored, bypassed, failed, dropped: more pending puts than cache_put_max_pending).",
-                     ["result"])
+STATE_READS = Counter("gmco_router_user_state_reads_total",
+                      "User states a miss used, by source: local (this router's LRU, at the known version) or "
+                      "rl_state (GetUserState).", ["source"])
 DEGRADED = Counter("gmco_router_degraded_total", "Answers that skipped a component, by component.",
                    ["component"])
 SEARCH_ROWS = Histogram("gmco_router_search_batch_rows", "Query rows per shard Search (misses sharing a call).",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 FlightKey = tuple[str, str, int | None]
+MAX_PUT_BATCH = 64  # lists in one PutRecommendationsBatch (the cache's own limit is GMCO_CACHE_MAX_BATCH_KEYS)
 _EMPTY_F32 = np.empty(0, np.float32)
 
 
@@ -279,6 +282,10 @@ class Recommender:
         self._ontology = ontology
         self._rl = rl_state
         self._versions: TtlLru[str, int] = TtlLru(settings.local_cache_entries, settings.user_version_ttl_seconds)
+        # A user's state at the version it was read at: valid while that is still the known version.
+        self._states: TtlLru[str, rl_state_service_pb2.UserState] | None = (
+            TtlLru(settings.user_state_cache_entries, settings.user_version_ttl_seconds)
+            if settings.user_state_cache_entries else None)
         self._filters: TtlLru[str, common_pb2.Filter] = TtlLru(settings.local_cache_entries,
                                                               settings.filter_cache_ttl_seconds)
         # L1 in front of the cache service, under the same (user, context, version) key.
@@ -288,7 +295,9 @@ class Recommender:
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._batcher = SearchBatcher(self._search, settings.batch_window_ms / 1000, settings.batch_max)
         self._fanout = FanOut(pool.shards, pool.channel_options)
-        self._puts: set[asyncio.Task[None]] = set()
+        self._puts = CachePuts(cache, settings.cache_put_window_ms / 1000, settings.cache_put_max_pending,
+                               MAX_PUT_BATCH, settings.call_timeout_seconds,
+                               STAGE_SECONDS.labels("cache_put").observe)
         self._dimension: int | None = None
 
     def note_version(self, user_id: str, version: int) -> None:
@@ -303,8 +312,7 @@ class Recommender:
 
     async def close(self) -> None:
         """Let the background cache puts finish (at shutdown; bounded by their own deadlines)."""
-        if self._puts:
-            await asyncio.gather(*list(self._puts), return_exceptions=True)
+        await self._puts.close()
 
     # -- entry point -----------------------------------------------------------------------------------
 
@@ -396,6 +404,21 @@ class Recommender:
         p.state = resp.state
         p.version = resp.state.version
         self.note_version(p.user_id, p.version)
+        STATE_READS.labels("rl_state").inc()
+        if self._states is not None:
+            self._states.put(p.user_id, resp.state)
+
+    def _known_state(self, p: Plan) -> bool:
+        """Use this router's copy of the user's state when it is at the version the router knows (feedback
+        through this router bumps that version, so a state it changed is never used)."""
+        if self._states is None or p.version is None:
+            return False
+        state = self._states.get(p.user_id)
+        if state is None or state.version != p.version:
+            return False
+        p.state = state
+        STATE_READS.labels("local").inc()
+        return True
 
     async def _constraints(self, p: Plan) -> None:
         with p.stage("constraints"):
@@ -423,7 +446,7 @@ class Recommender:
 
     async def _prepare(self, p: Plan) -> None:
         jobs = [self._constraints(p), self._anchor(p)]
-        if p.state is None and not p.state_failed:
+        if p.state is None and not p.state_failed and not self._known_state(p):
             jobs.append(self._user_state(p))
         await run_all(*jobs)
         p.query = self._query_vector(p)
@@ -545,29 +568,8 @@ class Recommender:
             return
         if self._lists is not None:
             self._lists.put(p.flight_key, p.outcome)
-        if len(self._puts) >= self._s.cache_put_max_pending:
-            CACHE_PUTS.labels("dropped").inc()
-            return
-        # Outside the request's context: the caller's deadline no longer bounds work done after the reply.
-        ctx = contextvars.copy_context()
-        ctx.run(deadline_var.set, None)
-        task = asyncio.get_running_loop().create_task(
-            self._cache_put(p.user_id, p.context_hash, p.version, p.outcome), context=ctx)
-        self._puts.add(task)
-        task.add_done_callback(self._puts.discard)
-
-    async def _cache_put(self, user_id: str, ctx_hash: str, version: int, outcome: Outcome) -> None:
-        start = time.perf_counter()
-        try:
-            resp = await self._cache.PutRecommendations(cache_service_pb2.PutRecommendationsRequest(
-                user_id=user_id, context_hash=ctx_hash, user_version=version,
-                recommendations=cache_service_pb2.RecommendationList(
-                    items=outcome.items, computed_at_unix_ms=int(time.time() * 1000)),
-                ttl_seconds=self._s.cache_ttl_seconds), timeout=self._s.call_timeout_seconds)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("cache put failed: %s", exc.code().name)
-            CACHE_PUTS.labels("failed").inc()
-            return
-        finally:
-            STAGE_SECONDS.labels("cache_put").observe(time.perf_counter() - start)
-        CACHE_PUTS.labels("bypassed" if resp.bypassed else "stored").inc()
+        self._puts.submit(cache_service_pb2.PutRecommendationsRequest(
+            user_id=p.user_id, context_hash=p.context_hash, user_version=p.version,
+            recommendations=cache_service_pb2.RecommendationList(
+                items=p.outcome.items, computed_at_unix_ms=int(time.time() * 1000)),
+            ttl_seconds=self._s.cache_ttl_seconds))
