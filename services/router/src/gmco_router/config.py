@@ -109,7 +109,8 @@ class Settings(ServerSettings):
         4_096, help="user states (preference vector, seen items) kept in this router's LRU by version: a miss "
         "for a user whose version the router knows (USER_VERSION_TTL_SECONDS) and whose state it holds at that "
         "version skips GetUserState; feedback bumps the version, so a changed state is never used (0 = off; "
-        "about 6 KB each at 1024 dims)", check=_non_negative, check_msg=">= 0")
+        "at most about 4 KB each at 1024 dims: an FP16 vector and up to 200 seen ids)", check=_non_negative,
+        check_msg=">= 0")
     list_cache_ttl_seconds: float = setting(
         30.0, help="how long a list stays in the router's LRU; a list can outlive its cache-service entry by at "
         "most this much", check=_positive, check_msg="> 0")
