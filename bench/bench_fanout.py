@@ -531,8 +531,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     doc["grpc_floor_cpu_ms_per_call_median"] = statistics.median(r["grpc_floor_cpu_ms_per_call"] for r in per_n.values())
     if len(args.layouts) == 2 and len(ns) > 1:
         a, b = args.layouts
-        doc[f"marginal_ratio_{a}_to_{b}"] = (doc[f"marginal_router_cpu_ms_per_shard_{a}"]
-                                             / doc[f"marginal_router_cpu_ms_per_shard_{b}"])
+        # A slope can be 0 (or negative) when the CPU per miss moves less than a clock tick over N (the
+        # smoke run): then there is no ratio to give.
+        if doc[f"marginal_router_cpu_ms_per_shard_{b}"] > 0:
+            doc[f"marginal_ratio_{a}_to_{b}"] = (doc[f"marginal_router_cpu_ms_per_shard_{a}"]
+                                                 / doc[f"marginal_router_cpu_ms_per_shard_{b}"])
     for n, row in per_n.items():  # the keys the issue names, flat per N (the reported layout, fixed rate)
         cur = row[args.layouts[0]]
         row.update(router_cpu_ms_per_miss=cur["fixed_rate"]["router_cpu_ms_per_miss"],
@@ -542,7 +545,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                    miss_p50_ms=cur["fixed_rate"]["miss_p50_ms"], miss_p99_ms=cur["fixed_rate"]["miss_p99_ms"],
                    replies_per_second=cur["saturation"]["replies_per_second"],
                    shard_processes=cur["shard_processes"], calls_per_miss=cur["calls_per_miss"])
-        if len(args.layouts) == 2:
+        if len(args.layouts) == 2 and row[args.layouts[1]]["fixed_rate"]["router_cpu_ms_per_miss"] > 0:
             other = row[args.layouts[1]]
             row[f"cpu_ratio_{args.layouts[0]}_to_{args.layouts[1]}"] = (
                 cur["fixed_rate"]["router_cpu_ms_per_miss"] / other["fixed_rate"]["router_cpu_ms_per_miss"])
