@@ -202,6 +202,30 @@ def test_writes_seal_into_segments_in_the_background_without_full_rebuilds(small
     assert 50_005 in store.search(target, 5).media_ids[0].tolist()  # ANN-searchable in a sealed segment
 
 
+def test_a_bulk_catch_up_defers_builds_then_indexes_the_burst_in_one(small_catalogue, make_store) -> None:
+    """While builds are deferred (replication applying a burst), frozen segments wait, searched exactly;
+    past defer_max_rows, or once the deferral ends, every frozen segment goes into one build."""
+    import time
+
+    store = make_store("ivf", seal_rows=200)
+    vectors = np.asarray(small_catalogue.vectors)
+    store.defer_builds_until = time.monotonic() + 60
+    store.defer_max_rows = 5000
+    ids = np.arange(70_000, 71_000, dtype=np.uint64)
+    store.upsert(ids, vectors[:1000], [_attrs()] * 1000)
+    frozen = [s for s in store.segments() if s.frozen]
+    assert len(frozen) == 4 and not store.needs_maintenance() and store.maintain() is None
+    got = store.search(vectors[7][None].astype(np.float32), 5).media_ids[0].tolist()
+    assert 70_007 in got  # the waiting rows are searched (exactly)
+    store.defer_max_rows = 800  # over the bound: builds anyway, all frozen segments at once
+    assert store.maintain() == "seal"
+    assert not any(s.frozen for s in store.segments())
+    assert [s.n for s in store.segments() if s.sealed][-1] == 800
+    store.defer_max_rows, store.defer_builds_until = 5000, 0.0
+    assert set(ids.tolist()) <= _live_ids(store)
+    assert store.stats()["item_count"] == len(_live_ids(store))
+
+
 def test_background_seals_swap_atomically_under_concurrent_searches_and_writes(small_catalogue, make_store) -> None:
     store = make_store("hnsw", seal_rows=150, merge_factor=3)
     q = generate_queries(small_catalogue, 5)
@@ -577,3 +601,25 @@ def test_apply_a_batch_equals_applying_its_entries_one_by_one(before, batch) -> 
     apply_entries(batched, second, len(first) + len(second))
     assert _contents(batched) == _contents(one_by_one)
     assert batched.applied_lsn == len(first) + len(second)
+
+
+async def test_replication_applying_a_burst_defers_builds_and_a_trickle_does_not(make_store) -> None:
+    """Replication marks a bulk catch-up (entries/s over its window at least bulk_rate) on the store, for
+    BULK_HOLD_SECONDS past the burst; a few entries at a time leave builds alone; bulk_rate 0 never defers."""
+    import time
+
+    from gmco_shard.replication import BULK_HOLD_SECONDS, Replication
+
+    store = make_store("exact", seal_rows=200)
+    burst = Replication(None, list(range(4096)), store, bulk_rate=5000)  # type: ignore[arg-type]
+    await burst._apply([_entry(i + 1, 90_000 + i, _vec(i)) for i in range(10)], 10)
+    assert store.defer_builds_until == 0.0  # 10 entries: a trickle
+    await burst._apply([_entry(i + 11, 90_010 + i, _vec(i)) for i in range(3000)], 3010)
+    assert time.monotonic() < store.defer_builds_until <= time.monotonic() + BULK_HOLD_SECONDS
+    assert not store.needs_maintenance()  # 3,010 rows wait in frozen segments
+    store.defer_builds_until = 0.0
+    assert store.needs_maintenance() and store.maintain() == "seal"
+    never = make_store("exact", seal_rows=200)
+    off = Replication(None, list(range(4096)), never, bulk_rate=0)  # type: ignore[arg-type]
+    await off._apply([_entry(i + 1, 95_000 + i, _vec(i)) for i in range(3000)], 3000)
+    assert never.defer_builds_until == 0.0 and never.needs_maintenance()

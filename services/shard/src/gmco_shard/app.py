@@ -43,7 +43,8 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     health = Health()
     await health.set_condition("loading", False)
     background = await stack.enter_async_context(Supervisor(health))
-    replication = Replication(catalog, slots, store) if catalog is not None else None
+    store.defer_max_rows = settings.bulk_defer_max_rows
+    replication = Replication(catalog, slots, store, settings.bulk_apply_rate) if catalog is not None else None
     servicer = ShardServicer(store, settings, slots, replication, background, owners)
     running = await start_server(settings, [Registration(
         shard_service_pb2_grpc.add_ShardServiceServicer_to_server, servicer, SERVICE)], stack=stack,

@@ -21,7 +21,7 @@ from gmco_shard.index.params import (
     MilvusParams,
 )
 from gmco_shard.planner import ACORN_MAX_FRACTION, EXACT_MAX_ROWS, PlannerCosts
-from gmco_shard.store import MERGE_FACTOR, PURGE_FRACTION, SEAL_ROWS
+from gmco_shard.store import DEFER_MAX_ROWS, MERGE_FACTOR, PURGE_FRACTION, SEAL_ROWS
 
 PREFIX = "GMCO_SHARD_"
 
@@ -64,6 +64,13 @@ class Settings(ServerSettings):
                                         check=lambda v: 0 <= v <= 1, check_msg="0..1")
     seal_rows: int = setting(SEAL_ROWS, help="the growing (exactly searched) segment is sealed with its own index "
                              "at this many rows", check=_pos, check_msg="must be > 0")
+    bulk_apply_rate: float = setting(
+        5000.0, help="log entries/s (over 0.5 s) from which a replica is in a bulk catch-up (an import): its "
+        "index builds wait, the rows searched exactly, until the burst has been over for 2 s, then one build "
+        "indexes them all; 0 = build as rows arrive", check=lambda v: v >= 0, check_msg=">= 0")
+    bulk_defer_max_rows: int = setting(
+        DEFER_MAX_ROWS, help="most rows a bulk catch-up leaves unindexed (exactly scanned) before it builds anyway",
+        check=lambda v: v >= 0, check_msg=">= 0")
     merge_factor: int = setting(MERGE_FACTOR, help="sealed segments of one size tier merge when this many exist",
                                 check=lambda v: v >= 2, check_msg=">= 2")
     purge_fraction: float = setting(PURGE_FRACTION, help="a segment is rebuilt without its tombstones when they "
