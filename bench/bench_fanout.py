@@ -228,7 +228,6 @@ def pct(values: list[float], q: float) -> float:
 class Driver:
     def __init__(self, target: str, users: list[str], k: int, shards: int = 0) -> None:
         import grpc
-        import numpy as np
         from gmco.router.v1 import router_service_pb2_grpc
         from gmco_common.slots import SlotMap
 
@@ -236,7 +235,7 @@ class Driver:
         self.stub = router_service_pb2_grpc.RecommendationServiceStub(self.channel)
         self.users = users
         self.k = k
-        self.owner = np.asarray(SlotMap.even(shards).owner) if shards else None
+        self.slot_map = SlotMap.even(shards) if shards else None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -257,11 +256,9 @@ class Driver:
         w.miss_ms.append(1e3 * (time.perf_counter() - start))
         w.replies += 1
         w.degraded += resp.degraded
-        if self.owner is not None and resp.items:
-            from gmco_common.slots import slots_of
-
+        if self.slot_map is not None and resp.items:
             named = [i.shard_id for i in resp.items]
-            w.wrong_shard += int((self.owner[slots_of([i.media_id for i in resp.items])] != named).sum())
+            w.wrong_shard += int((self.slot_map.shards_of([i.media_id for i in resp.items]) != named).sum())
         w.shard_ms.extend(1e3 * t.seconds for t in resp.timings if t.stage == "shard_search")
         return resp
 

@@ -6,6 +6,7 @@ contiguous range of slots, which is the seed design's ``xxh64 % n`` up to a rela
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -50,8 +51,12 @@ class SlotMap:
     def shard_of(self, media_id: int) -> int:
         return self.owner[slot_of(media_id)]
 
+    @functools.cached_property
+    def _owner_array(self) -> np.ndarray:
+        return np.asarray(self.owner, dtype=np.int32)
+
     def shards_of(self, media_ids: Sequence[int]) -> np.ndarray:
-        return np.asarray(self.owner, dtype=np.int32)[slots_of(media_ids)]
+        return self._owner_array[slots_of(media_ids)]
 
     def slots_for(self, shard_id: int) -> list[int]:
         return [s for s, o in enumerate(self.owner) if o == shard_id]

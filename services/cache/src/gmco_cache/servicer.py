@@ -40,20 +40,22 @@ class CacheServicer:
 
     async def PutRecommendations(self, request: pb.PutRecommendationsRequest,
                                  context: grpc.aio.ServicerContext) -> pb.PutRecommendationsResponse:
-        key = recommendations_key(request.user_id, request.context_hash, request.user_version)
-        value = check_value(request.recommendations.SerializeToString(), "recommendations", self._max_value_bytes)
-        stored = await self._cache.put([(key, value)], request.ttl_seconds)
+        stored = await self._cache.put([self._recommendations_entry(request)], request.ttl_seconds)
         return pb.PutRecommendationsResponse(stored=stored.count == 1, bypassed=stored.bypassed)
+
+    def _recommendations_entry(self, put: pb.PutRecommendationsRequest, field_prefix: str = "") -> tuple[Key, bytes]:
+        """The checked (key, value) of one put; INVALID_ARGUMENT names ``field_prefix`` + the field."""
+        key = recommendations_key(put.user_id, put.context_hash, put.user_version, field_prefix)
+        value = check_value(put.recommendations.SerializeToString(), f"{field_prefix}recommendations",
+                            self._max_value_bytes)
+        return key, value
 
     async def PutRecommendationsBatch(self, request: pb.PutRecommendationsBatchRequest,
                                       context: grpc.aio.ServicerContext) -> pb.PutRecommendationsBatchResponse:
         check_batch(len(request.puts), "puts", self._max_batch_keys)
         by_ttl: dict[int, list[tuple[Key, bytes]]] = {}
         for i, put in enumerate(request.puts):  # every entry is checked before anything is stored
-            key = recommendations_key(put.user_id, put.context_hash, put.user_version, f"puts[{i}].")
-            value = check_value(put.recommendations.SerializeToString(), f"puts[{i}].recommendations",
-                                self._max_value_bytes)
-            by_ttl.setdefault(put.ttl_seconds, []).append((key, value))
+            by_ttl.setdefault(put.ttl_seconds, []).append(self._recommendations_entry(put, f"puts[{i}]."))
         stored, bypassed = 0, False
         for ttl, entries in by_ttl.items():
             result = await self._cache.put(entries, ttl)

@@ -38,12 +38,12 @@ async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> Running
     store = ShardStore(settings.dim, settings.index_backend, settings.index_params(),
                        Planner(settings.planner_costs()), owned_slots=slots, seal_rows=settings.seal_rows,
                        merge_factor=settings.merge_factor, purge_fraction=settings.purge_fraction,
-                       maintenance_threads=settings.maintenance_threads or MAINTENANCE_THREADS)
+                       maintenance_threads=settings.maintenance_threads or MAINTENANCE_THREADS,
+                       defer_max_rows=settings.bulk_defer_max_rows)
     catalog = await stack.enter_async_context(open_log(settings.catalog_dsn)) if settings.catalog_dsn else None
     health = Health()
     await health.set_condition("loading", False)
     background = await stack.enter_async_context(Supervisor(health))
-    store.defer_max_rows = settings.bulk_defer_max_rows
     replication = Replication(catalog, slots, store, settings.bulk_apply_rate) if catalog is not None else None
     servicer = ShardServicer(store, settings, slots, replication, background, owners)
     running = await start_server(settings, [Registration(

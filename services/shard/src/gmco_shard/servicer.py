@@ -13,7 +13,7 @@ from gmco.shard.v1 import shard_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from gmco_common.features import feature_version, features
-from gmco_common.slots import SlotMap, slots_of
+from gmco_common.slots import SlotMap
 from gmco_common.supervisor import Supervisor
 from gmco_common.vectors import as_fp16, decode_batch, decode_vector, encode_batch, encode_vector
 
@@ -37,9 +37,8 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
         self._settings = settings
         self._slots = slots
         self._hosted = settings.hosted_shards
-        # Several logical shards: each result's shard comes from its slot (slot -> shard, uint32).
-        self._owner = (np.asarray((slot_map or SlotMap.even(settings.shard_count)).owner, np.uint32)
-                       if len(self._hosted) > 1 else None)
+        # Several logical shards: each result's shard comes from its slot.
+        self._slot_map = (slot_map or SlotMap.even(settings.shard_count)) if len(self._hosted) > 1 else None
         self._replication = replication
         self._background = background
         self._compaction: asyncio.Task | None = None
@@ -158,8 +157,8 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             n = int(counts[i])
             row = out.results.add(media_ids=res.media_ids[i, :n].tobytes(), scores=res.scores[i, :n].tobytes(),
                                   popularities=popularity[at:at + n].tobytes())
-            if self._owner is not None and n:
-                row.shard_ids = self._owner[slots_of(res.media_ids[i, :n].tolist())].tobytes()
+            if self._slot_map is not None and n:
+                row.shard_ids = self._slot_map.shards_of(res.media_ids[i, :n].tolist()).astype("<u4").tobytes()
             if feats is not None:
                 row.features.CopyFrom(encode_batch(feats[at:at + n], "float32") if n else
                                       common_pb2.VectorBatch(dtype=common_pb2.D_TYPE_FLOAT32,
@@ -167,9 +166,9 @@ class ShardServicer(shard_service_pb2_grpc.ShardServiceServicer):
             at += n
 
     def _shard_of(self, media_id: int) -> int:
-        if self._owner is None:
+        if self._slot_map is None:
             return self._settings.shard_id
-        return int(self._owner[slots_of((media_id,))[0]])
+        return self._slot_map.shard_of(media_id)
 
     def _items(self, res: SearchResult, request: pb.SearchRequest, out: pb.SearchResponse) -> None:
         s = self._settings

@@ -95,7 +95,7 @@ class ShardStore:
     def __init__(self, dim: int, backend: str, params: IndexParams, planner: Planner | None = None,
                  owned_slots: Sequence[int] | None = None, seal_rows: int = SEAL_ROWS,
                  merge_factor: int = MERGE_FACTOR, purge_fraction: float = PURGE_FRACTION,
-                 maintenance_threads: int = MAINTENANCE_THREADS) -> None:
+                 maintenance_threads: int = MAINTENANCE_THREADS, defer_max_rows: int = DEFER_MAX_ROWS) -> None:
         self.dim = dim
         self.backend = backend
         self.params = params
@@ -114,7 +114,7 @@ class ShardStore:
         # Until this time.monotonic() (set by replication while it applies a burst), seals and merges wait,
         # as long as the rows waiting stay under defer_max_rows.
         self.defer_builds_until = 0.0
-        self.defer_max_rows = DEFER_MAX_ROWS
+        self.defer_max_rows = defer_max_rows
         # False until the start-up data is in (bulk load, snapshot, or mark_loaded for an empty start).
         self.loaded = False
         # Slots this shard owns (bool over the 4096 slots); rebuilds drop rows of other slots, which is how
