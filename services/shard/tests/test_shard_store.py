@@ -12,7 +12,7 @@ from gmco_catalog.log import LogEntry, Op
 from gmco_common.config import ConfigError
 from gmco_common.datagen import exact_ground_truth, generate_queries, save_catalogue
 from gmco_common.slots import NUM_SLOTS, SlotMap, slot_of, slots_of
-from gmco_shard import bitmaps
+from gmco_shard import bitmaps, snapshot
 from gmco_shard.apply import apply_entries
 from gmco_shard.columns import columns_from_catalogue, columns_from_items
 from gmco_shard.filters import AttributeIndex, evaluate_filter
@@ -226,6 +226,25 @@ def test_a_bulk_catch_up_defers_builds_then_indexes_the_burst_in_one(small_catal
     assert store.stats()["item_count"] == len(_live_ids(store))
 
 
+def test_ivf_keeps_the_unfiltered_budget_when_only_tombstones_filter(small_catalogue, make_store) -> None:
+    """Tombstones alone (a shard taking writes) must not widen an IVF search: the same lists as unfiltered,
+    no allowed-row quota; a real filter still widens."""
+    store = make_store("ivf")
+    seg = max(store.segments(), key=lambda s: s.n)
+    index = seg.index
+    assert index is not None and index.lists > 8
+    n = index.count
+    assert index.filtered_budget(4, 10, n) == (4, 0)
+    assert index.filtered_budget(4, 10, n - n // 50) == (4, 0)  # 2% dead
+    lists, quota = index.filtered_budget(4, 10, n // 10)
+    assert lists > 4 and quota >= 300
+    ids = np.asarray(seg.cols.media_ids[: seg.n])[:: 50]
+    store.delete(ids)
+    q = generate_queries(small_catalogue, 3)
+    got = store.search(q, 10).media_ids
+    assert not set(got.ravel().tolist()) & set(ids.tolist())
+
+
 def test_background_seals_swap_atomically_under_concurrent_searches_and_writes(small_catalogue, make_store) -> None:
     store = make_store("hnsw", seal_rows=150, merge_factor=3)
     q = generate_queries(small_catalogue, 5)
@@ -391,6 +410,18 @@ def test_snapshot_cut_with_several_unsealed_segments_restores_them_all(small_cat
     restored = ShardStore(DIM, "exact", store.params, seal_rows=100)
     assert load_snapshot(restored, tmp_path) == 14
     assert _live_ids(restored) == _live_ids(store)
+
+
+@pytest.mark.parametrize("arr", [np.arange(12, dtype=np.float16).reshape(3, 4), np.zeros(0, np.uint64),
+                                 np.array([True, False, True]), np.arange(70_000, dtype=np.uint64)[::2]])
+def test_snapshot_arrays_are_hashed_as_written(tmp_path, arr, monkeypatch) -> None:
+    """The checksum a save records is computed while writing; it must be the one a load recomputes from
+    the file, and the file must read back as the array (chunk boundaries included)."""
+    monkeypatch.setattr(snapshot, "_CHUNK", 4096)
+    path = tmp_path / "a.npy"
+    assert snapshot._save_array(path, arr) == snapshot._checksum(path)
+    back = np.load(path)
+    assert back.dtype == arr.dtype and np.array_equal(back, arr)
 
 
 def test_snapshot_refuses_other_settings(small_catalogue, make_store, tmp_path) -> None:
