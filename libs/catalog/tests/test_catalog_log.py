@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
-from gmco_catalog.log import Op, Write
+from gmco_catalog.log import Op, Upserts, Write
 from gmco_catalog.postgres_log import PostgresCatalogLog
 from gmco_catalog.sqlite_log import SqliteCatalogLog
 from gmco_catalog.tailer import LogTailer
@@ -41,6 +42,30 @@ async def contract_append_read(log) -> None:
         await log.append([])
     with pytest.raises(InvalidArgument, match=r"items\[0\].vector"):
         await log.append([Write(Op.UPSERT, 9)])
+
+
+async def contract_columnar_upserts(log) -> None:
+    """An ``Upserts`` batch (gmco import) appends exactly what the same ``Write`` s append: same slots, ids
+    (one beyond 2^63 too), vectors and attributes, in order, one lsn each; malformed columns are refused."""
+    ids = np.array([7, (1 << 64) - 3, 1 << 40, 12], np.uint64)
+    vectors = np.arange(4 * 6, dtype=np.float16).reshape(4, 6)
+    attrs = [bytes([i]) * (i + 1) for i in range(4)]
+    cols = await log.append(Upserts(ids, vectors, attrs), request_id="cols-1")
+    rows = await log.append([Write(Op.UPSERT, int(m), vectors[i].tobytes(), attrs[i]) for i, m in enumerate(ids.tolist())])
+    assert cols.last_lsn - cols.first_lsn == 3 and rows.first_lsn == cols.last_lsn + 1
+    again = await log.append(Upserts(ids, vectors, attrs), request_id="cols-1")
+    assert again.duplicate and again.last_lsn == cols.last_lsn
+    got = (await log.read(cols.first_lsn - 1, None, 100)).entries
+    a, b = got[:4], got[4:]
+    assert [(e.slot, e.op, e.media_id, bytes(e.vector), e.attributes) for e in a] == \
+        [(e.slot, e.op, e.media_id, bytes(e.vector), e.attributes) for e in b]
+    assert [e.media_id for e in a] == ids.tolist() and [e.slot for e in a] == [slot_of(m) for m in ids.tolist()]
+    with pytest.raises(InvalidArgument, match="items.vectors"):
+        await log.append(Upserts(ids, vectors.astype(np.float32), attrs))
+    with pytest.raises(InvalidArgument, match="items.attributes"):
+        await log.append(Upserts(ids, vectors, attrs[:3]))
+    with pytest.raises(InvalidArgument, match="items"):
+        await log.append(Upserts(ids[:0], vectors[:0], []))
 
 
 async def contract_tailer(log) -> None:
@@ -79,6 +104,10 @@ async def catalog_log(request, tmp_path):
 
 async def test_append_read(catalog_log) -> None:
     await contract_append_read(catalog_log)
+
+
+async def test_columnar_upserts_append_as_writes_do(catalog_log) -> None:
+    await contract_columnar_upserts(catalog_log)
 
 
 async def test_tailer_applies_in_order(catalog_log) -> None:

@@ -7,7 +7,7 @@ import pytest
 from gmco.common.v1 import common_pb2
 from gmco_common.config import ConfigError, ServerSettings, load_settings, setting
 from gmco_common.errors import InvalidArgument
-from gmco_common.slots import NUM_SLOTS, SlotMap, slot_of
+from gmco_common.slots import NUM_SLOTS, SlotMap, slot_of, slots_of, slots_of_array
 from gmco_common.vectors import decode_batch, decode_vector, encode_batch, encode_vector
 
 
@@ -61,3 +61,15 @@ def test_vectors_round_trip_and_validation() -> None:
         decode_batch(common_pb2.VectorBatch(dtype=1, dimension=8), "q")
     with pytest.raises(InvalidArgument, match="dtype"):
         decode_vector(common_pb2.Vector(data=b"", dtype=9, dimension=1), "v")
+
+
+def test_vectorised_slots_are_xxh64_like_slot_of() -> None:
+    """slots_of_array re-implements XXH64 in numpy: it must agree with the xxhash module on every id,
+    the extremes of uint64 included, and slots_of must give the same below and above its numpy cut-over."""
+    rng = np.random.default_rng(3)
+    ids = np.concatenate([rng.integers(0, 1 << 64, 20_000, dtype=np.uint64, endpoint=False),
+                          np.array([0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1], np.uint64)])
+    want = [slot_of(m) for m in ids.tolist()]
+    assert slots_of_array(ids).tolist() == want
+    assert slots_of(ids).tolist() == want and slots_of(ids[:5].tolist()).tolist() == want[:5]
+    assert slots_of([]).tolist() == []

@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+import numpy as np
 from gmco_common.errors import InvalidArgument
+from gmco_common.ids import to_int64
+from gmco_common.slots import slot_of, slots_of_array
 
 
 class Op(IntEnum):
@@ -37,8 +40,9 @@ def parse_op(value: int) -> Op | int:
     return _OPS.get(value, value)
 
 
-@dataclass(frozen=True)
-class Write:
+# Write and LogEntry are named tuples, not frozen dataclasses: a bulk import makes one per row, and a frozen
+# dataclass took 2.1 us to construct against 0.4 us for a named tuple (a replica reads 100,000 rows a second).
+class Write(NamedTuple):
     """One change to append. ``vector`` is FP16 little-endian bytes; ``attributes`` MediaAttributes bytes."""
 
     op: Op
@@ -48,7 +52,20 @@ class Write:
 
 
 @dataclass(frozen=True)
-class LogEntry:
+class Upserts:
+    """Many upserts given as columns, which append exactly as the same ``Write`` s would, without an object
+    per row (``gmco import``): ``media_ids`` uint64 (n,), ``vectors`` FP16 (n, dim), ``attributes``
+    MediaAttributes bytes per row."""
+
+    media_ids: np.ndarray
+    vectors: np.ndarray
+    attributes: Sequence[bytes]
+
+    def __len__(self) -> int:
+        return int(self.media_ids.shape[0])
+
+
+class LogEntry(NamedTuple):
     lsn: int
     slot: int
     op: Op | int  # a plain int: an op this version does not know (see parse_op)
@@ -74,16 +91,51 @@ class ReadResult:
 
 
 class CatalogLog(Protocol):
-    async def append(self, writes: Sequence[Write], request_id: str | None = None) -> AppendResult: ...
+    async def append(self, writes: Sequence[Write] | Upserts, request_id: str | None = None) -> AppendResult: ...
     async def read(self, after_lsn: int, slots: Sequence[int] | None, limit: int) -> ReadResult: ...
     async def head_lsn(self) -> int: ...
     async def wait_for_change(self, after_lsn: int, timeout: float) -> None: ...
     async def close(self) -> None: ...
 
 
-def check_writes(writes: Sequence[Write]) -> None:
-    if not writes:
+def check_writes(writes: Sequence[Write] | Upserts) -> None:
+    if not len(writes):
         raise InvalidArgument("items", "the batch is empty")
+    if isinstance(writes, Upserts):
+        n = len(writes)
+        if writes.vectors.ndim != 2 or writes.vectors.shape[0] != n or not writes.vectors.shape[1] \
+                or writes.vectors.dtype != np.float16:
+            raise InvalidArgument("items.vectors", f"needs FP16 vectors of shape ({n}, dim), got "
+                                                   f"{writes.vectors.dtype} {writes.vectors.shape}")
+        if len(writes.attributes) != n:
+            raise InvalidArgument("items.attributes", f"{len(writes.attributes)} attribute rows for {n} ids")
+        return
     for i, w in enumerate(writes):
         if w.op == Op.UPSERT and not w.vector:
             raise InvalidArgument(f"items[{i}].vector", "an upsert needs a vector")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """What a log inserts for a batch, one list per column of ``catalog_log`` (media ids as int64)."""
+
+    slots: list[int]
+    ops: list[int]
+    media_ids: list[int]
+    vectors: list[bytes | memoryview | None]
+    attributes: list[bytes | None]
+
+
+def columns_of(writes: Sequence[Write] | Upserts) -> Columns:
+    """The batch's rows as columns; an ``Upserts`` batch is converted with numpy, and its vectors are views
+    of its array (no copy)."""
+    if isinstance(writes, Upserts):
+        ids = np.ascontiguousarray(writes.media_ids, dtype=np.uint64)
+        n = ids.shape[0]
+        raw = memoryview(np.ascontiguousarray(writes.vectors, dtype="<f2").reshape(-1).view(np.uint8))
+        width = raw.nbytes // n
+        return Columns(slots_of_array(ids).tolist(), [int(Op.UPSERT)] * n, ids.view(np.int64).tolist(),
+                       [raw[i * width:(i + 1) * width] for i in range(n)], list(writes.attributes))
+    return Columns([slot_of(w.media_id) for w in writes], [int(w.op) for w in writes],
+                   [to_int64(w.media_id) for w in writes], [w.vector for w in writes],
+                   [w.attributes for w in writes])

@@ -10,12 +10,11 @@ from typing import Self
 
 import psycopg
 from gmco_common.errors import Unavailable
-from gmco_common.ids import from_int64, to_int64
+from gmco_common.ids import from_int64
 from gmco_common.migrations import load_migrations, migrate_postgres
-from gmco_common.slots import slot_of
 from psycopg_pool import AsyncConnectionPool
 
-from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Write, check_writes, parse_op
+from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Upserts, Write, check_writes, columns_of, parse_op
 
 # Arbitrary constant naming the writers' advisory lock.
 _WRITER_LOCK = 0x474D434F  # "GMCO"
@@ -56,8 +55,9 @@ class PostgresCatalogLog:
             self._listener = None
         await self._pool.close()
 
-    async def append(self, writes: Sequence[Write], request_id: str | None = None) -> AppendResult:
+    async def append(self, writes: Sequence[Write] | Upserts, request_id: str | None = None) -> AppendResult:
         check_writes(writes)
+        c = columns_of(writes)
         try:
             async with self._pool.connection() as conn, conn.transaction():
                 if request_id:
@@ -76,13 +76,7 @@ class PostgresCatalogLog:
                     "INSERT INTO catalog_log (slot, op, media_id, vector, attributes) "
                     "SELECT s, o, m, v, a FROM unnest(%s::int[], %s::smallint[], %s::bigint[], %s::bytea[], %s::bytea[]) "
                     "WITH ORDINALITY AS t(s, o, m, v, a, n) ORDER BY n RETURNING lsn",
-                    (
-                        [slot_of(w.media_id) for w in writes],
-                        [int(w.op) for w in writes],
-                        [to_int64(w.media_id) for w in writes],
-                        [w.vector for w in writes],
-                        [w.attributes for w in writes],
-                    ),
+                    (c.slots, c.ops, c.media_ids, c.vectors, c.attributes),
                 )
                 lsns = [r[0] for r in await cur.fetchall()]
                 first, last = min(lsns), max(lsns)

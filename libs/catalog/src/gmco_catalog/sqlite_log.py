@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from gmco_common.ids import from_int64, to_int64
+from gmco_common.ids import from_int64
 from gmco_common.migrations import load_migrations, migrate_sqlite
-from gmco_common.slots import slot_of
 from gmco_common.sqlite import SqliteWorker
 
-from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Write, check_writes, parse_op
+from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Upserts, Write, check_writes, columns_of, parse_op
 
 
 class SqliteCatalogLog:
@@ -41,9 +40,10 @@ class SqliteCatalogLog:
     async def close(self) -> None:
         await self._worker.close()
 
-    async def append(self, writes: Sequence[Write], request_id: str | None = None) -> AppendResult:
+    async def append(self, writes: Sequence[Write] | Upserts, request_id: str | None = None) -> AppendResult:
         check_writes(writes)
-        rows = [(slot_of(w.media_id), int(w.op), to_int64(w.media_id), w.vector, w.attributes) for w in writes]
+        c = columns_of(writes)
+        count = len(c.slots)
 
         def txn(db: sqlite3.Connection) -> AppendResult:
             db.execute("BEGIN IMMEDIATE")
@@ -54,12 +54,11 @@ class SqliteCatalogLog:
                     if got:
                         db.execute("ROLLBACK")
                         return AppendResult(got[0], got[1], duplicate=True)
-                db.executemany(
-                    "INSERT INTO catalog_log (slot, op, media_id, vector, attributes) VALUES (?, ?, ?, ?, ?)", rows
-                )
+                db.executemany("INSERT INTO catalog_log (slot, op, media_id, vector, attributes) VALUES (?, ?, ?, ?, ?)",
+                               zip(c.slots, c.ops, c.media_ids, c.vectors, c.attributes, strict=True))
                 # One writer holds the write lock and lsn is AUTOINCREMENT, so the rows took consecutive lsns.
                 last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-                first = last - len(rows) + 1
+                first = last - count + 1
                 if request_id:
                     db.execute("INSERT INTO catalog_requests VALUES (?, ?, ?)", (request_id, first, last))
                 db.execute("COMMIT")

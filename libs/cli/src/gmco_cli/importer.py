@@ -609,14 +609,12 @@ def request_id(run_id: str, file: Path, chunk: Chunk) -> str:
     return f"gmco-import:{digest.hexdigest()}"
 
 
-def writes_of(chunk: Chunk) -> list[Any]:
-    from gmco_catalog.log import Op, Write
+def writes_of(chunk: Chunk) -> Any:
+    """The chunk as one columnar batch of upserts (``gmco_catalog.log.Upserts``): no object per row."""
+    from gmco_catalog.log import Upserts
 
     assert chunk.vectors is not None and chunk.attributes is not None
-    raw = np.ascontiguousarray(chunk.vectors, dtype="<f2").tobytes()
-    width = chunk.vectors.shape[1] * 2
-    return [Write(Op.UPSERT, media_id, raw[i * width:(i + 1) * width], attributes)
-            for i, (media_id, attributes) in enumerate(zip(chunk.ids.tolist(), chunk.attributes, strict=True))]
+    return Upserts(chunk.ids, np.ascontiguousarray(chunk.vectors, dtype="<f2"), chunk.attributes)
 
 
 async def import_files(files: Sequence[Path], dsn: str, dim: int, columns: Columns | None = None, *,
