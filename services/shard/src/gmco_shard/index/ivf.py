@@ -157,13 +157,15 @@ class IvfIndex(VectorIndex):
         if self.params.metric == "l2":
             scores = 2 * scores - (self._centroids * self._centroids).sum(1)[None, :]
         if probe >= self.lists:
-            return np.argsort(-scores, axis=1)
-        top = np.argpartition(-scores, probe - 1, axis=1)
-        # the best `probe` lists in order, then the rest (a filtered search may keep going)
-        head = np.take_along_axis(top[:, :probe], np.argsort(-np.take_along_axis(scores, top[:, :probe], 1), 1), 1)
-        rest_scores = np.take_along_axis(scores, top[:, probe:], 1)
-        tail = np.take_along_axis(top[:, probe:], np.argsort(-rest_scores, 1), 1)
-        return np.concatenate([head, tail], 1)
+            return np.argsort(-scores, axis=1)  # every list in order (a filtered search may need them all)
+        # The best `probe` lists in order. One query (most searches) takes plain indexing: the along-axis
+        # form, and sorting the lists that are not probed, were a fifth of a search over a few segments.
+        if scores.shape[0] == 1:
+            s = -scores[0]
+            top = np.argpartition(s, probe - 1)[:probe]
+            return top[np.argsort(s[top], kind="stable")][None, :]
+        top = np.argpartition(-scores, probe - 1, axis=1)[:, :probe]
+        return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), 1, kind="stable"), 1)
 
     def filtered_budget(self, probe: int, k: int, allowed: int) -> tuple[int, int]:
         """(lists to probe at least, allowed rows to score at least) for a filter allowing ``allowed`` rows."""
