@@ -14,7 +14,16 @@ from gmco_common.ids import from_int64
 from gmco_common.migrations import load_migrations, migrate_postgres
 from psycopg_pool import AsyncConnectionPool
 
-from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Upserts, Write, check_writes, columns_of, parse_op
+from gmco_catalog.log import (
+    AppendResult,
+    LogEntry,
+    ReadResult,
+    Upserts,
+    Write,
+    check_writes,
+    columns_of,
+    parse_op,
+)
 
 # Arbitrary constant naming the writers' advisory lock.
 _WRITER_LOCK = 0x474D434F  # "GMCO"

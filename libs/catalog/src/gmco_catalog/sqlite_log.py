@@ -14,7 +14,16 @@ from gmco_common.ids import from_int64
 from gmco_common.migrations import load_migrations, migrate_sqlite
 from gmco_common.sqlite import SqliteWorker
 
-from gmco_catalog.log import AppendResult, LogEntry, ReadResult, Upserts, Write, check_writes, columns_of, parse_op
+from gmco_catalog.log import (
+    AppendResult,
+    LogEntry,
+    ReadResult,
+    Upserts,
+    Write,
+    check_writes,
+    columns_of,
+    parse_op,
+)
 
 
 class SqliteCatalogLog:
