@@ -21,8 +21,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 from gmco_common.errors import InvalidArgument
-from gmco_common.ids import to_int64
-from gmco_common.slots import slot_of, slots_of_array
+from gmco_common.slots import slots_of
 
 
 class Op(IntEnum):
@@ -127,15 +126,20 @@ class Columns:
 
 
 def columns_of(writes: Sequence[Write] | Upserts) -> Columns:
-    """The batch's rows as columns; an ``Upserts`` batch is converted with numpy, and its vectors are views
-    of its array (no copy)."""
+    """The batch's rows as columns, ids hashed to slots by ``slots_of`` (with numpy for a batch); the
+    vectors of an ``Upserts`` batch are views of its array (no copy)."""
     if isinstance(writes, Upserts):
         ids = np.ascontiguousarray(writes.media_ids, dtype=np.uint64)
         n = ids.shape[0]
         raw = memoryview(np.ascontiguousarray(writes.vectors, dtype="<f2").reshape(-1).view(np.uint8))
         width = raw.nbytes // n
-        return Columns(slots_of_array(ids).tolist(), [int(Op.UPSERT)] * n, ids.view(np.int64).tolist(),
-                       [raw[i * width:(i + 1) * width] for i in range(n)], list(writes.attributes))
-    return Columns([slot_of(w.media_id) for w in writes], [int(w.op) for w in writes],
-                   [to_int64(w.media_id) for w in writes], [w.vector for w in writes],
-                   [w.attributes for w in writes])
+        ops: list[int] = [int(Op.UPSERT)] * n
+        vectors: list[bytes | memoryview | None] = [raw[i * width:(i + 1) * width] for i in range(n)]
+        attributes: list[bytes | None] = list(writes.attributes)
+    else:
+        ids = np.fromiter((w.media_id for w in writes), np.uint64, len(writes))
+        ops = [int(w.op) for w in writes]
+        vectors = [w.vector for w in writes]
+        attributes = [w.attributes for w in writes]
+    # int64 with the same bits: PostgreSQL and SQLite have signed 64-bit integers (gmco_common.ids.to_int64)
+    return Columns(slots_of(ids).tolist(), ops, ids.view(np.int64).tolist(), vectors, attributes)

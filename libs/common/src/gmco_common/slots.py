@@ -41,7 +41,7 @@ def _rotl(x: np.ndarray, r: int) -> np.ndarray:
 def slots_of_array(media_ids: np.ndarray) -> np.ndarray:
     """:func:`slot_of` of every id of a uint64 array, with numpy: XXH64 of an 8-byte input with seed 0,
     step by step (one round of the 8-byte lane, then the avalanche), in wrapping uint64 arithmetic. A bulk
-    import hashes 100,000 ids in 4 ms this way, against 60 ms through the xxhash module one id at a time."""
+    import hashes 100,000 ids in 4 ms this way, against 38 ms through the xxhash module one id at a time."""
     x = np.ascontiguousarray(media_ids, dtype="<u8")
     with np.errstate(over="ignore"):
         h = np.full(x.shape, _P5 + np.uint64(8), np.uint64)
