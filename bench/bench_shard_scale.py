@@ -310,8 +310,12 @@ def filtered(store: ShardStore, cat: Catalogue, cols, queries: np.ndarray, gt_un
         res = store.search(qs, K, f, ef=breadth)
         r_unc = recall_ids(res.media_ids, fgt)
         q_unc, p50_unc, _ = timed_b1(lambda q, f=f: store.search(q, K, f, ef=breadth), qs, a.seconds)
-        # negatively correlated: block the genre of each query's own nearest items
-        neg_recalls, neg_lat, neg_paths, neg_fraction = [], [], [], []
+        # Negatively correlated: block the genre of each query's own nearest items. Each query has its own
+        # filter (so the store evaluates each one afresh). The filters and their exact answers are made
+        # first and the searches then run back to back, as the uncorrelated ones do: timed between the
+        # ground truth's passes over every row, a search paid for the caches those passes emptied (0.92 ms
+        # back to back against 2.6 ms interleaved, at 0.36 % allowed).
+        neg_filters, neg_want, neg_fraction = [], [], []
         for i in range(nq):
             top_rows = (np.searchsorted(ids, gt_unfiltered[i][:K]) if id_row is None
                         else np.asarray([id_row[int(m)] for m in gt_unfiltered[i][:K]]))
@@ -324,7 +328,10 @@ def filtered(store: ShardStore, cat: Catalogue, cols, queries: np.ndarray, gt_un
             mask = evaluate_filter(cols, g)
             neg_fraction.append(mask.mean())
             want_rows = _masked_top_k(scores[i], mask, K)
-            want = np.where(want_rows >= 0, ids[np.maximum(want_rows, 0)], 0)
+            neg_filters.append(g)
+            neg_want.append(np.where(want_rows >= 0, ids[np.maximum(want_rows, 0)], 0))
+        neg_recalls, neg_lat, neg_paths = [], [], []
+        for i, (g, want) in enumerate(zip(neg_filters, neg_want, strict=True)):
             t = time.perf_counter()
             got = store.search(qs[i:i + 1], K, g, ef=breadth)
             neg_lat.append(time.perf_counter() - t)

@@ -245,6 +245,84 @@ def test_ivf_keeps_the_unfiltered_budget_when_only_tombstones_filter(small_catal
     assert not set(got.ravel().tolist()) & set(ids.tolist())
 
 
+def _ivf_segment(make_store, **kw):
+    store = make_store("ivf", **kw)
+    seg = max(store.segments(), key=lambda s: s.n)
+    assert seg.index is not None and seg.index.lists > 8
+    return store, seg, seg.index
+
+
+def test_ivf_bound_stops_the_scan_where_no_list_left_can_do_better(small_catalogue, make_store) -> None:
+    """The kernel's bound rule: with every bound above any score it probes every list, with every bound
+    below any score it stops after min_lists; and the lists' own bounds match the exact filtered top 10."""
+    import gmco_kernels
+
+    _, seg, index = _ivf_segment(make_store)
+    q = generate_queries(small_catalogue, 1)[0]
+    allow = bitmaps.full(seg.n)
+    order = np.arange(index.lists)
+    high = np.full(index.lists, np.inf, np.float32)
+    low = np.full(index.lists, -np.inf, np.float32)
+    args = (q, index.vectors, index._offsets, order, 10, 3, 0, 0, allow, "ip")
+    assert gmco_kernels.ivf_scan(*args, bound=high)[2] == index.lists
+    assert gmco_kernels.ivf_scan(*args, bound=low)[2] == 3
+    with pytest.raises(ValueError, match="one value per list"):
+        gmco_kernels.ivf_scan(*args, bound=high[:-1])
+    # the spreads are each list's RMS distance from its centroid
+    lo, hi = int(index._offsets[0]), int(index._offsets[1])
+    rows = np.asarray(index.vectors[lo:hi], np.float32)
+    want = np.sqrt(((rows - index._centroids[0]) ** 2).sum(1).mean())
+    assert index._spread[0] == pytest.approx(want, rel=1e-4)
+
+
+def test_ivf_filter_blocking_the_query_neighbourhood_keeps_recall(small_catalogue, make_store) -> None:
+    """The case a quota rule gets wrong: the query's own genres blocked, so its nearest allowed rows lie in
+    other clusters. The bound rule scans on until no list is expected to hold a better row."""
+    store, _, _ = _ivf_segment(make_store, planner=Planner(PlannerCosts(exact_max_rows=0)))
+    q = generate_queries(small_catalogue, 20, seed=3)
+    full = exact_ground_truth(small_catalogue.vectors, q, 10)
+    cols = columns_from_catalogue(small_catalogue)
+    ids = small_catalogue.media_ids
+    genres = np.unique(small_catalogue.genre_ids[:, 0])
+    rng = np.random.default_rng(4)
+    recalls, scanned = [], []
+    for i in range(len(q)):
+        own = {int(g) for g in small_catalogue.genre_ids[full[i], 0]}
+        others = rng.choice([g for g in genres.tolist() if g not in own], 2, replace=False).tolist()
+        f = common_pb2.Filter(blocked_genre_ids=sorted(own | set(others)))
+        allow = evaluate_filter(cols, f)
+        assert 0.05 < allow.mean() < 0.95
+        want = exact_ground_truth(small_catalogue.vectors, q[i:i + 1], 10, allow_mask=allow)[0]
+        res = store.search(q[i:i + 1], 10, f, ef=2)
+        assert set(res.media_ids[0].tolist()) <= set(ids[allow].tolist())
+        recalls.append(len(set(res.media_ids[0].tolist()) & set(ids[want].tolist())) / 10)
+        scanned.append(res.paths)
+    assert np.mean(recalls) >= 0.95, recalls
+    assert all(p == (PREFILTER,) for p in scanned)
+
+
+def test_ivf_snapshot_without_list_spreads_recomputes_them(small_catalogue, make_store, tmp_path) -> None:
+    """A snapshot written before the lists kept their spreads loads, with the same spreads and results."""
+    store, _, index = _ivf_segment(make_store)
+    import json
+
+    directory, _ = save_snapshot(store, tmp_path)
+    meta = json.loads((directory / "meta.json").read_text())
+    dropped = [rel for rel in meta["files"] if rel.endswith("ivf_spread.npy")]
+    assert dropped
+    for rel in dropped:  # the layout an older snapshot has: no spreads, and none listed
+        (directory / rel).unlink()
+        del meta["files"][rel]
+    (directory / "meta.json").write_text(json.dumps(meta))
+    restored = ShardStore(DIM, "ivf", store.params)
+    load_snapshot(restored, tmp_path)
+    got = max(restored.segments(), key=lambda s: s.n).index
+    assert np.allclose(got._spread, index._spread)
+    q = generate_queries(small_catalogue, 5)
+    f = common_pb2.Filter(blocked_genre_ids=[0, 1])
+    assert np.array_equal(restored.search(q, 10, f).media_ids, store.search(q, 10, f).media_ids)
+
+
 def test_background_seals_swap_atomically_under_concurrent_searches_and_writes(small_catalogue, make_store) -> None:
     store = make_store("hnsw", seal_rows=150, merge_factor=3)
     q = generate_queries(small_catalogue, 5)

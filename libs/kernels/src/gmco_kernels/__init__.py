@@ -33,7 +33,7 @@ _lib.gk_scan.argtypes = [_vp, _i64, _i64, _vp, _i64, _vp, _vp, _i64, ctypes.c_in
 _lib.gk_bits_to_rows.restype = _i64
 _lib.gk_bits_to_rows.argtypes = [_vp, _i64, _i64, _vp]
 _lib.gk_ivf.restype = _i64
-_lib.gk_ivf.argtypes = [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _i64, _vp, ctypes.c_double, _i64,
+_lib.gk_ivf.argtypes = [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _i64, _vp, ctypes.c_double, _i64, _vp,
                         ctypes.c_int, _i64, _vp, _vp, _vp, _vp, _vp, _vp]
 _lib.gk_acorn.restype = _i64
 _lib.gk_acorn.argtypes = [_vp, _i64, _vp, _i64, _vp, _vp, _vp, ctypes.c_int32, ctypes.c_int32, _vp, _i64, _i64,
@@ -87,11 +87,14 @@ def scan(queries: np.ndarray, vectors: np.ndarray, k: int, metric: str = "ip", a
 
 def ivf_scan(query: np.ndarray, vectors: np.ndarray, offsets: np.ndarray, order: np.ndarray, k: int,
              min_lists: int, min_allowed: int = 0, max_rows: int = 0, allow: np.ndarray | None = None,
-             metric: str = "ip", density: float = 0.0, boost: int = 1) -> tuple[np.ndarray, np.ndarray, int, int]:
+             metric: str = "ip", density: float = 0.0, boost: int = 1, bound: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, int, int]:
     """IVF top-k of one query over ``vectors`` grouped by list (list l = rows offsets[l]:offsets[l + 1]),
     probing lists in ``order`` (best first): at least ``min_lists``, and on until ``min_allowed`` allowed
     rows were scored (or ``max_rows`` visited); ``min_allowed`` grows ``boost``-fold when the first lists
-    held fewer than ``density`` allowed rows per row visited. Returns (scores (k,), rows (k,),
+    held fewer than ``density`` allowed rows per row visited. With ``bound`` (float32, one estimate per list
+    of the best score its rows can reach; ``order`` must then rank lists by it), the scan also stops, after
+    ``min_lists``, at the first list estimated below the k-th score held. Returns (scores (k,), rows (k,),
     lists probed, rows scored)."""
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
     d = q.shape[0]
@@ -102,9 +105,14 @@ def ivf_scan(query: np.ndarray, vectors: np.ndarray, offsets: np.ndarray, order:
     scratch = np.empty(d, np.float32)
     stats = np.zeros(3, np.int64)
     o = np.ascontiguousarray(order, dtype=np.int64)
+    b = None
+    if bound is not None:
+        b = np.ascontiguousarray(bound, dtype=np.float32)
+        if b.shape != (offsets.shape[0] - 1,):
+            raise ValueError(f"bound has shape {b.shape}, want one value per list ({offsets.shape[0] - 1})")
     scored = _lib.gk_ivf(_ptr(q), d, _ptr(vectors), vectors.shape[0], _ptr(offsets), _ptr(o), o.shape[0], min_lists,
-                         min_allowed, max_rows, _ptr(_words(allow)), density, boost, METRICS[metric], k, _ptr(out_s),
-                         _ptr(out_r), _ptr(heap_s), _ptr(heap_r), _ptr(scratch), _ptr(stats))
+                         min_allowed, max_rows, _ptr(_words(allow)), density, boost, _ptr(b), METRICS[metric], k,
+                         _ptr(out_s), _ptr(out_r), _ptr(heap_s), _ptr(heap_r), _ptr(scratch), _ptr(stats))
     return out_s, out_r, int(stats[0]), int(scored)
 
 

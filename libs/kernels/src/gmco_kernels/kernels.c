@@ -310,16 +310,22 @@ int64_t gk_scan(const float* Q, int64_t nq, int64_t d, const uint16_t* X, int64_
  * IVF search over rows stored grouped by list: list l holds rows [offsets[l], offsets[l + 1]).
  * `order` lists every list, best centroid first, for this query. Lists are scanned in that order; the
  * scan stops after `min_lists` lists once at least `min_allowed` allowed rows were scored (a selective
- * filter keeps probing until enough candidates are seen), or when `max_rows` rows were visited.
+ * filter keeps probing until enough candidates are seen), or when `max_rows` rows were visited and k
+ * rows are held (never fewer than k while any list is left).
  * When, after `min_lists` lists, the allowed rows seen are fewer than `density` x rows visited
  * (the filter excludes the query's own neighbourhood), `min_allowed` is multiplied by `boost` once: the
  * nearest allowed rows are then spread over many distant lists.
+ * `bound` (NULL = none) gives each list an estimate of the best score a row of it can reach, and `order`
+ * is then by that estimate, best first: after `min_lists` lists, once k rows are held, the scan stops at
+ * the first list whose estimate is below the k-th score held (no later list is estimated to do better);
+ * `min_allowed` is then not a reason to stop.
  * `allow` NULL = every row. Returns rows scored; stats[0] = lists probed, stats[1] = rows visited.
  */
 int64_t gk_ivf(const float* q, int64_t d, const uint16_t* X, int64_t n, const int64_t* offsets,
                const int64_t* order, int64_t nlist, int64_t min_lists, int64_t min_allowed, int64_t max_rows,
-               const uint64_t* allow, double density, int64_t boost, int metric, int64_t k, float* out_scores,
-               int64_t* out_rows, float* heap_s, int64_t* heap_r, float* scratch, int64_t* stats) {
+               const uint64_t* allow, double density, int64_t boost, const float* bound, int metric, int64_t k,
+               float* out_scores, int64_t* out_rows, float* heap_s, int64_t* heap_r, float* scratch,
+               int64_t* stats) {
     float qn = metric ? g_dot(q, q, d) : 0.f;
     topk_t h = {heap_s, heap_r, 0, k};
     int64_t scored = 0, visited = 0, probed = 0, boosted = 0;
@@ -328,9 +334,10 @@ int64_t gk_ivf(const float* q, int64_t d, const uint16_t* X, int64_t n, const in
             min_allowed *= boost;
             boosted = 1;
         }
-        if (probed >= min_lists && scored >= min_allowed) break;
-        if (max_rows > 0 && visited >= max_rows && probed >= min_lists) break;
+        if (!bound && probed >= min_lists && scored >= min_allowed) break;
+        if (max_rows > 0 && visited >= max_rows && probed >= min_lists && h.n >= k) break;
         int64_t l = order[t];
+        if (bound && probed >= min_lists && h.n >= k && bound[l] < h.s[0]) break;
         int64_t lo = offsets[l], hi = offsets[l + 1];
         if (hi > n) hi = n;
         probed++;

@@ -39,8 +39,9 @@ PATHS = (EXACT, ACORN, PREFILTER, INDEX, NATIVE, POPULARITY)
 SEARCH_PATHS = PromCounter("gmco_shard_search_path_total",
                            "Segment searches by the path the planner chose (per segment, per request).", ["path"])
 
-# Measured by bench/bench_shard_scale.py on 1M x 1024 FP16 (2 cores): see docs/benchmarks.md.
-EXACT_MAX_ROWS = 4000
+# Measured by bench/bench_shard_scale.py on 1M x 1024 FP16 (2 cores): see docs/benchmarks.md. Exact search
+# over random allowed rows stops beating the IVF index's filtered search at about 1,000 rows ("crossover").
+EXACT_MAX_ROWS = 1000
 ACORN_MAX_FRACTION = 0.5
 PREFILTER_MAX_WIDEN = 4.0
 
