@@ -196,7 +196,7 @@ class IvfIndex(VectorIndex):
         """Each list's bound for each query (inner product): its centroid's score plus ``BOUND_SIGMAS``
         times the spread of its rows' scores around it."""
         sigma = np.linalg.norm(q, axis=1, keepdims=True) * self._spread[None, :] / math.sqrt(self.dim)
-        return (q @ self._centroids.T + BOUND_SIGMAS * sigma).astype(np.float32)
+        return (self._centroid_scores(q) + BOUND_SIGMAS * sigma).astype(np.float32)
 
     def _orders(self, q: np.ndarray, probe: int) -> np.ndarray:
         scores = self._centroid_scores(q)
@@ -248,8 +248,8 @@ class IvfIndex(VectorIndex):
                          ) -> tuple[np.ndarray, np.ndarray]:
         scores = np.empty((q.shape[0], k), np.float32)
         rows = np.empty((q.shape[0], k), np.int64)
-        max_rows = int(MAX_VISIT_FRACTION * self.count)
         if self.params.metric != "ip":  # the quota rule
+            max_rows = int(MAX_VISIT_FRACTION * self.count)
             orders = self._orders(q, self.lists)
             lists, min_allowed = self.filtered_budget(probe, k, allowed)
             density = SPARSE_TRIGGER * allowed / max(self.count, 1)
