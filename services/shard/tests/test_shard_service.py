@@ -292,6 +292,18 @@ async def test_micro_batched_searches_match_unbatched(catalogue_dir, small_catal
         assert [it.media_id for it in resp.results[0].items] == want.media_ids[i].tolist()
 
 
+async def test_searches_on_the_event_loop_answer_as_in_a_thread(catalogue_dir, small_catalogue) -> None:
+    q = generate_queries(small_catalogue, 6)
+    f = common_pb2.Filter(max_rating=3, excluded_media_ids=[int(m) for m in small_catalogue.media_ids[:40]])
+    answers = []
+    for in_thread in (True, False):
+        async with serve_shard(_settings(catalogue_dir, "ivf", search_in_thread=in_thread)) as svc:
+            stub = svc.stub(shard_service_pb2_grpc.ShardServiceStub)
+            answers.append(await stub.Search(pb.SearchRequest(queries=encode_batch(q), k=5, filter=f, columnar=True,
+                                                              include_features=True)))
+    assert answers[0] == answers[1] and answers[0].results[0].media_ids
+
+
 async def test_columnar_results_with_features_and_popularity(shard, small_catalogue) -> None:
     from gmco_common.features import feature_version, features
 

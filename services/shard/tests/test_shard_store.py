@@ -146,6 +146,32 @@ def test_kernel_scan_matches_numpy(small_catalogue) -> None:
         assert np.array_equal(r2, r) and np.allclose(s2, s)
 
 
+def test_kernel_rows_f32_equals_numpy_conversion(small_catalogue) -> None:
+    import gmco_kernels
+
+    vectors = np.ascontiguousarray(small_catalogue.vectors, dtype=np.float16)
+    rows = np.random.default_rng(2).integers(0, len(vectors), 57)
+    assert np.array_equal(gmco_kernels.rows_f32(vectors, rows), vectors[rows].astype(np.float32))
+    assert gmco_kernels.rows_f32(vectors, rows[:0]).shape == (0, vectors.shape[1])
+    with pytest.raises(IndexError):
+        gmco_kernels.rows_f32(vectors, np.array([len(vectors)]))
+    with pytest.raises(TypeError):
+        gmco_kernels.rows_f32(vectors.astype(np.float32), rows)
+
+
+def test_excluded_ids_are_cleared_by_the_id_index_not_the_attribute_index(small_catalogue, make_store) -> None:
+    store = make_store("ivf")
+    ids = small_catalogue.media_ids
+    q = generate_queries(small_catalogue, 3)
+    first = store.search(q, 10, common_pb2.Filter(region_mask=0b1))
+    seen = [int(m) for m in first.media_ids[:, :5].reshape(-1)]
+    f = common_pb2.Filter(region_mask=0b1, excluded_media_ids=seen)
+    res = store.search(q, 10, f)
+    assert not set(res.media_ids[res.rows >= 0].tolist()) & set(seen)
+    assert res.allowed == int(evaluate_filter(columns_from_catalogue(small_catalogue), f).sum())
+    assert set(seen) <= set(ids.tolist())
+
+
 def test_growing_segment_tombstones_and_upsert_replacement(small_catalogue, make_store) -> None:
     store = make_store("hnsw")
     target = np.asarray(small_catalogue.vectors[7], np.float32)

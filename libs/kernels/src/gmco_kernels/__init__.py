@@ -35,6 +35,8 @@ _lib.gk_bits_to_rows.argtypes = [_vp, _i64, _i64, _vp]
 _lib.gk_ivf.restype = _i64
 _lib.gk_ivf.argtypes = [_vp, _i64, _vp, _i64, _vp, _vp, _i64, _i64, _i64, _i64, _vp, ctypes.c_double, _i64, _vp,
                         ctypes.c_int, _i64, _vp, _vp, _vp, _vp, _vp, _vp]
+_lib.gk_rows_f32.restype = None
+_lib.gk_rows_f32.argtypes = [_vp, _i64, _vp, _i64, _vp]
 _lib.gk_acorn.restype = _i64
 _lib.gk_acorn.argtypes = [_vp, _i64, _vp, _i64, _vp, _vp, _vp, ctypes.c_int32, ctypes.c_int32, _vp, _i64, _i64,
                           ctypes.c_int, _i64, _vp, ctypes.c_uint32, _vp, _vp, _vp, _vp, _vp, _vp]
@@ -122,6 +124,19 @@ def bits_to_rows(bitmap: np.ndarray, n: int) -> np.ndarray:
     out = np.empty(min(n, words.shape[0] * 64), np.int64)
     m = _lib.gk_bits_to_rows(_ptr(words), words.shape[0], n, _ptr(out))
     return out[:m]
+
+
+def rows_f32(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``vectors[rows]`` (FP16, C-contiguous, n x d) as float32 (len(rows), d); rows must be in 0..n-1."""
+    if vectors.dtype != np.float16 or not vectors.flags.c_contiguous or vectors.ndim != 2:
+        raise TypeError("vectors must be a C-contiguous 2-d float16 array")
+    r = np.ascontiguousarray(rows, dtype=np.int64)
+    if r.shape[0] and (int(r.min()) < 0 or int(r.max()) >= vectors.shape[0]):
+        raise IndexError(f"rows must be in 0..{vectors.shape[0] - 1}")
+    out = np.empty((r.shape[0], vectors.shape[1]), np.float32)
+    if r.shape[0]:
+        _lib.gk_rows_f32(_ptr(vectors), vectors.shape[1], _ptr(r), r.shape[0], _ptr(out))
+    return out
 
 
 class Graph:

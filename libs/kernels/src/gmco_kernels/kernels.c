@@ -375,6 +375,12 @@ int64_t gk_bits_to_rows(const uint64_t* words, int64_t nwords, int64_t n, int64_
     return m;
 }
 
+/* The listed rows of X (FP16, d wide) as float32, into out (m x d): the rows a search returns, converted
+   with F16C where the CPU has it (numpy's own half-to-float conversion is a scalar loop). */
+void gk_rows_f32(const uint16_t* X, int64_t d, const int64_t* rows, int64_t m, float* out) {
+    for (int64_t i = 0; i < m; i++) g_convert(X + rows[i] * d, out + i * d, d);
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* ACORN-1 style filtered search over a faiss HNSW graph                                            */
 

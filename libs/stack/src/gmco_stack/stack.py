@@ -168,6 +168,10 @@ class Stack:
         env.update({f"{prefix}{k.upper()}": str(v) for k, v in values.items()})
         return env
 
+    def _given(self, var: str, default: str) -> str:
+        """``var`` from the configuration or the environment, else the stack's own ``default``."""
+        return {**os.environ, **self.config.env}.get(var) or default
+
     def _reach(self, name: str) -> str:
         """The address the other services use for ``name``: its own, or its delaying proxy's."""
         svc = self.services[name]
@@ -218,6 +222,9 @@ class Stack:
                     shard_id=sid, shard_count=cfg.shards, replica_id=rep, dim=cfg.dim,
                     index_backend=cfg.index_backend, data_dir=cfg.data_dir,
                     snapshot_dir=snapshots, catalog_dsn=self.catalog_dsn, **shard_tls,
+                    # Every process of the stack shares this machine's cores: a search on the event loop
+                    # saves the thread hop (docs/benchmarks.md, 'Miss and hit paths'); the environment wins.
+                    search_in_thread=self._given("GMCO_SHARD_SEARCH_IN_THREAD", "false"),
                 )
                 if tls is not None:
                     shard.credentials = tls_credentials(tls)

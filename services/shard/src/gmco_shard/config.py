@@ -82,6 +82,10 @@ class Settings(ServerSettings):
     batch_window_ms: float = setting(0.0, help="micro-batching window for concurrent searches (0 = off; 1 on GPU)",
                                      check=lambda v: 0 <= v <= 20, check_msg="0..20 ms")
     batch_max: int = setting(1024, help="most query rows merged into one batch", check=_pos, check_msg="must be > 0")
+    search_in_thread: bool = setting(
+        True, help="run each search in a worker thread, so that the event loop answers other calls meanwhile and "
+        "the searches of concurrent calls overlap on several cores; false: on the event loop, which saves the "
+        "thread hop (measured in docs/benchmarks.md, 'Miss and hit paths') where a process has about one core")
     cagra_graph_degree: int = setting(CagraParams.graph_degree, help="cuvs backend: CAGRA graph degree",
                                       check=_pos, check_msg="must be > 0")
     cagra_intermediate_graph_degree: int = setting(CagraParams.intermediate_graph_degree, help="cuvs backend: "

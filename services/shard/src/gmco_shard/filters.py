@@ -103,7 +103,6 @@ class AttributeIndex:
         years = np.asarray(cols.release_year)
         self._year_order = np.argsort(years, kind="stable").astype(np.int64)
         self._years_sorted = years[self._year_order]
-        self._ids = np.asarray(cols.media_ids)
         self._cache: TtlLru[bytes, np.ndarray] = TtlLru(cache_entries, ttl=None)
         self._lock = threading.Lock()
         self.nbytes = (sum(b.nbytes for b in self._genre.values()) + sum(b.nbytes for b in self._rating_le)
@@ -142,7 +141,11 @@ class AttributeIndex:
         return out
 
     def evaluate(self, f: common_pb2.Filter) -> np.ndarray:
-        """The bitmap of rows that pass ``f`` (a fresh array the caller may modify)."""
+        """The bitmap of rows whose attributes pass ``f`` (a fresh array the caller may modify).
+
+        ``excluded_media_ids`` is not applied here: it is a lookup by id, which the segment's sorted id
+        index answers in O(log n) per id (``ShardStore._allow`` clears those rows); a scan of the id column
+        here cost 1M comparisons for a user's 20 seen items."""
         key = shared_key(f)
         with self._lock:
             cached = self._cache.get(key)
@@ -150,10 +153,4 @@ class AttributeIndex:
             cached = self._shared(f)
             with self._lock:
                 self._cache.put(key, cached)
-        out = cached.copy()
-        if f.excluded_media_ids:
-            excluded = np.asarray(f.excluded_media_ids, np.uint64)
-            rows = np.flatnonzero(np.isin(self._ids, excluded)) if excluded.shape[0] > 64 else \
-                np.concatenate([np.flatnonzero(self._ids == m) for m in excluded])
-            bitmaps.clear_rows(out, rows)
-        return out
+        return cached.copy()
