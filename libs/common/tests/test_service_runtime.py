@@ -43,3 +43,20 @@ trace.set_tracer_provider(TracerProvider())
 print(server_interceptor() is not None, len(client_interceptors()) > 0)
 """)
     assert out.splitlines() == ["True True", "True True"]
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold() -> None:
+    import gc
+
+    from gmco_common.cli import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(0)
+        assert gc.get_threshold() == before
+        tune_gc(12_345)
+        assert gc.get_threshold()[0] == 12_345
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -150,6 +150,12 @@ class ServerSettings:
         1, help="threads numpy's BLAS may use per call; 1 serves concurrent requests best (a small matrix "
         "product split across threads waits for them on a busy machine)", check=_positive, check_msg="must be > 0"
     )
+    gc_threshold: int = setting(
+        20_000, help="allocations between two young-generation collections of Python's cyclic garbage collector "
+        "(CPython's default is 700). What exists once the service is up is frozen out of collection, so a full "
+        "collection only walks what requests left behind; a full collection of a router's startup objects "
+        "paused it for up to 87 ms, which is a p99 (docs/benchmarks.md, 'Miss and hit paths'). 0 = CPython's "
+        "defaults, nothing frozen", check=lambda v: v >= 0, check_msg=">= 0")
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
