@@ -100,3 +100,35 @@ async def test_auth_and_open_health() -> None:
             await running.drain(0.1)
     finally:
         await running.server.stop(0)
+
+
+async def test_interceptors_wrap_each_method_once_and_still_count_every_code() -> None:
+    from gmco_common.interceptors import _PerMethod
+
+    built = []
+    cache = _PerMethod()
+    handler = grpc.unary_unary_rpc_method_handler(Echo().Echo)
+    for _ in range(3):
+        got = cache.get("/x/Echo", handler, lambda: built.append(1) or handler)
+    assert got is handler and len(built) == 1
+    assert cache.get("/x/Missing", None, lambda: built.append(1) or handler) is None and len(built) == 1
+    other = grpc.unary_unary_rpc_method_handler(Echo().Echo)  # the server's handler changed: built anew
+    assert cache.get("/x/Echo", other, lambda: built.append(1) or other) is other and len(built) == 2
+
+    def value(code: str) -> float:
+        return REGISTRY.get_sample_value("grpc_server_handled_total", {
+            "grpc_service": SERVICE, "grpc_method": "Echo", "grpc_code": code}) or 0.0
+
+    before = {c: value(c) for c in ("OK", "INVALID_ARGUMENT", "UNAVAILABLE")}
+    running = await _start()
+    try:
+        for payload in (b"a", b"bad", b"b", b"down", b"bad"):
+            try:
+                await _call(running.port, payload)
+            except grpc.aio.AioRpcError:
+                pass
+    finally:
+        await running.server.stop(0)
+    assert value("OK") - before["OK"] == 2
+    assert value("INVALID_ARGUMENT") - before["INVALID_ARGUMENT"] == 2
+    assert value("UNAVAILABLE") - before["UNAVAILABLE"] >= 1  # the channel may retry UNAVAILABLE once

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextvars
+import os
 import time
-import uuid
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("gmco_request_id", default="")
 # Absolute deadline on the time.monotonic() clock; None = no deadline.
@@ -14,7 +14,8 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """16 random hex digits (64 bits, as the first half of a uuid4's hex, at a third of its cost)."""
+    return os.urandom(8).hex()
 
 
 def time_remaining() -> float | None:
