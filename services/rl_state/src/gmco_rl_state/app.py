@@ -29,7 +29,7 @@ def open_store(settings: Settings) -> AbstractAsyncContextManager[StateStore]:
                              settings.pool_max_size, settings.db_timeout_seconds)
     from gmco_rl_state.sqlite_store import SqliteStore
 
-    return SqliteStore(settings.sqlite_path, fingerprint)
+    return SqliteStore(settings.sqlite_path, fingerprint, settings.sqlite_cache_entries)
 
 
 async def start(settings: Settings, stack: contextlib.AsyncExitStack) -> RunningServer:

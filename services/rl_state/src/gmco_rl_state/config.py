@@ -26,6 +26,10 @@ class Settings(ServerSettings):
         2.0, help="longest wait for a database connection", check=_positive, check_msg="> 0"
     )
     sqlite_path: Path = setting(Path(".run/rl_state.sqlite3"), help="SQLite file (':memory:' for tests)")
+    sqlite_cache_entries: int = setting(
+        4096, help="user states the SQLite store keeps in memory (about 6 KB each), so that Rank and GetUserState "
+        "for a recent user skip the database thread's round trip; exact because the file belongs to this one "
+        "process, whose own writes refresh the copies (0 = off)", check=lambda v: v >= 0, check_msg=">= 0")
     media_dim: int = setting(1024, help="dimension of item embeddings", check=_positive, check_msg="> 0")
     bandit_dim: int = setting(
         DEFAULT_DIM, help="bandit dimension d (random projection of item vectors; GMCO_SHARD_FEATURE_DIM must match)",
