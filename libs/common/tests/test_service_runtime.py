@@ -60,3 +60,18 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_run_loop_runs_on_the_event_loop_named(kind: str) -> None:
+    import asyncio
+
+    from gmco_common.cli import run_loop
+
+    seen = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run_loop(main(), kind)
+    assert seen == [kind]

@@ -9,8 +9,8 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from gmco_common.config import ConfigError, ServerSettings, describe_settings, load_settings
 from gmco_common.logging import configure_logging
@@ -57,6 +57,17 @@ def limit_numpy_blas(threads: int) -> list[str]:
     return capped
 
 
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run ``main`` to completion on a new event loop of the kind named (``uvloop`` or ``asyncio``)."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)
+
+
 def run_service(name: str, description: str, settings_cls: type[S], prefix: str, start: StartFn[S],
                 argv: Sequence[str] | None = None,
                 startup_errors: tuple[type[Exception], ...] = (ConfigError, RuntimeError)) -> int:
@@ -77,7 +88,7 @@ def run_service(name: str, description: str, settings_cls: type[S], prefix: str,
     limit_numpy_blas(settings.blas_threads)
     try:
         configure_tracing(settings, f"gmco-{name}")  # before start() opens its channels, which trace only then
-        asyncio.run(serve(settings, start))
+        run_loop(serve(settings, start), settings.event_loop)
     except startup_errors as exc:
         log.error("cannot start: %s", exc)
         print(f"gmco-{name}: cannot start: {exc}", file=sys.stderr)
