@@ -140,13 +140,25 @@ def test_k6_smoke_passes_its_checks(stack: Stack, tmp_path) -> None:
     assert checks["passes"] > 100 and checks["fails"] <= 0.01 * checks["passes"]
 
 
+def test_answers_carry_trailers_that_match_their_body_through_envoy(envoy) -> None:
+    for user in ("trailers-1", "trailers-1", "trailers-2"):  # a miss, then a hit, then another user
+        request = pb.RecommendRequest(user_id=user, context=ctx(), k=7)
+        resp, call = envoy.Recommend.with_call(request, metadata=[("x-user-id", user)], timeout=5)
+        got = dict(call.trailing_metadata())
+        assert got["gmco-items"] == str(len(resp.items)) == "7"
+        assert got["gmco-cache-hit"] == ("1" if resp.cache_hit else "0")
+        assert got["gmco-degraded"] == "" and not resp.degraded
+
+
 def test_a_killed_shard_gives_degraded_answers_naming_it(envoy, stack: Stack) -> None:
     victim = stack.services["shard-1"]
     victim.kill()
     try:
-        resp = recommend(envoy, "after-shard-loss", skip_cache=True)
+        request = pb.RecommendRequest(user_id="after-shard-loss", context=ctx(), k=10, skip_cache=True)
+        resp, call = envoy.Recommend.with_call(request, metadata=[("x-user-id", "after-shard-loss")], timeout=5)
         assert resp.degraded and "shard-1" in resp.degraded_components
         assert resp.items and all(i.shard_id == 0 for i in resp.items)
+        assert dict(call.trailing_metadata())["gmco-degraded"] == ",".join(resp.degraded_components)
     finally:
         stack.restart("shard-1")
     # The routers' next health round brings the replica back.

@@ -30,6 +30,14 @@ def metadata_user(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def answer_trailers(response: router_service_pb2.RecommendResponse) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of every Recommend answer: what a proxy's access log, or a caller that does not
+    decode the body (the load test), needs to judge it: ``gmco-items`` (how many), ``gmco-cache-hit`` (0/1)
+    and ``gmco-degraded`` (the components skipped, comma-separated; empty when none)."""
+    return (("gmco-items", str(len(response.items))), ("gmco-cache-hit", "1" if response.cache_hit else "0"),
+            ("gmco-degraded", ",".join(response.degraded_components)))
+
+
 def apply_defaults(request: router_service_pb2.RecommendRequest, settings: Settings) -> None:
     """A context without a surface, region or device gets the router's defaults (GMCO_ROUTER_DEFAULT_*), before
     the cache key is computed (gmco_common.cache_key.with_defaults, which the warmer applies too)."""
@@ -84,6 +92,7 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
         user = validate(request, metadata_user(context), self._max_k)
         with self.admission.admit("Recommend"):
             (response,) = await self._recommender.recommend([(user, request)], batched=False)
+        context.set_trailing_metadata(answer_trailers(response))
         return response
 
     async def RecommendBatch(self, request: router_service_pb2.RecommendBatchRequest,
