@@ -36,9 +36,9 @@ async def _reads_of(store: SqliteStore, user: str) -> tuple[StateRow | None, int
 
 async def test_written_states_are_read_from_memory_at_their_new_version(tmp_path) -> None:
     async with SqliteStore(tmp_path / "rl.sqlite3", "fp", cache_entries=2) as store:
-        assert await _reads_of(store, "u1") == (None, 1)  # no state: not remembered, asked again next time
-        assert (await _reads_of(store, "u1"))[1] == 1
-        await store.record({"u1": [_event("u1", 1)]}, _apply)
+        assert await _reads_of(store, "u1") == (None, 1)  # no state yet: remembered as absent
+        assert await _reads_of(store, "u1") == (None, 0)
+        await store.record({"u1": [_event("u1", 1)]}, _apply)  # the first write ends that at once
         row, reads = await _reads_of(store, "u1")
         assert (row.version, reads) == (1, 0)
         await store.record({"u1": [_event("u1", 2)]}, _apply)
@@ -56,3 +56,20 @@ async def test_without_a_cache_every_read_asks_the_database(tmp_path) -> None:
         await store.record({"u1": [_event("u1", 1)]}, _apply)
         assert (await _reads_of(store, "u1"))[1] == 1
         assert (await _reads_of(store, "u1"))[1] == 1
+
+
+async def test_a_read_that_overlapped_a_write_never_marks_its_user_absent(tmp_path) -> None:
+    async with SqliteStore(tmp_path / "rl.sqlite3", "fp", cache_entries=8) as store:
+        real = store._worker.call
+
+        async def read_then_write(fn, *args):
+            got = await real(fn, *args)  # the read saw no row ...
+            if fn is SqliteStore._get:
+                store._worker.call = real
+                await store.record({"u9": [_event("u9", 1)]}, _apply)  # ... and a write committed meanwhile
+                store._rows.clear()  # even with the new copy gone from memory
+            return got
+
+        store._worker.call = read_then_write
+        assert await store.get("u9", None) is None
+        assert (await _reads_of(store, "u9"))[0].version == 1  # read from the database, not "absent"

@@ -44,5 +44,9 @@ class TtlLru(Generic[K, V]):
         while len(self._data) > self._size:
             self._data.popitem(last=False)
 
+    def pop(self, key: K) -> V | None:
+        entry = self._data.pop(key, None)
+        return None if entry is None else entry[1]
+
     def clear(self) -> None:
         self._data.clear()

@@ -5,9 +5,9 @@ construction; a batch is one ``BEGIN IMMEDIATE`` transaction that logs the new e
 (event_id) DO NOTHING``) and writes every touched user's new state together. ``synchronous=FULL``: an
 acknowledged event survives a power cut.
 
-Reads of recent users come from memory (``cache_entries`` rows, least recently used out): the file belongs
-to this one process, and every state it writes replaces the copy once committed, so a copy is never older
-than the database. A copy only ever moves to a higher version: a read that overlapped a write cannot put
+Reads of recent users come from memory (``cache_entries`` rows, least recently used out, and as many users
+known to have no row yet): the file belongs to this one process, and every state it writes replaces the
+copy once committed, so a copy is never older than the database. A copy only ever moves to a higher version: a read that overlapped a write cannot put
 the older row back. (The hop to the database thread and back was about a tenth of rl_state's CPU per Rank.)
 """
 
@@ -50,9 +50,14 @@ class SqliteStore:
         self._fingerprint = fingerprint
         self._worker = SqliteWorker(path, "rl_state", setup=self._migrate)
         self._rows: TtlLru[str, StateRow] | None = TtlLru(cache_entries, None) if cache_entries else None
+        # Users read without a row (first-time users, asked for by GetUserState and Rank alike), and the
+        # count of committed writes, so that a read that overlapped one never marks its user absent.
+        self._absent: TtlLru[str, bool] | None = TtlLru(cache_entries, None) if cache_entries else None
+        self._writes = 0
 
     def _remember(self, row: StateRow) -> None:
-        assert self._rows is not None
+        assert self._rows is not None and self._absent is not None
+        self._absent.pop(row.user_id)
         known = self._rows.get_stale(row.user_id)
         if known is None or row.version >= known.version:
             self._rows.put(row.user_id, row)
@@ -106,17 +111,22 @@ class SqliteStore:
 
     # --- the store interface ------------------------------------------------------------------------
     async def get(self, user_id: str, timeout: float | None) -> StateRow | None:
-        if self._rows is not None:
-            row = self._rows.get(user_id)
-            if row is not None:
-                return row
+        if self._rows is None or self._absent is None:
+            return await self._worker.call(self._get, user_id)
+        row = self._rows.get(user_id)
+        if row is not None or self._absent.get(user_id):
+            return row
+        writes = self._writes
         row = await self._worker.call(self._get, user_id)
-        if row is not None and self._rows is not None:
+        if row is not None:
             self._remember(row)
+        elif writes == self._writes and self._rows.get_stale(user_id) is None:
+            self._absent.put(user_id, True)  # no write committed while this read ran: the user has no row
         return row
 
     async def record(self, groups: Mapping[str, Sequence[Event]], apply: ApplyFn) -> dict[str, UserOutcome]:
         outcomes, written = await self._worker.call(self._record, groups, apply)
+        self._writes += 1
         if self._rows is not None:  # committed: the copies move on to the new versions
             for row in written:
                 self._remember(row)
