@@ -125,7 +125,7 @@ class Settings(ServerSettings):
         "alone; measured: docs/benchmarks.md, 'Miss path')", check=lambda v: 0 <= v <= 50, check_msg="0..50 ms")
     batch_max: int = setting(32, help="most misses in one shared Search", check=_positive, check_msg="> 0")
     cache_put_window_ms: float = setting(
-        20.0, help="cache writes made after replies within this window share one PutRecommendationsBatch call "
+        50.0, help="cache writes made after replies within this window share one PutRecommendationsBatch call "
         "(the list is in this router's LRU at once; other routers see it this much later); 0 = one call each, at "
         "once", check=lambda v: 0 <= v <= 1000, check_msg="0..1000")
     cache_put_max_pending: int = setting(
