@@ -31,7 +31,7 @@ async def serve(settings: S, start: StartFn[S]) -> None:
 
 
 def tune_gc(threshold: int) -> None:
-    """Freeze what start-up made (indexes, tables, LRUs being empty) out of the cyclic collector and make
+    """Freeze what start-up made (indexes, tables, settings, modules) out of the cyclic collector and make
     young collections rarer: a service's requests make few reference cycles, and a full collection that
     walks every start-up object stalls every request in flight."""
     if threshold <= 0:
