@@ -54,10 +54,6 @@ def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Callable[[Behavior], B
     )
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and value:

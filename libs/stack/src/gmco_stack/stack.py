@@ -202,8 +202,8 @@ class Stack:
         # The durable catalogue log that routers append to and every shard replica tails: SQLite beside
         # the snapshots (keyed like them, so a snapshot's applied_lsn always refers to this log), or the
         # PostgreSQL given in GMCO_ROUTER_CATALOG_DSN.
-        self.catalog_dsn = ({**os.environ, **cfg.env}.get("GMCO_ROUTER_CATALOG_DSN")
-                            or str(run / f"catalog-{cfg.data_dir.name}-{cfg.index_backend}.sqlite3"))
+        self.catalog_dsn = self._given("GMCO_ROUTER_CATALOG_DSN",
+                                       str(run / f"catalog-{cfg.data_dir.name}-{cfg.index_backend}.sqlite3"))
         shard_targets: dict[int, list[str]] = {}
         self.snapshot_dirs: dict[str, Path] = {}
         tls = cfg.shard_tls

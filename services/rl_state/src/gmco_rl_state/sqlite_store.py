@@ -7,8 +7,9 @@ acknowledged event survives a power cut.
 
 Reads of recent users come from memory (``cache_entries`` rows, least recently used out, and as many users
 known to have no row yet): the file belongs to this one process, and every state it writes replaces the
-copy once committed, so a copy is never older than the database. A copy only ever moves to a higher version: a read that overlapped a write cannot put
-the older row back. (The hop to the database thread and back was about a tenth of rl_state's CPU per Rank.)
+copy once committed, so a copy is never older than the database. A copy only ever moves to a higher
+version: a read that overlapped a write cannot put the older row back. (The hop to the database thread
+and back was about a tenth of rl_state's CPU per Rank.)
 """
 
 from __future__ import annotations
