@@ -185,15 +185,22 @@ async def test_a_request_without_context_gets_the_documented_defaults(h) -> None
 
 
 async def test_batched_misses_with_different_filters_each_get_their_own(make_harness) -> None:
-    async with make_harness(batch_window_ms=30.0) as h:
+    async with make_harness(batch_window_ms=50.0) as h:
+        # A first miss holds the shards for a while; the three that arrive meanwhile share the next Search.
+        h.shards[0][0].switch.delay = 0.3
+        first = asyncio.ensure_future(h.stub.Recommend(req(user="w-first", k=10), timeout=5))
+        await _eventually(lambda: h.shards[0][0].switch.calls.get("Search", 0) == 1)
+        h.shards[0][0].switch.delay = 0.0
         h.rl.seen["w0"] = [m for m in h.catalogue.vectors if m % 2 == 0]  # w0 has seen every even item
         prefs = [common_pb2.UserPreferences(blocked_genres=["genre:horror"]), common_pb2.UserPreferences(),
                  common_pb2.UserPreferences(blocked_genres=["genre:comedy"])]
         answers = await asyncio.gather(*(h.stub.Recommend(req(user=f"w{i}", k=10, preferences=prefs[i]), timeout=5)
                                          for i in range(3)))
+        await first
         shard_calls = h.shards[0][0].switch.calls["Search"]
-        assert shard_calls == 1 and h.shards[0][0].searches[0].queries.count == 3  # one shared Search
-        assert len(h.shards[0][0].searches[0].query_filters) == 3
+        shared = [s for s in h.shards[0][0].searches if s.queries.count > 1]
+        assert shard_calls == 2 and len(shared) == 1 and shared[0].queries.count == 3  # one shared Search
+        assert len(shared[0].query_filters) == 3
         assert all(m % 2 for m in (i.media_id for i in answers[0].items))  # w0's own seen items stayed out
         assert not any(h.catalogue.genres[i.media_id] == h.genre_codes["genre:horror"] for i in answers[0].items)
         assert not any(h.catalogue.genres[i.media_id] == h.genre_codes["genre:comedy"] for i in answers[2].items)

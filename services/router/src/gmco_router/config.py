@@ -121,8 +121,10 @@ class Settings(ServerSettings):
     breaker_cooldown_seconds: float = setting(2.0, help="how long an open circuit stays open before a probe",
                                               check=_positive, check_msg="> 0")
     batch_window_ms: float = setting(
-        1.0, help="misses arriving within this window share one Search per shard (0 = every miss searches "
-        "alone; measured: docs/benchmarks.md, 'Miss path')", check=lambda v: 0 <= v <= 50, check_msg="0..50 ms")
+        5.0, help="the longest a miss waits for a Search of its kind already in flight from this router; the "
+        "misses that waited go together in the next Search per shard. A miss with none in flight goes at once "
+        "(0 = every miss searches alone; measured: docs/benchmarks.md, 'Miss and hit paths')",
+        check=lambda v: 0 <= v <= 50, check_msg="0..50 ms")
     batch_max: int = setting(32, help="most misses in one shared Search", check=_positive, check_msg="> 0")
     cache_put_window_ms: float = setting(
         50.0, help="cache writes made after replies within this window share one PutRecommendationsBatch call "

@@ -11,8 +11,10 @@ older than the TTL is re-read from rl_state. When the version is unknown, GetUse
 Miss path. User state, constraints and the video-page anchor are fetched concurrently; the user state
 comes from this router's own LRU when it holds it at the version the router knows (same trust as the cache
 key: Envoy keeps a user on one router, feedback bumps the version), else from GetUserState. Concurrent misses
-arriving within ``batch_window_ms`` share one ``Search`` per shard (a batch with one filter per query row:
-each user's seen items differ), as one RecommendBatch does. Shards answer in columns (ids, scores,
+share one ``Search`` per shard (a batch with one filter per query row: each user's seen items differ), as
+one RecommendBatch does: a miss goes at once when no Search of its kind is in flight from this router,
+else with the others that arrive before that one returns, waiting at most ``batch_window_ms``
+(SearchBatcher). Shards answer in columns (ids, scores,
 popularity) with each candidate's bandit features (32 floats, not its 1024-d vector); candidates are
 merged per request with numpy; rl_state ranks from the features. A user without state (and no anchor)
 gets the most popular allowed items of every shard instead of a search for a zero vector. The answer is
@@ -203,17 +205,22 @@ class _Group:
 
 
 class SearchBatcher:
-    """Misses that arrive within ``window`` seconds go to the shards together, one Search per shard.
+    """Concurrent misses go to the shards together, one Search per shard for the group.
 
     Requests are grouped by what one SearchRequest can carry only once (the order: similarity or
-    popularity, and min_lsn); filters travel per query row. A group is sent when ``window`` has passed
-    since its first request or when it holds ``max_rows`` rows; ``window`` 0 sends every miss at once."""
+    popularity, and min_lsn); filters travel per query row. A miss is sent at once when no Search of its
+    group is in flight from this router, so an idle router adds no wait. Otherwise it waits for that Search
+    to return, and the misses that arrived meanwhile go together in the next one (group commit): the
+    busier the shards, the more rows share a call, and a shard's fixed cost per call is about its cost per
+    row (docs/benchmarks.md). A miss never waits more than ``window`` seconds, and a group is sent at
+    once when it holds ``max_rows`` rows; ``window`` 0 sends every miss alone, at once."""
 
     def __init__(self, run: Callable[[list[Plan]], Awaitable[None]], window: float, max_rows: int) -> None:
         self._run = run
         self._window = window
         self._max = max_rows
         self._groups: dict[tuple, _Group] = {}
+        self._in_flight: dict[tuple, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def search(self, plans: list[Plan]) -> None:
@@ -227,14 +234,15 @@ class SearchBatcher:
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _Group()
-                group.timer = loop.call_later(self._window, self._flush, key)
             fut: asyncio.Future[None] = loop.create_future()
             group.plans.append(p)
             group.futures.append(fut)
             group.rows += 1
             waits.append(fut)
-            if group.rows >= self._max:
+            if group.rows >= self._max or not self._in_flight.get(key):
                 self._flush(key)
+            elif group.timer is None:
+                group.timer = loop.call_later(self._window, self._flush, key)
         await asyncio.gather(*waits)
 
     def _flush(self, key: tuple) -> None:
@@ -243,11 +251,12 @@ class SearchBatcher:
             return
         if group.timer is not None:
             group.timer.cancel()
-        task = asyncio.ensure_future(self._execute(group))
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        task = asyncio.ensure_future(self._execute(key, group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, group: _Group) -> None:
+    async def _execute(self, key: tuple, group: _Group) -> None:
         try:
             await self._run(group.plans)
         except BaseException as exc:  # every caller of the group gets the error
@@ -258,6 +267,14 @@ class SearchBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            left = self._in_flight[key] - 1
+            if left:
+                self._in_flight[key] = left
+            else:
+                del self._in_flight[key]
+            if key in self._groups:  # the misses that waited for this Search go now
+                self._flush(key)
         for fut in group.futures:
             if not fut.done():
                 fut.set_result(None)
