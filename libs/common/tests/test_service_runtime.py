@@ -1,9 +1,11 @@
 """What every service's process gets from ``run_service``: numpy's BLAS capped to ``*_BLAS_THREADS`` threads,
-and no tracing interceptor while no tracer provider records spans. Each check runs in a fresh interpreter,
+no tracing interceptor while no tracer provider records spans, and gRPC's core settings from
+``gmco_common.grpc_defaults`` before grpc loads. Each check runs in a fresh interpreter,
 since both are process-wide."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -75,3 +77,43 @@ def test_run_loop_runs_on_the_event_loop_named(kind: str) -> None:
 
     run_loop(main(), kind)
     assert seen == [kind]
+
+
+@pytest.mark.parametrize("service", ["router", "shard", "cache", "rl_state", "ontology"])
+def test_each_service_sets_grpc_experiments_before_grpc_loads(service: str) -> None:
+    out = _run(f"""
+import os, sys
+os.environ.pop("GRPC_EXPERIMENTS", None)
+import gmco_{service}.__main__
+from gmco_common import grpc_defaults
+print(grpc_defaults.APPLIED_BEFORE_GRPC, os.environ["GRPC_EXPERIMENTS"] == grpc_defaults.EXPERIMENTS)
+""")
+    assert out == "True True"
+
+
+def test_grpc_knows_the_default_experiments_and_an_operators_own_value_wins() -> None:
+    """An experiment gRPC no longer has is logged as 'Unknown experiment' at start: a grpcio upgrade that drops
+    one fails here instead of in every service's log."""
+    code = """
+import asyncio, os
+from gmco_common import grpc_defaults
+import grpc
+async def main():
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await channel.channel_ready()
+    await server.stop(None)
+asyncio.run(main())
+print(os.environ["GRPC_EXPERIMENTS"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert "experiment" not in done.stderr.lower(), done.stderr
+    assert done.stdout.strip() == "-event_engine_listener,-event_engine_client"
+    own = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                         env={**env, "GRPC_EXPERIMENTS": ""})
+    assert own.returncode == 0 and own.stdout.strip() == "", own.stderr

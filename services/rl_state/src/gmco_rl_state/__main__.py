@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from gmco_common import grpc_defaults  # noqa: F401 - sets gRPC core settings before grpc loads
 from gmco_common.cli import run_service
 
 from gmco_rl_state.app import start
