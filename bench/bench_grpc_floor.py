@@ -8,13 +8,21 @@ items (so the search itself costs nothing), called one at a time by a grpc.aio c
   gmco+hop   the same, with the reply computed in a worker thread (asyncio.to_thread), as the shard
              does around its index search
 Reports the median milliseconds per call of 3 runs each, and the batch-1 gRPC/in-process ratio the
-floor allows for a search of a given cost: t / (t + floor). Writes bench/results/bench_grpc_floor.{json,png}.
+floor allows for a search of a given cost: t / (t + floor).
+
+Then gRPC's core settings (``experiments``): the gmco server and a client, each its own process, once
+with gRPC's own defaults (GRPC_EXPERIMENTS empty) and once with what every service sets
+(gmco_common.grpc_defaults), alternating, 3 runs each: CPU and thread switches (voluntary and not, all
+threads, from /proc) per call on each side, and ms per call.
+Writes bench/results/bench_grpc_floor.{json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -95,13 +103,83 @@ async def per_call_ms(port: int, seconds: float) -> list[float]:
         return runs
 
 
+def usage(pid: int) -> tuple[float, int]:
+    """CPU seconds and context switches of every thread of ``pid`` so far."""
+    cpu, switches = 0.0, 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        cpu += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        switches += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+    return cpu, switches
+
+
+async def client_usage(port: int, seconds: float, server_pid: int) -> dict:
+    """One call at a time for ``seconds``: per call, this process's and the server's CPU ms and switches."""
+    query = np.random.default_rng(0).standard_normal((1, DIM)).astype(np.float32)
+    request = pb.SearchRequest(queries=encode_batch(query), k=K)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ShardServiceStub(channel)
+        for _ in range(200):
+            await stub.Search(request)
+        mine, theirs = usage(os.getpid()), usage(server_pid)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            await stub.Search(request)
+            calls += 1
+        wall = time.perf_counter() - start
+        mine2, theirs2 = usage(os.getpid()), usage(server_pid)
+    return {"ms_per_call": wall / calls * 1e3,
+            "client_cpu_ms_per_call": (mine2[0] - mine[0]) / calls * 1e3,
+            "client_switches_per_call": (mine2[1] - mine[1]) / calls,
+            "server_cpu_ms_per_call": (theirs2[0] - theirs[0]) / calls * 1e3,
+            "server_switches_per_call": (theirs2[1] - theirs[1]) / calls}
+
+
+def experiments(seconds: float) -> dict:
+    """gRPC's defaults against gmco_common.grpc_defaults, server and client each in its own process."""
+    from gmco_common.grpc_defaults import EXPERIMENTS
+
+    settings = {"grpc_defaults": "", "gmco_default": EXPERIMENTS}
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for _ in range(3):
+        for name, value in settings.items():
+            env = {**os.environ, "GRPC_EXPERIMENTS": value}
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, __file__, "--serve", "gmco", str(port)], env=env)
+            try:
+                wait_grpc_serving(f"127.0.0.1:{port}", 60, proc, SERVICE)
+                done = subprocess.run([sys.executable, __file__, "--client", str(port), str(seconds), str(proc.pid)],
+                                      env=env, check=True, capture_output=True, text=True)
+            finally:
+                stop_process(proc)
+            runs[name].append(json.loads(done.stdout))
+    out = {}
+    for name, value in settings.items():
+        keys = runs[name][0].keys()
+        out[name] = {"GRPC_EXPERIMENTS": value, "runs": runs[name],
+                     "median": {k: statistics.median(r[k] for r in runs[name]) for k in keys}}
+        m = out[name]["median"]
+        print(f"{name} ({value or 'empty'}): {m['ms_per_call']:.3f} ms per call; server "
+              f"{m['server_cpu_ms_per_call']:.3f} ms CPU, {m['server_switches_per_call']:.1f} switches; client "
+              f"{m['client_cpu_ms_per_call']:.3f} ms CPU, {m['client_switches_per_call']:.1f} switches per call")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each timed run (3 runs, median)")
     ap.add_argument("--serve", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--client", nargs=3, metavar=("PORT", "SECONDS", "SERVER_PID"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         asyncio.run(serve(a.serve[0], int(a.serve[1])))
+        return
+    if a.client:
+        print(json.dumps(asyncio.run(client_usage(int(a.client[0]), float(a.client[1]), int(a.client[2])))))
         return
     out: dict = {"k": K, "dim": DIM, "modes": {}}
     for mode in MODES:
@@ -117,11 +195,12 @@ def main() -> None:
     floor = out["modes"]["gmco+hop"]["ms_per_call_median"]
     out["best_b1_ratio_for_search_ms"] = {str(t): t / (t + floor) for t in (0.25, 0.5, 1.0, 2.0, 4.0)}
     print("best batch-1 gRPC/in-process ratio by search cost (ms):", out["best_b1_ratio_for_search_ms"])
+    out["experiments"] = experiments(a.seconds)
     print("wrote", write_json("bench_grpc_floor", out))
 
     import matplotlib.pyplot as plt
 
-    fig, (ax, rx) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ax, rx, ex) = plt.subplots(1, 3, figsize=(15, 3.5))
     ax.bar(list(MODES), [out["modes"][m]["ms_per_call_median"] for m in MODES])
     ax.set(ylabel="ms per call (median of 3 runs)", title="Python grpc.aio round trip, canned reply")
     cost = np.linspace(0.1, 5, 100)
@@ -130,6 +209,15 @@ def main() -> None:
     rx.set(xlabel="in-process search cost, ms", ylabel="best gRPC/in-process ratio, batch 1",
            title="what the floor allows")
     rx.legend()
+    names = list(out["experiments"])
+    medians = [out["experiments"][n]["median"] for n in names]
+    x = np.arange(4)
+    for i, (name, m) in enumerate(zip(names, medians, strict=True)):
+        ex.bar(x + i * 0.4, [m["server_cpu_ms_per_call"], m["client_cpu_ms_per_call"],
+                             m["server_switches_per_call"] / 10, m["client_switches_per_call"] / 10], 0.4, label=name)
+    ex.set_xticks(x + 0.2, ["server CPU ms", "client CPU ms", "server switches/10", "client switches/10"])
+    ex.set(title="per call: GRPC_EXPERIMENTS empty vs gmco default")
+    ex.legend()
     fig.tight_layout()
     fig.savefig(plot_path("bench_grpc_floor"))
 

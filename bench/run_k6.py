@@ -22,8 +22,9 @@ failed or degraded check, no dropped iteration); the highest passing step is the
 p99 target. Also: an idle sequential miss of first-time users (p50), the miss path in a closed loop
 (QPS, and CPU per miss summed over every stack process), and the bare shard service's QPS measured with
 k6 against one shard directly (same data, same k', same kind of filter), the reference the miss path's
-QPS is compared with: measured with the shard's searches on its event loop and in a worker thread
-(GMCO_SHARD_SEARCH_IN_THREAD, shard-0 restarted for the other), the faster of the two.
+QPS is compared with: measured every way a shard can run here, its searches on its event loop or in a
+worker thread (GMCO_SHARD_SEARCH_IN_THREAD) and gRPC's core with its own defaults or with the services'
+GRPC_EXPERIMENTS (gmco_common.grpc_defaults), shard-0 restarted for each; the fastest of the four.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ MISS_LADDER = (50, 100, 150, 200, 250, 300, 400)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NO_L1 = {"GMCO_ROUTER_LIST_CACHE_ENTRIES": "0"}
 IN_THREAD = "GMCO_SHARD_SEARCH_IN_THREAD"
+GRPC_EXPERIMENTS = "GRPC_EXPERIMENTS"
 
 
 @dataclass
@@ -356,21 +358,29 @@ def slo(stack: Stack, args: argparse.Namespace) -> dict:
     queries = RESULTS / "k6_shard_queries.json"
     write_queries(stack, queries)
     shard = stack.shard_services[0]
-    # Both ways a shard can run its searches: as the stack runs it, and the other way (shard-0 restarted for
-    # it). The reference is the faster, so that how the stack configures its shards cannot flatter the ratio.
-    configured = shard.env.get(IN_THREAD, "true").lower() == "true"
+    # Every way a shard can be run here: its searches on the event loop or in a thread, and gRPC's core with
+    # its own defaults or with what the services set (gmco_common.grpc_defaults); shard-0 is restarted for each
+    # one the stack does not use. The reference is the fastest, so that how the stack configures its shards
+    # cannot flatter the ratio.
+    base_env = dict(shard.env)
+    configured = base_env.get(IN_THREAD, "true").lower() == "true"
     by_mode = {}
     for in_thread in (configured, not configured):
-        if in_thread != configured:
-            shard.env = {**shard.env, IN_THREAD: str(in_thread).lower()}
-            stack.restart(shard.name)
-        bare = Phase(f"slo_bare_shard{'' if in_thread == configured else '_other_mode'}",
-                     {"QUERIES": str(queries), "VUS": "8", "DURATION": args.step, "K": "50"})
-        run_phase(stack, bare, {}, script=SHARD_SCRIPT, target=shard.target)
-        by_mode["in_thread" if in_thread else "on_event_loop"] = {
-            "qps": metric(bare, "iterations", "rate"), "p50_ms": metric(bare, "grpc_req_duration", "med"),
-            "cpu_cores": bare.cpu, "as_the_stack_runs_it": in_thread == configured}
-    shard.env = {**shard.env, IN_THREAD: str(configured).lower()}
+        for experiments in (None, ""):  # None: the service's own default; "": gRPC's defaults
+            as_run = in_thread == configured and experiments is None
+            env = {**base_env, IN_THREAD: str(in_thread).lower()}
+            if experiments is not None:
+                env[GRPC_EXPERIMENTS] = experiments
+            if env != shard.env:
+                shard.env = env
+                stack.restart(shard.name)
+            name = ("in_thread" if in_thread else "on_event_loop") + ("" if experiments is None else "_grpc_defaults")
+            bare = Phase("slo_bare_shard" + ("" if as_run else f"_{name}"),
+                         {"QUERIES": str(queries), "VUS": "8", "DURATION": args.step, "K": "50"})
+            run_phase(stack, bare, {}, script=SHARD_SCRIPT, target=shard.target)
+            by_mode[name] = {"qps": metric(bare, "iterations", "rate"), "p50_ms": metric(bare, "grpc_req_duration", "med"),
+                             "cpu_cores": bare.cpu, "as_the_stack_runs_it": as_run}
+    shard.env = base_env
     stack.restart(shard.name)
     time.sleep(5)  # the routers' health checks and breakers see shard-0 back before the ladders start
     queries.unlink()
@@ -378,7 +388,7 @@ def slo(stack: Stack, args: argparse.Namespace) -> dict:
     out["bare_shard_qps"] = best["qps"]
     out["bare_shard_p50_ms"] = best["p50_ms"]
     out["bare_shard_cpu_cores"] = best["cpu_cores"]
-    out["bare_shard_by_search_mode"] = by_mode
+    out["bare_shard_by_mode"] = by_mode
     print("bench: slo: the miss path at fixed arrival rates", flush=True)
     out["miss"] = ladder(stack, "miss", MISS_LADDER, {"SKIP_CACHE": "1", "P99_MS": "50"}, args.step)
     print("bench: slo: the hit path at fixed arrival rates", flush=True)
