@@ -86,20 +86,30 @@ async def serve(mode: str, port: int) -> None:
     await running.server.wait_for_termination()
 
 
-async def per_call_ms(port: int, seconds: float) -> list[float]:
+def _request() -> pb.SearchRequest:
     query = np.random.default_rng(0).standard_normal((1, DIM)).astype(np.float32)
-    request = pb.SearchRequest(queries=encode_batch(query), k=K)
+    return pb.SearchRequest(queries=encode_batch(query), k=K)
+
+
+async def _calls_for(stub: pb_grpc.ShardServiceStub, request: pb.SearchRequest, seconds: float) -> tuple[int, float]:
+    """Calls made one at a time for ``seconds``, and the seconds they took."""
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        await stub.Search(request)
+        calls += 1
+    return calls, time.perf_counter() - start
+
+
+async def per_call_ms(port: int, seconds: float) -> list[float]:
+    request = _request()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ShardServiceStub(channel)
         for _ in range(100):
             await stub.Search(request)
         runs = []
         for _ in range(3):
-            calls, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                await stub.Search(request)
-                calls += 1
-            runs.append((time.perf_counter() - start) / calls * 1e3)
+            calls, wall = await _calls_for(stub, request, seconds)
+            runs.append(wall / calls * 1e3)
         return runs
 
 
@@ -119,18 +129,13 @@ def usage(pid: int) -> tuple[float, int]:
 
 async def client_usage(port: int, seconds: float, server_pid: int) -> dict:
     """One call at a time for ``seconds``: per call, this process's and the server's CPU ms and switches."""
-    query = np.random.default_rng(0).standard_normal((1, DIM)).astype(np.float32)
-    request = pb.SearchRequest(queries=encode_batch(query), k=K)
+    request = _request()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ShardServiceStub(channel)
         for _ in range(200):
             await stub.Search(request)
         mine, theirs = usage(os.getpid()), usage(server_pid)
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            await stub.Search(request)
-            calls += 1
-        wall = time.perf_counter() - start
+        calls, wall = await _calls_for(stub, request, seconds)
         mine2, theirs2 = usage(os.getpid()), usage(server_pid)
     return {"ms_per_call": wall / calls * 1e3,
             "client_cpu_ms_per_call": (mine2[0] - mine[0]) / calls * 1e3,
