@@ -158,16 +158,24 @@ def test_filtered_search_returns_only_allowed_items(milvus_store, exact_store, c
     assert not got.exact
     allowed_ids = set(columns.media_ids[allow].tolist())
     assert set(got.media_ids[got.rows >= 0].tolist()) <= allowed_ids
+    assert ((got.rows >= 0).sum(1) == K).all()  # a short Milvus answer is answered again exactly
     assert _recall(got.media_ids, want.media_ids) >= 0.9
 
 
 def test_allow_mask_search(milvus_store) -> None:
+    """The allow mask travels as a row expression, and every hit is an allowed row. Most answers are full,
+    not all: under load, Milvus 2.3.5's HNSW now and then answers one query of a filtered batch with no hits
+    for a while after a load (milvus-io/milvus#28603; it failed this test in CI, 1 query of 4, and again here
+    under two busy cores: the same query empty 4 times in a row, full a moment later). The store answers such
+    queries again by the exact scan (test_a_graph_path_that_comes_back_short_is_answered_exactly)."""
     index = _sealed(milvus_store).index
     allow = np.zeros(index.count, bool)
     allow[::3] = True
     vectors = _sealed(milvus_store).vectors
-    _, rows = index.search(np.asarray(vectors[:4], np.float32), K, bitmaps.from_bools(allow), ef=256)
-    assert (rows >= 0).all() and (rows % 3 == 0).all()
+    _, rows = index.search(np.asarray(vectors[:12], np.float32), K, bitmaps.from_bools(allow), ef=256)
+    hit = rows >= 0
+    assert hit.any() and (rows[hit] % 3 == 0).all()
+    assert (hit.sum(1) == K).sum() >= 9, hit.sum(1)
 
 
 def test_tombstones_and_growing_rows(small_catalogue, columns, target) -> None:

@@ -133,6 +133,29 @@ def test_every_path_returns_only_allowed_rows_with_recall(small_catalogue, make_
         assert recall >= 0.9, (costs, res.paths, recall)
 
 
+@pytest.mark.parametrize("path", [ACORN, PREFILTER])
+def test_a_graph_path_that_comes_back_short_is_answered_exactly(small_catalogue, make_store, path) -> None:
+    """A tight filter leaves a graph search few allowed neighbours: at 1 % allowed, ef 64 and k 10, ACORN
+    and the pre-filter return fewer than 10 hits for most of these queries. The store answers those again
+    exactly, so every answer has min(k, allowed) hits."""
+    costs = {ACORN: PlannerCosts(exact_max_rows=0, acorn_max_fraction=1.0),
+             PREFILTER: PlannerCosts(exact_max_rows=0, acorn_max_fraction=0.0)}[path]
+    store = make_store("hnsw", planner=Planner(costs))
+    q = generate_queries(small_catalogue, 30, seed=8)
+    allow = np.random.default_rng(9).random(len(small_catalogue)) < 0.01
+    f = common_pb2.Filter(excluded_media_ids=small_catalogue.media_ids[~allow].tolist())
+    before = REGISTRY.get_sample_value("gmco_shard_short_answers_filled_total", {"path": path}) or 0.0
+    res = store.search(q, 10, f, ef=64)
+    filled = REGISTRY.get_sample_value("gmco_shard_short_answers_filled_total", {"path": path}) - before
+    assert res.paths == (path,) and filled >= 10  # the graph came back short for at least a third
+    assert ((res.rows >= 0).sum(1) == min(10, int(allow.sum()))).all()
+    want = exact_ground_truth(small_catalogue.vectors, q, 10, allow_mask=allow)
+    ids = small_catalogue.media_ids
+    recall = np.mean([len(set(got.tolist()) & set(ids[w[w >= 0]].tolist())) / 10
+                      for got, w in zip(res.media_ids, want, strict=True)])
+    assert recall >= 0.95, recall
+
+
 def test_kernel_scan_matches_numpy(small_catalogue) -> None:
     vectors = np.asarray(small_catalogue.vectors)
     q = generate_queries(small_catalogue, 5)

@@ -17,7 +17,10 @@ Paths:
 
 The two thresholds default to the crossovers ``make bench-shard-scale`` measured on a 1M x 1024 shard
 (docs/benchmarks.md, "Shard at scale"); ``GMCO_SHARD_EXACT_MAX_ROWS`` and ``GMCO_SHARD_ACORN_MAX_FRACTION``
-override them. Every search counts its path in ``gmco_shard_search_path_total{path}`` and GetStats.
+override them. Every search counts its path in ``gmco_shard_search_path_total{path}`` and GetStats. A query
+an ANN path answers with fewer than min(k, allowed rows) hits is answered again by the exact scan (counted
+in ``gmco_shard_short_answers_filled_total{path}``): a result is short only when the filter allows fewer
+than k rows.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ PATHS = (EXACT, ACORN, PREFILTER, INDEX, NATIVE, POPULARITY)
 
 SEARCH_PATHS = PromCounter("gmco_shard_search_path_total",
                            "Segment searches by the path the planner chose (per segment, per request).", ["path"])
+SHORT_ANSWERS = PromCounter("gmco_shard_short_answers_filled_total",
+                            "Query rows an ANN path answered with fewer than min(k, allowed rows) hits, "
+                            "re-answered by the exact scan of the allowed rows.", ["path"])
 
 # Measured by bench/bench_shard_scale.py on 1M x 1024 FP16 (2 cores): see docs/benchmarks.md. Exact search
 # over random allowed rows stops beating the IVF index's filtered search at about 1,000 rows ("crossover").

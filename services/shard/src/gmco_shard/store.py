@@ -41,7 +41,7 @@ from gmco_shard.filters import AttributeIndex, evaluate_filter, is_trivial
 from gmco_shard.index.base import FilteringIndex, build_threads, create_index, topk
 from gmco_shard.index.exact import exact_search
 from gmco_shard.index.params import IndexParams
-from gmco_shard.planner import ACORN, EXACT, INDEX, POPULARITY, PREFILTER, Planner
+from gmco_shard.planner import ACORN, EXACT, INDEX, POPULARITY, PREFILTER, SHORT_ANSWERS, Planner
 from gmco_shard.segment import IdIndex, Segment, new_growing
 
 log = logging.getLogger(__name__)
@@ -362,10 +362,7 @@ class ShardStore:
             paths.append(path)
             vectors = seg.vectors[:n]
             if path == EXACT:
-                if index is not None and not index.exact and hasattr(index, "exact_search"):
-                    s, r = index.exact_search(q, k, allow)  # on the device, where the rows are
-                else:
-                    s, r = exact_search(vectors, q, k, metric, allow=allow)
+                s, r = self._exact(index, vectors, q, k, allow, metric)
             elif path == INDEX:
                 s, r = index.search(q, k, allow, ef)
             elif path == PREFILTER:
@@ -381,6 +378,8 @@ class ShardStore:
             else:  # NATIVE: the backend evaluates the Filter; it is told which rows are dead
                 dead = np.flatnonzero(~bitmaps.to_bools(seg.alive, n)) if seg.dead else np.empty(0, np.int64)
                 s, r = index.search_filter(q, k, flt, dead, ef)
+            if path != EXACT:
+                s, r = self._fill_short(s, r, min(k, allowed), path, index, vectors, q, allow, metric)
             part_s.append(s)
             part_r.append(r)
             part_seg.append(np.full(r.shape, si, np.int64))
@@ -407,6 +406,31 @@ class ShardStore:
             media_ids[mask] = segments[si].cols.media_ids[rows[mask]]
         return SearchResult(np.ascontiguousarray(scores, dtype=np.float32), media_ids, seg_of, np.ascontiguousarray(rows),
                             segments, allowed_total, all(p == EXACT for p in paths), tuple(paths))
+
+    @staticmethod
+    def _exact(index: Any, vectors: np.ndarray, q: np.ndarray, k: int, allow: np.ndarray | None,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k of the allowed rows: on the device where an index keeps the rows there."""
+        if index is not None and not index.exact and hasattr(index, "exact_search"):
+            return index.exact_search(q, k, allow)
+        return exact_search(vectors, q, k, metric, allow=allow)
+
+    def _fill_short(self, scores: np.ndarray, rows: np.ndarray, want: int, path: str, index: Any,
+                    vectors: np.ndarray, q: np.ndarray, allow: np.ndarray | None,
+                    metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Re-answer exactly the queries an ANN path answered with fewer than ``want`` (= min(k, allowed
+        rows)) hits. A graph search under a tight filter can run out of allowed neighbours (ACORN, faiss's
+        pre-filter), and Milvus 2.3's HNSW now and then returns nothing at all for one query of a filtered
+        batch (milvus-io/milvus#28603; seen in this project's CI). The exact scan reads only the allowed
+        rows, so it is cheap where graphs come back short: under tight filters."""
+        short = np.flatnonzero((rows >= 0).sum(1) < want)
+        if short.size == 0:
+            return scores, rows
+        SHORT_ANSWERS.labels(path).inc(int(short.size))
+        s, r = self._exact(index, vectors, q[short], rows.shape[1], allow, metric)
+        scores, rows = np.array(scores, np.float32), np.array(rows, np.int64)
+        scores[short], rows[short] = s, r
+        return scores, rows
 
     # -- maintenance -------------------------------------------------------------------------------
     def _rebuild(self, sources: Sequence[Segment], progress: bool = False) -> Segment | None:
