@@ -9,6 +9,7 @@ import collections
 import json
 import subprocess
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -17,10 +18,12 @@ from gmco.ontology.v1 import ontology_service_pb2, ontology_service_pb2_grpc
 from gmco.rl_state.v1 import rl_state_service_pb2
 from gmco.router.v1 import router_service_pb2 as pb
 from gmco.shard.v1 import shard_service_pb2, shard_service_pb2_grpc
+from gmco_common.admission import EDGE_START_HEADER
 from gmco_common.slots import SlotMap
 from gmco_stack.envoy import REPO_ROOT
 from gmco_stack.stack import Stack
 from gmco_testing.procs import wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +54,37 @@ def media(stack: Stack, ids: list[int]) -> dict[int, common_pb2.MediaItem]:
                 shard_service_pb2.GetMediaRequest(media_ids=mine), timeout=5)
         found.update({i.media_id: i for i in resp.items})
     return found
+
+
+def _queue_waits(stack: Stack) -> tuple[float, float]:
+    """(count, sum in seconds) of the routers' gmco_admission_queue_wait_seconds, both routers together."""
+    count = total = 0.0
+    for router in stack.routers:
+        with urllib.request.urlopen(router.metrics_url, timeout=5) as resp:
+            for family in text_string_to_metric_families(resp.read().decode()):
+                for sample in family.samples:
+                    if sample.name == "gmco_admission_queue_wait_seconds_count":
+                        count += sample.value
+                    elif sample.name == "gmco_admission_queue_wait_seconds_sum":
+                        total += sample.value
+    return count, total
+
+
+def test_envoy_stamps_each_call_with_when_it_received_it(stack, envoy) -> None:
+    """The routers' queue gate reads Envoy's stamp, never the caller's: a call that claims to have waited
+    3 s (which a router refuses, more than GMCO_ROUTER_QUEUE_INTERVAL_MS) is answered, and the waits
+    the routers recorded are Envoy's, milliseconds."""
+    for i in range(3):  # calls as Envoy stamps them: the routers learn the usual wait (their offset)
+        recommend(envoy, f"unstamped-{i}", k=5)
+    count, total = _queue_waits(stack)
+    forged = str(int((time.time() - 3.0) * 1e6))
+    for i in range(6):
+        user = f"stamped-{i}"
+        envoy.Recommend(pb.RecommendRequest(user_id=user, context=ctx(), k=5),
+                        metadata=[("x-user-id", user), (EDGE_START_HEADER, forged)], timeout=5)
+    after_count, after_total = _queue_waits(stack)
+    assert after_count - count == 6
+    assert after_total - total < 0.5, f"the routers saw waits of {after_total - total:.3f} s in all"
 
 
 def test_a_user_sticks_to_one_router_and_users_spread(envoy) -> None:

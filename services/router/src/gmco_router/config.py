@@ -71,6 +71,15 @@ class Settings(ServerSettings):
         "gmco_admission_shed_total) instead of queueing. The limit itself follows latency between "
         "MIN_IN_FLIGHT and this (gmco_common.admission)", check=_positive, check_msg="> 0")
     min_in_flight: int = setting(8, help="floor of the admission limit", check=_positive, check_msg="> 0")
+    queue_target_ms: float = setting(
+        5.0, help="a call that waited longer than this between Envoy receiving it (its x-gmco-edge-start-us "
+        "header) and its handler starting is refused with RESOURCE_EXHAUSTED while the queue is standing: "
+        "while even the shortest wait of each QUEUE_INTERVAL_MS exceeds this. The waits are taken relative "
+        "to the shortest of the last minute, so a constant clock skew between Envoy and the router cancels "
+        "out. 0 = off (gmco_common.admission.QueueDelay)", check=_non_negative, check_msg=">= 0")
+    queue_interval_ms: float = setting(
+        100.0, help="how often the queue is judged standing or not; a call that waited longer than this is "
+        "refused in any case", check=_positive, check_msg="> 0")
     overfetch: float = setting(4.0, help="each shard returns k' = ceil(k * OVERFETCH) candidates (>= 1)",
                                check=lambda v: v >= 1, check_msg=">= 1")
     min_candidates: int = setting(50, help="lower bound of k' so that ranking has room to explore",
@@ -161,6 +170,8 @@ class Settings(ServerSettings):
                 raise ConfigError(f"{path} does not exist (a {PREFIX}SHARD_TLS_* file)")
         if self.min_in_flight > self.max_in_flight:
             raise ConfigError(f"{PREFIX}MIN_IN_FLIGHT must be <= {PREFIX}MAX_IN_FLIGHT")
+        if self.queue_target_ms > self.queue_interval_ms:
+            raise ConfigError(f"{PREFIX}QUEUE_TARGET_MS must be <= {PREFIX}QUEUE_INTERVAL_MS")
         if self.slot_map_file is not None and not self.slot_map_file.is_file():
             raise ConfigError(f"{PREFIX}SLOT_MAP_FILE={self.slot_map_file} does not exist")
 

@@ -8,7 +8,7 @@ import grpc
 from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2, rl_state_service_pb2_grpc
 from gmco.router.v1 import router_service_pb2, router_service_pb2_grpc
-from gmco_common.admission import Admission
+from gmco_common.admission import Admission, QueueDelay, edge_wait_seconds
 from gmco_common.cache_key import ContextDefaults, with_defaults
 from gmco_common.errors import InvalidArgument, echo, from_rpc_error
 from gmco_common.ids import MAX_PREFERENCE_GENRES, check_count, check_id, check_name, check_user_id
@@ -84,13 +84,15 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
         self._settings = settings
         self._max_k = settings.max_k
         self._max_batch = settings.max_batch
-        self.admission = Admission(settings.max_in_flight, settings.min_in_flight)
+        queue = (QueueDelay(settings.queue_target_ms / 1000, settings.queue_interval_ms / 1000)
+                 if settings.queue_target_ms > 0 else None)
+        self.admission = Admission(settings.max_in_flight, settings.min_in_flight, queue=queue)
 
     async def Recommend(self, request: router_service_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> router_service_pb2.RecommendResponse:
         apply_defaults(request, self._settings)
         user = validate(request, metadata_user(context), self._max_k)
-        with self.admission.admit("Recommend"):
+        with self.admission.admit("Recommend", waited=edge_wait_seconds(context.invocation_metadata())):
             (response,) = await self._recommender.recommend([(user, request)], batched=False)
         context.set_trailing_metadata(answer_trailers(response))
         return response
@@ -106,7 +108,8 @@ class RecommendationServicer(router_service_pb2_grpc.RecommendationServiceServic
             apply_defaults(r, self._settings)
         users = [validate(r, header, self._max_k, f"requests[{i}].", strict_header=False)
                  for i, r in enumerate(request.requests)]
-        with self.admission.admit("RecommendBatch", len(users)):
+        with self.admission.admit("RecommendBatch", len(users),
+                                  waited=edge_wait_seconds(context.invocation_metadata())):
             responses = await self._recommender.recommend(list(zip(users, request.requests, strict=True)),
                                                           batched=True)
         return router_service_pb2.RecommendBatchResponse(responses=responses)
