@@ -3,7 +3,8 @@
 The stack's capacity is measured first (a closed loop of k6 users on the miss path), then its unloaded
 p99 (at a fifth of that rate). At three times the capacity the routers' admission limits must shed the
 excess at once (Envoy's circuit breaker to the routers, 32 requests in flight per router: UNAVAILABLE;
-what passes it and exceeds a router's admission limit: RESOURCE_EXHAUSTED), the requests they accept must not queue, the routers' memory must
+what passes it and exceeds a router's admission limit, or waits longer than its queue gate allows for a
+handler: RESOURCE_EXHAUSTED), the requests they accept must not queue, the routers' memory must
 stay bounded, and the stack must answer normally as soon as the load drops. Without the admission limit every request queues: accepted latency grows to seconds and
 deadlines expire (DEADLINE_EXCEEDED), which is what this test fails on.
 """
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 OK = "0"
 ENVOY_SHED = "14"  # UNAVAILABLE: Envoy's circuit breaker to the routers (HTTP 503), answered in C++
-ROUTER_SHED = "8"  # RESOURCE_EXHAUSTED: a router's admission limit (gmco_common.admission)
+ROUTER_SHED = "8"  # RESOURCE_EXHAUSTED: a router's admission limit or queue gate (gmco_common.admission)
 SHED = {ENVOY_SHED, ROUTER_SHED}
 OVERLOAD = 3.0
 TIMEOUT_S = 3.0

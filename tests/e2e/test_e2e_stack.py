@@ -71,9 +71,9 @@ def _queue_waits(stack: Stack) -> tuple[float, float]:
 
 
 def test_envoy_stamps_each_call_with_when_it_received_it(stack, envoy) -> None:
-    """The routers' queue gate reads Envoy's stamp, never the caller's: a call that claims to have waited
-    3 s (which a router refuses, more than GMCO_ROUTER_QUEUE_INTERVAL_MS) is answered, and the waits
-    the routers recorded are Envoy's, milliseconds."""
+    """The routers' queue gate reads Envoy's stamp, never the caller's: calls that claim to have waited
+    3 s are answered, and the waits the routers recorded for them are Envoy's, milliseconds (a caller's
+    stamp taken would also make a standing queue of a few such calls and have the next ones refused)."""
     for i in range(3):  # calls as Envoy stamps them: the routers learn the usual wait (their offset)
         recommend(envoy, f"unstamped-{i}", k=5)
     count, total = _queue_waits(stack)

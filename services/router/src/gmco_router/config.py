@@ -72,14 +72,14 @@ class Settings(ServerSettings):
         "MIN_IN_FLIGHT and this (gmco_common.admission)", check=_positive, check_msg="> 0")
     min_in_flight: int = setting(8, help="floor of the admission limit", check=_positive, check_msg="> 0")
     queue_target_ms: float = setting(
-        5.0, help="a call that waited longer than this between Envoy receiving it (its x-gmco-edge-start-us "
+        20.0, help="a call that waited longer than this between Envoy receiving it (its x-gmco-edge-start-us "
         "header) and its handler starting is refused with RESOURCE_EXHAUSTED while the queue is standing: "
         "while even the shortest wait of each QUEUE_INTERVAL_MS exceeds this. The waits are taken relative "
         "to the shortest of the last minute, so a constant clock skew between Envoy and the router cancels "
         "out. 0 = off (gmco_common.admission.QueueDelay)", check=_non_negative, check_msg=">= 0")
     queue_interval_ms: float = setting(
-        100.0, help="how often the queue is judged standing or not; a call that waited longer than this is "
-        "refused in any case", check=_positive, check_msg="> 0")
+        500.0, help="how often the queue is judged standing or not (a stall of the process shorter than this "
+        "never makes it standing)", check=_positive, check_msg="> 0")
     overfetch: float = setting(4.0, help="each shard returns k' = ceil(k * OVERFETCH) candidates (>= 1)",
                                check=lambda v: v >= 1, check_msg=">= 1")
     min_candidates: int = setting(50, help="lower bound of k' so that ranking has room to explore",
