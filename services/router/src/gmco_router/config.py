@@ -79,7 +79,8 @@ class Settings(ServerSettings):
         "out. 0 = off (gmco_common.admission.QueueDelay)", check=_non_negative, check_msg=">= 0")
     queue_interval_ms: float = setting(
         500.0, help="how often the queue is judged standing or not (a stall of the process shorter than this "
-        "never makes it standing)", check=_positive, check_msg="> 0")
+        "never makes it standing); a call that waited longer than this is refused in any case",
+        check=_positive, check_msg="> 0")
     overfetch: float = setting(4.0, help="each shard returns k' = ceil(k * OVERFETCH) candidates (>= 1)",
                                check=lambda v: v >= 1, check_msg=">= 1")
     min_candidates: int = setting(50, help="lower bound of k' so that ranking has room to explore",
