@@ -29,6 +29,7 @@ from gmco_catalog import open_log
 from gmco_common.slots import SlotMap
 from gmco_common.vectors import encode_vector
 from gmco_stack.stack import Service, Stack, StackConfig
+from gmco_testing.metrics import metric_sum
 from gmco_testing.postgres import PostgresServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -159,10 +160,7 @@ class Chaos:
     @staticmethod
     def metric(svc: Service, name: str, **labels: str) -> float:
         """The sum of the samples of ``name`` (a Prometheus sample name) whose labels include ``labels``."""
-        with urllib.request.urlopen(svc.metrics_url, timeout=5) as resp:
-            text = resp.read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+        return metric_sum(svc.metrics_url, name, **labels)
 
     def in_rotation(self, svc: Service) -> bool:
         """Whether any router counts the replica healthy."""

@@ -14,7 +14,6 @@ the test runs. What the caller must see:
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -24,7 +23,7 @@ from gmco.common.v1 import common_pb2
 from gmco.router.v1 import router_service_pb2 as rpb
 from gmco.router.v1 import router_service_pb2_grpc
 from gmco_stack.stack import Stack, StackConfig
-from prometheus_client.parser import text_string_to_metric_families
+from gmco_testing.metrics import metric_sum
 
 pytestmark = pytest.mark.e2e
 
@@ -65,10 +64,7 @@ def delays(slow_stack: Stack) -> Iterator[dict]:
 
 
 def _hedged(stack: Stack) -> float:
-    with urllib.request.urlopen(stack.routers[0].metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "gmco_router_hedged_calls_total")
+    return metric_sum(stack.routers[0].metrics_url, "gmco_router_hedged_calls_total")
 
 
 def test_a_slow_replica_loses_its_traffic(slow_stack, router, delays) -> None:

@@ -21,9 +21,9 @@ from gmco.router.v1 import router_service_pb2_grpc
 from gmco.shard.v1 import shard_service_pb2 as spb
 from gmco.shard.v1 import shard_service_pb2_grpc
 from gmco_stack.stack import Stack, StackConfig, tls_credentials
+from gmco_testing.metrics import metric_sum
 from gmco_testing.procs import grpc_serving
 from gmco_testing.tls import make_certificates
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
@@ -51,10 +51,7 @@ def router(secure_stack: Stack) -> Iterator[router_service_pb2_grpc.Recommendati
 
 def _handled(stack: Stack) -> float:
     """Recommend requests that reached the router's handler (its stage histogram counts them)."""
-    with urllib.request.urlopen(stack.routers[0].metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "gmco_router_stage_seconds_count")
+    return metric_sum(stack.routers[0].metrics_url, "gmco_router_stage_seconds_count")
 
 
 def _recommend(router, metadata=None) -> rpb.RecommendResponse:

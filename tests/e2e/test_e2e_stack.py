@@ -9,7 +9,6 @@ import collections
 import json
 import subprocess
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -22,8 +21,8 @@ from gmco_common.admission import EDGE_START_HEADER
 from gmco_common.slots import SlotMap
 from gmco_stack.envoy import REPO_ROOT
 from gmco_stack.stack import Stack
+from gmco_testing.metrics import metric_sum
 from gmco_testing.procs import wait_until
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
@@ -58,16 +57,8 @@ def media(stack: Stack, ids: list[int]) -> dict[int, common_pb2.MediaItem]:
 
 def _queue_waits(stack: Stack) -> tuple[float, float]:
     """(count, sum in seconds) of the routers' gmco_admission_queue_wait_seconds, both routers together."""
-    count = total = 0.0
-    for router in stack.routers:
-        with urllib.request.urlopen(router.metrics_url, timeout=5) as resp:
-            for family in text_string_to_metric_families(resp.read().decode()):
-                for sample in family.samples:
-                    if sample.name == "gmco_admission_queue_wait_seconds_count":
-                        count += sample.value
-                    elif sample.name == "gmco_admission_queue_wait_seconds_sum":
-                        total += sample.value
-    return count, total
+    return (sum(metric_sum(r.metrics_url, "gmco_admission_queue_wait_seconds_count") for r in stack.routers),
+            sum(metric_sum(r.metrics_url, "gmco_admission_queue_wait_seconds_sum") for r in stack.routers))
 
 
 def test_envoy_stamps_each_call_with_when_it_received_it(stack, envoy) -> None:
