@@ -208,6 +208,8 @@ class FakeRLState(rl_state_service_pb2_grpc.RLStateServiceServicer):
         self.seen: dict[str, list[int]] = {}
         self.feedback: list[rl_state_service_pb2.FeedbackEvent] = []
         self.ranks: list[rl_state_service_pb2.RankRequest] = []
+        self.refused_user = ""  # Rank and RankBatch refuse this user's entries (INVALID_ARGUMENT)
+        self.rank_batch_unimplemented = False  # an rl_state from before RankBatch
         self.query = normalize(np.arange(1, DIM + 1, dtype=np.float32))
 
     async def GetUserState(self, request, context):
@@ -231,6 +233,17 @@ class FakeRLState(rl_state_service_pb2_grpc.RLStateServiceServicer):
 
     async def Rank(self, request, context):
         await self.switch.enter("Rank", context)
+        return self._rank(request)
+
+    async def RankBatch(self, request, context):
+        await self.switch.enter("RankBatch", context)
+        if self.rank_batch_unimplemented:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return rl_state_service_pb2.RankBatchResponse(responses=[self._rank(r) for r in request.requests])
+
+    def _rank(self, request):
+        if self.refused_user and request.user_id == self.refused_user:
+            raise InvalidArgument("user_id", "is refused by this test")
         self.ranks.append(request)
         order = sorted(range(len(request.candidate_media_ids)), key=lambda i: -request.retrieval_scores[i])
         return rl_state_service_pb2.RankResponse(

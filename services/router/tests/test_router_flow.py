@@ -207,6 +207,65 @@ async def test_batched_misses_with_different_filters_each_get_their_own(make_har
         assert any(h.catalogue.genres[i.media_id] == h.genre_codes["genre:horror"] for i in answers[1].items)
 
 
+async def _three_misses_behind_a_first(h, users: list[str]) -> list:
+    """A first miss holds a shard; the three that arrive meanwhile share the next Search (sent when the
+    window ends). Each answer, or the error it got."""
+    h.shards[0][0].switch.delay = 0.3
+    first = asyncio.ensure_future(h.stub.Recommend(req(user="w-first", k=10), timeout=5))
+    await _eventually(lambda: h.shards[0][0].switch.calls.get("Search", 0) == 1)
+    h.shards[0][0].switch.delay = 0.0
+    answers = await asyncio.gather(*(h.stub.Recommend(req(user=u, k=10), timeout=5) for u in users),
+                                   return_exceptions=True)
+    await first
+    assert h.shards[0][0].switch.calls["Search"] == 2  # w-first alone, then the three together
+    return answers
+
+
+async def test_misses_that_share_a_search_share_one_rank_batch(make_harness) -> None:
+    async with make_harness(batch_window_ms=50.0) as h:
+        answers = await _three_misses_behind_a_first(h, ["r0", "r1", "r2"])
+        assert all(len(a.items) == 10 and not a.degraded for a in answers)
+        assert h.rl.switch.calls.get("Rank") == 1 and h.rl.switch.calls.get("RankBatch") == 1
+        assert sorted(r.user_id for r in h.rl.ranks) == ["r0", "r1", "r2", "w-first"]
+        batch = await h.stub.RecommendBatch(pb.RecommendBatchRequest(requests=[req(user=f"b{i}") for i in range(4)]),
+                                            timeout=5)
+        assert all(len(r.items) == 5 for r in batch.responses) and h.rl.switch.calls["RankBatch"] == 2
+    async with make_harness(batch_window_ms=50.0, rank_batch=False) as h:
+        await _three_misses_behind_a_first(h, ["r0", "r1", "r2"])
+        assert h.rl.switch.calls.get("Rank") == 4 and "RankBatch" not in h.rl.switch.calls
+
+
+async def test_a_refused_rank_fails_only_its_own_request(make_harness) -> None:
+    async with make_harness(batch_window_ms=50.0) as h:
+        h.rl.refused_user = "r1"
+        answers = await _three_misses_behind_a_first(h, ["r0", "r1", "r2"])
+        assert isinstance(answers[1], grpc.aio.AioRpcError)
+        assert answers[1].code() == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in answers[1].details()
+        assert [len(answers[i].items) for i in (0, 2)] == [10, 10]  # the others of its group are answered
+        assert h.rl.switch.calls["RankBatch"] == 1 and h.rl.switch.calls["Rank"] == 1 + 3
+
+
+async def test_an_rl_state_without_rank_batch_is_asked_one_by_one(make_harness) -> None:
+    async with make_harness() as h:
+        h.rl.rank_batch_unimplemented = True
+        batch = pb.RecommendBatchRequest(requests=[req(user=f"b{i}") for i in range(4)])
+        for _ in range(2):
+            resp = await h.stub.RecommendBatch(batch, timeout=5)
+            assert all(len(r.items) == 5 and not r.degraded for r in resp.responses)
+        assert h.rl.switch.calls["RankBatch"] == 1  # found out once, not asked again
+        assert h.rl.switch.calls["Rank"] == 4  # the second batch is answered from the router's list cache
+
+
+async def test_rank_batch_failing_degrades_every_request_of_the_batch(h) -> None:
+    batch = pb.RecommendBatchRequest(requests=[req(user=f"d{i}") for i in range(3)])
+    await h.stub.RecommendBatch(batch, timeout=5)  # the users' state is known now
+    h.rl.switch.down = True
+    resp = await h.stub.RecommendBatch(pb.RecommendBatchRequest(requests=[req(user=f"d{i}", skip_cache=True)
+                                                                          for i in range(3)]), timeout=5)
+    assert all(r.degraded and "rl_state" in r.degraded_components and r.policy == "retrieval_order"
+               and len(r.items) == 5 for r in resp.responses)
+
+
 async def test_a_failed_or_dropped_cache_put_never_reaches_the_caller(make_harness) -> None:
     from prometheus_client import REGISTRY
 

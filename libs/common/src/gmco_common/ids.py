@@ -10,7 +10,8 @@ Bounds (every service enforces the same ones, and the protos document them):
   ``allowed_genres`` and ``blocked_genres``.
 - repeated fields of one call: at most :data:`MAX_FEEDBACK_EVENTS` events in ``RecordFeedback``,
   :data:`MAX_WRITE_ITEMS` items in ``UpsertMedia`` and :data:`MAX_DELETE_IDS` ids in ``DeleteMedia``
-  (the router's ``GMCO_ROUTER_MAX_*`` settings may lower them).
+  (the router's ``GMCO_ROUTER_MAX_*`` settings may lower them); :data:`MAX_RANK_BATCH` entries in
+  rl_state's ``RankBatch``.
 
 Error messages never echo more than :data:`ECHO_CHARS` characters of what the caller sent.
 """
@@ -25,6 +26,7 @@ MAX_PREFERENCE_GENRES = 64
 MAX_FEEDBACK_EVENTS = 1000
 MAX_WRITE_ITEMS = 1000
 MAX_DELETE_IDS = 10_000
+MAX_RANK_BATCH = 64  # the router's RankBatch calls carry at most this many entries too
 _I64 = 1 << 63
 
 

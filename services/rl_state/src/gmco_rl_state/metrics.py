@@ -17,6 +17,9 @@ RANK_SECONDS = Histogram(
     ["policy"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+RANK_BATCH_ENTRIES = Histogram(
+    "gmco_rl_state_rank_batch_entries", "Users ranked by one RankBatch call.", buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 RANK_DEGRADED = Counter(
     "gmco_rl_state_rank_degraded_total", "Rank answers given by the cold-start policy because the state was unreadable."
 )

@@ -15,7 +15,7 @@ from gmco.common.v1 import common_pb2
 from gmco.rl_state.v1 import rl_state_service_pb2 as pb
 from gmco.rl_state.v1 import rl_state_service_pb2_grpc
 from gmco_common.errors import FailedPrecondition, InvalidArgument, Unavailable, echo
-from gmco_common.ids import MAX_FEEDBACK_EVENTS, check_count, check_id, check_user_id
+from gmco_common.ids import MAX_FEEDBACK_EVENTS, MAX_RANK_BATCH, check_count, check_id, check_user_id
 from gmco_common.vectors import decode_batch, decode_vector, encode_vector, normalize
 
 from gmco_rl_state import metrics
@@ -56,6 +56,19 @@ class Candidates:
 
     vectors: np.ndarray | None = None
     features: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _RankInput:
+    """A checked RankRequest."""
+
+    user: str
+    ids: np.ndarray
+    candidates: Candidates
+    k: int
+    surface: int
+    retrieval: np.ndarray | None
+    popularity: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -164,34 +177,49 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
     # --- Rank ---------------------------------------------------------------------------------------
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
         start = time.perf_counter()
-        user = check_user_id(request.user_id, "user_id")
+        return await self._rank_one(self._parse(request, ""), start)
+
+    async def RankBatch(self, request: pb.RankBatchRequest,
+                        context: grpc.aio.ServicerContext) -> pb.RankBatchResponse:
+        """Every entry is checked before any is ranked, so a bad entry fails the call with nothing shown."""
+        check_count(request.requests, "requests", MAX_RANK_BATCH)
+        parsed = [self._parse(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        metrics.RANK_BATCH_ENTRIES.observe(len(parsed))
+        return pb.RankBatchResponse(responses=[await self._rank_one(p, time.perf_counter()) for p in parsed])
+
+    def _parse(self, request: pb.RankRequest, prefix: str) -> _RankInput:
+        """One RankRequest checked; INVALID_ARGUMENT / FAILED_PRECONDITION name ``prefix`` + the field."""
+        user = check_user_id(request.user_id, f"{prefix}user_id")
         n = len(request.candidate_media_ids)
         if n == 0:
-            raise InvalidArgument("candidate_media_ids", "no candidates to rank")
-        candidates = self._candidates(request, n)
+            raise InvalidArgument(f"{prefix}candidate_media_ids", "no candidates to rank")
+        candidates = self._candidates(request, n, prefix)
         if request.k == 0:
-            raise InvalidArgument("k", "must be > 0")
+            raise InvalidArgument(f"{prefix}k", "must be > 0")
         if request.k > n:
-            raise InvalidArgument("k", f"is {request.k}, more than the {n} candidates")
-        retrieval = _optional_floats(request.retrieval_scores, n, "retrieval_scores")
-        popularity = _optional_floats(request.popularities, n, "popularities")
+            raise InvalidArgument(f"{prefix}k", f"is {request.k}, more than the {n} candidates")
+        return _RankInput(user, np.asarray(request.candidate_media_ids, dtype=U64), candidates, request.k,
+                          request.context.surface,
+                          _optional_floats(request.retrieval_scores, n, f"{prefix}retrieval_scores"),
+                          _optional_floats(request.popularities, n, f"{prefix}popularities"))
+
+    async def _rank_one(self, r: _RankInput, start: float) -> pb.RankResponse:
         degraded = False
         try:
-            row = await self._store.get(user, self._rank_state_timeout)
+            row = await self._store.get(r.user, self._rank_state_timeout)
         except Unavailable:
             row, degraded = None, True
             metrics.RANK_DEGRADED.inc()
-        ids = np.asarray(request.candidate_media_ids, dtype=U64)
-        ranker = self.rollout.cold if row is None else self.rollout.ranker(user)
-        args = (ranker, row, ids, candidates, request.k, request.context.surface, retrieval, popularity)
-        if candidates.features is not None:
+        ranker = self.rollout.cold if row is None else self.rollout.ranker(r.user)
+        args = (ranker, row, r.ids, r.candidates, r.k, r.surface, r.retrieval, r.popularity)
+        if r.candidates.features is not None:
             # Features (32 floats a candidate): a few hundred microseconds of numpy, cheaper on the event loop
             # than the hop to a thread and back (profiled: the hop was about a tenth of rl_state's CPU).
             out = self._rank(*args)
         else:  # 1024-d vectors, projected here: off the event loop
             out = await asyncio.get_running_loop().run_in_executor(None, self._rank, *args)
         ranking = out.ranking
-        self.rollout.shown(user, ranking.policy, out.media_ids[ranking.indices].tolist(), ranking.propensities)
+        self.rollout.shown(r.user, ranking.policy, out.media_ids[ranking.indices].tolist(), ranking.propensities)
         items = [
             common_pb2.ScoredItem(media_id=int(out.media_ids[i]), score=float(ranking.scores[pos]),
                                   exploration=bool(ranking.exploration[pos]),
@@ -202,7 +230,7 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
         return pb.RankResponse(items=items, policy=ranking.policy, degraded=degraded, user_version=out.version,
                                excluded_seen_count=out.excluded, feature_version=self._learner.feature_version)
 
-    def _candidates(self, request: pb.RankRequest, n: int) -> Candidates:
+    def _candidates(self, request: pb.RankRequest, n: int, prefix: str = "") -> Candidates:
         """The candidates as vectors (projected here) or as the shards' features (version checked)."""
         if request.HasField("candidate_features") and request.candidate_features.count:
             if request.feature_version != self._learner.feature_version:
@@ -210,14 +238,14 @@ class RLStateServicer(rl_state_service_pb2_grpc.RLStateServiceServicer):
                     f"candidate features are {echo(request.feature_version)} but this rl_state ranks in "
                     f"{self._learner.feature_version!r}: set GMCO_SHARD_FEATURE_DIM / GMCO_SHARD_FEATURE_SEED to "
                     "GMCO_RL_STATE_BANDIT_DIM / GMCO_RL_STATE_PROJECTION_SEED (or send candidate_vectors)")
-            z = decode_batch(request.candidate_features, "candidate_features", self._learner.dim)
+            z = decode_batch(request.candidate_features, f"{prefix}candidate_features", self._learner.dim)
             if z.shape[0] != n:
-                raise InvalidArgument("candidate_features.count", f"is {z.shape[0]}; expected {n}, one per "
+                raise InvalidArgument(f"{prefix}candidate_features.count", f"is {z.shape[0]}; expected {n}, one per "
                                       "candidate_media_ids")
             return Candidates(features=z.astype(np.float64))
-        vectors = decode_batch(request.candidate_vectors, "candidate_vectors", self._media_dim)
+        vectors = decode_batch(request.candidate_vectors, f"{prefix}candidate_vectors", self._media_dim)
         if vectors.shape[0] != n:
-            raise InvalidArgument("candidate_vectors.count", f"is {vectors.shape[0]}; expected {n}, one per "
+            raise InvalidArgument(f"{prefix}candidate_vectors.count", f"is {vectors.shape[0]}; expected {n}, one per "
                                   "candidate_media_ids")
         return Candidates(vectors=vectors)
 

@@ -136,6 +136,9 @@ class Settings(ServerSettings):
         "(0 = every miss searches alone; measured: docs/benchmarks.md, 'Miss and hit paths')",
         check=lambda v: 0 <= v <= 50, check_msg="0..50 ms")
     batch_max: int = setting(32, help="most misses in one shared Search", check=_positive, check_msg="> 0")
+    rank_batch: bool = setting(
+        True, help="the misses that shared a Search are ranked by one rl_state RankBatch call instead of one Rank "
+        "each (an rl_state without RankBatch is detected and asked one by one)")
     cache_put_window_ms: float = setting(
         50.0, help="cache writes made after replies within this window share one PutRecommendationsBatch call "
         "(the list is in this router's LRU at once; other routers see it this much later); 0 = one call each, at "

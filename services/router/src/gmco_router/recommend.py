@@ -16,7 +16,8 @@ one RecommendBatch does: a miss goes at once when no Search of its kind is in fl
 else with the others that arrive before that one returns, waiting at most ``batch_window_ms``
 (SearchBatcher). Shards answer in columns (ids, scores,
 popularity) with each candidate's bandit features (32 floats, not its 1024-d vector); candidates are
-merged per request with numpy; rl_state ranks from the features. A user without state (and no anchor)
+merged per request with numpy; rl_state ranks from the features, the misses that shared a Search in one
+RankBatch call (``rank_batch``; a refused entry sends them one by one, so only its own request fails). A user without state (and no anchor)
 gets the most popular allowed items of every shard instead of a search for a zero vector. The answer is
 sent before the list is written to the cache service: that put runs in the background, bounded by
 ``cache_put_max_pending`` (a put that does not fit is dropped and counted, never an error to anyone), and
@@ -57,6 +58,7 @@ from gmco.shard.v1 import shard_service_pb2
 from gmco_common.cache_key import context_hash, context_key
 from gmco_common.context import budget, time_remaining
 from gmco_common.errors import DeadlineExceeded, Unavailable, from_rpc_error, is_dependency_failure
+from gmco_common.ids import MAX_RANK_BATCH
 from gmco_common.lru import TtlLru
 from gmco_common.vectors import decode_vector, encode_batch, normalize
 from prometheus_client import Counter, Histogram
@@ -130,6 +132,7 @@ class Plan:
         self.query: np.ndarray | None = None  # None: a cold start, searched by popularity
         self.candidates: Candidates | None = None
         self.no_shard = False
+        self.error: Exception | None = None  # this request's own failure, found while its group was served
         self.outcome: Outcome | None = None
         self.cache_hit = False
         self.degraded: set[str] = set()
@@ -310,7 +313,8 @@ class Recommender:
             TtlLru(settings.list_cache_entries, settings.list_cache_ttl_seconds) if settings.list_cache_entries
             else None)
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
-        self._batcher = SearchBatcher(self._search, settings.batch_window_ms / 1000, settings.batch_max)
+        self._batcher = SearchBatcher(self._retrieve, settings.batch_window_ms / 1000, settings.batch_max)
+        self._rank_batch = settings.rank_batch
         self._fanout = FanOut(pool.shards, pool.channel_options)
         self._puts = CachePuts(cache, settings.cache_put_window_ms / 1000, settings.cache_put_max_pending,
                                MAX_PUT_BATCH, settings.call_timeout_seconds,
@@ -502,14 +506,21 @@ class Recommender:
             groups: dict[tuple, list[Plan]] = {}
             for p in plans:
                 groups.setdefault((p.query is None, p.request.min_lsn), []).append(p)
-            await run_all(*(self._search(group) for group in groups.values()))
+            await run_all(*(self._retrieve(group) for group in groups.values()))
         else:
             await self._batcher.search(plans)
         if any(p.no_shard for p in plans):
             if time_remaining() == 0:
                 raise DeadlineExceeded("the deadline passed while searching the shards")
             raise Unavailable("no shard could answer; retry later")
-        await run_all(*(self._rank(p) for p in plans))
+        for p in plans:
+            if p.error is not None:
+                raise p.error
+
+    async def _retrieve(self, plans: list[Plan]) -> None:
+        """Search, then rank, for a group of misses: those that shared a Search share the RankBatch too."""
+        await self._search(plans)
+        await self._rank_all(plans)
 
     async def _search(self, plans: list[Plan]) -> None:
         """One Search per shard for every request of the group, each with its own filter."""
@@ -543,29 +554,84 @@ class Recommender:
             with p.stage("merge"):
                 p.candidates = merge(answers, i, self.candidate_count(p.request.k))
 
-    async def _rank(self, p: Plan) -> None:
-        version = p.version or 0
-        c = p.candidates
-        if c is None or not len(c):
-            p.outcome = Outcome((), "none", version)
+    async def _rank_all(self, plans: list[Plan]) -> None:
+        """Rank every plan that has candidates: one RankBatch for all of them (rank_batch), else one Rank each."""
+        todo = []
+        for p in plans:
+            if p.no_shard:
+                continue
+            if p.candidates is None or not len(p.candidates):
+                p.outcome = Outcome((), "none", p.version or 0)
+            else:
+                todo.append(p)
+        if len(todo) < 2 or not self._rank_batch:
+            await run_all(*(self._rank(p) for p in todo))
             return
-        request = rl_state_service_pb2.RankRequest(
+        await run_all(*(self._rank_batched(todo[i:i + MAX_RANK_BATCH]) for i in range(0, len(todo), MAX_RANK_BATCH)))
+
+    async def _rank_batched(self, plans: list[Plan]) -> None:
+        request = rl_state_service_pb2.RankBatchRequest(requests=[self._rank_request(p) for p in plans])
+        start = time.perf_counter()
+        try:
+            resp = await self._rl.RankBatch(request, timeout=budget(self._s.rl_state_timeout_ms / 1000))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older rl_state: ask it one by one from now on
+                log.warning("rl_state has no RankBatch; ranking one request per call")
+                self._rank_batch = False
+            elif is_dependency_failure(from_rpc_error(exc, "rl_state RankBatch")):
+                elapsed = time.perf_counter() - start
+                for p in plans:
+                    p.record("rank", elapsed)
+                    self._rank_failed(p, exc)  # a dependency failure: degrades, never raises
+                return
+            # Else one entry's input was refused (and so the whole call): each request gets its own verdict.
+            await run_all(*(self._rank(p) for p in plans))
+            return
+        elapsed = time.perf_counter() - start
+        for p, answer in zip(plans, resp.responses, strict=True):
+            p.record("rank", elapsed)
+            self._ranked(p, answer)
+
+    async def _rank(self, p: Plan) -> None:
+        """One Rank call; a refusal of this request's input is kept as its own error (``p.error``), so that
+        the other requests of its group are still answered."""
+        with p.stage("rank"):
+            try:
+                resp = await self._rl.Rank(self._rank_request(p), timeout=budget(self._s.rl_state_timeout_ms / 1000))
+            except grpc.aio.AioRpcError as exc:
+                try:
+                    self._rank_failed(p, exc)
+                except Exception as refused:  # noqa: BLE001 - rl_state's verdict on this request's input
+                    p.error = refused
+                return
+        self._ranked(p, resp)
+
+    @staticmethod
+    def _rank_request(p: Plan) -> rl_state_service_pb2.RankRequest:
+        c = p.candidates
+        assert c is not None
+        return rl_state_service_pb2.RankRequest(
             user_id=p.user_id, context=p.request.context, k=min(p.request.k, len(c)),
             candidate_media_ids=c.media_ids.tolist(), retrieval_scores=c.scores.tolist(),
             popularities=c.popularities.tolist(), feature_version=c.feature_version,
             candidate_features=encode_batch(c.features, "float32"),
         )
-        with p.stage("rank"):
-            try:
-                resp = await self._rl.Rank(request, timeout=budget(self._s.rl_state_timeout_ms / 1000))
-            except grpc.aio.AioRpcError as exc:
-                p.dependency_failed(exc, "rl_state Rank", "rl_state")
-                top = slice(0, p.request.k)
-                p.outcome = Outcome(tuple(common_pb2.ScoredItem(media_id=m, score=s, propensity=1.0, shard_id=sh)
-                                          for m, s, sh in zip(c.media_ids[top].tolist(), c.scores[top].tolist(),
-                                                              c.shard_ids[top].tolist(), strict=True)),
-                                    "retrieval_order", version)
-                return
+
+    @staticmethod
+    def _rank_failed(p: Plan, exc: grpc.aio.AioRpcError) -> None:
+        """rl_state could not rank: the candidates in retrieval order (raises when the input was refused)."""
+        p.dependency_failed(exc, "rl_state Rank", "rl_state")
+        c = p.candidates
+        assert c is not None
+        top = slice(0, p.request.k)
+        p.outcome = Outcome(tuple(common_pb2.ScoredItem(media_id=m, score=s, propensity=1.0, shard_id=sh)
+                                  for m, s, sh in zip(c.media_ids[top].tolist(), c.scores[top].tolist(),
+                                                      c.shard_ids[top].tolist(), strict=True)),
+                            "retrieval_order", p.version or 0)
+
+    def _ranked(self, p: Plan, resp: rl_state_service_pb2.RankResponse) -> None:
+        c = p.candidates
+        assert c is not None
         if resp.degraded:
             p.degrade("rl_state")
         if resp.user_version:
@@ -574,7 +640,7 @@ class Recommender:
         items = tuple(common_pb2.ScoredItem(media_id=i.media_id, score=i.score, exploration=i.exploration,
                                             propensity=i.propensity, shard_id=shard_of.get(i.media_id, i.shard_id))
                       for i in resp.items)
-        p.outcome = Outcome(items, resp.policy, version)
+        p.outcome = Outcome(items, resp.policy, p.version or 0)
 
     # -- stage 7, after the reply: the cache ----------------------------------------------------------
 
