@@ -51,17 +51,25 @@ class Sample:
     ms: float
 
 
-def start_k6(target: str, out: Path, **env: object) -> subprocess.Popen:
+def start_k6(target: str, out: Path, cpus: frozenset[int] | None = None, **env: object) -> subprocess.Popen:
     """k6 running bench/k6/recommend.js against ``target`` with ``env`` (its variables: VUS, RATE, DURATION,
-    SKIP_CACHE, ...), every sample written to ``out`` as JSON lines; thresholds off (the tests judge)."""
+    SKIP_CACHE, ...), every sample written to ``out`` as JSON lines; thresholds off (the tests judge). With
+    ``cpus``, k6 and all its threads run only on those CPUs (``taskset``)."""
     env = {"TARGET": target, "K6_NO_USAGE_REPORT": "true", **env}
-    return subprocess.Popen([str(K6), "run", "--quiet", "--no-thresholds", "--no-color", "--out", f"json={out}",
-                             *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], str(K6_SCRIPT)],
+    return subprocess.Popen([*taskset(cpus), str(K6), "run", "--quiet", "--no-thresholds", "--no-color",
+                             "--out", f"json={out}", *[a for k, v in env.items() for a in ("-e", f"{k}={v}")],
+                             str(K6_SCRIPT)],
                             cwd=K6_SCRIPT.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_k6(target: str, out: Path, timeout: float = 120, **env: object) -> list[Sample]:
-    proc = start_k6(target, out, **env)
+def taskset(cpus: frozenset[int] | None) -> list[str]:
+    """The command prefix that runs a program, every thread of it, on ``cpus`` only (none when None)."""
+    return [] if cpus is None else ["taskset", "-c", ",".join(map(str, sorted(cpus)))]
+
+
+def run_k6(target: str, out: Path, timeout: float = 120, cpus: frozenset[int] | None = None,
+           **env: object) -> list[Sample]:
+    proc = start_k6(target, out, cpus, **env)
     output, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"k6 exited {proc.returncode}:\n{output[-3000:]}"
     return k6_samples(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import string
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +94,12 @@ def load_template(path: Path = TEMPLATE_PATH) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"Envoy template {path} is missing; it lives in deploy/envoy/ of the repository")
     return path.read_text()
+
+
+def healthy_endpoints(admin_port: int, cluster: str = "routers") -> int:
+    """How many of ``cluster``'s endpoints the Envoy whose admin interface is on 127.0.0.1:``admin_port``
+    reports healthy (its /clusters page); only healthy endpoints are on the ring."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as resp:
+        text = resp.read().decode()
+    return sum(1 for line in text.splitlines()
+               if line.startswith(f"{cluster}::") and "::health_flags::healthy" in line)

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from gmco_testing.delay import DelayProxy
 from gmco_testing.procs import free_port, grpc_serving, stop_process, wait_until
 from gmco_testing.tls import Certificates
 
-from gmco_stack.envoy import REPO_ROOT, EnvoyParams, load_template, render_envoy_config
+from gmco_stack.envoy import REPO_ROOT, EnvoyParams, healthy_endpoints, load_template, render_envoy_config
 from gmco_stack.progress import StartupReporter
 
 log = logging.getLogger(__name__)
@@ -356,11 +355,7 @@ class Stack:
         return self.healthy_routers() == len(self.routers)
 
     def healthy_routers(self) -> int:
-        url = f"http://127.0.0.1:{self.envoy_admin_port}/clusters"
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            text = resp.read().decode()
-        return sum(1 for line in text.splitlines()
-                   if line.startswith("routers::") and "::health_flags::healthy" in line)
+        return healthy_endpoints(self.envoy_admin_port)
 
     def restart(self, name: str) -> None:
         """Start a stopped or killed service again and wait until it is healthy (Envoy too, for routers)."""

@@ -109,3 +109,11 @@ class ManagedServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.cleanup()
+
+
+def pin_process(pid: int, cpus: set[int] | frozenset[int]) -> None:
+    """Let every thread of the running process ``pid`` run only on ``cpus`` (threads it starts later
+    inherit their parent thread's set). A thread that ends meanwhile is skipped."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cpus)
