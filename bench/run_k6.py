@@ -24,7 +24,10 @@ p99 target. Also: an idle sequential miss of first-time users (p50), the miss pa
 k6 against one shard directly (same data, same k', same kind of filter), the reference the miss path's
 QPS is compared with: measured every way a shard can run here, its searches on its event loop or in a
 worker thread (GMCO_SHARD_SEARCH_IN_THREAD) and gRPC's core with its own defaults or with the services'
-GRPC_EXPERIMENTS (gmco_common.grpc_defaults), shard-0 restarted for each; the fastest of the four.
+GRPC_EXPERIMENTS (gmco_common.grpc_defaults), shard-0 restarted for each; the fastest of the four. The
+ratio of the two is then measured in PAIRS pairs (``--pairs``, 3), each a closed loop of misses followed
+by a bare-shard run in that fastest way, so that both halves of a pair see the same state of a shared
+machine: the figures are the medians, and every pair is in the JSON (``pairs``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -338,23 +342,7 @@ def slo(stack: Stack, args: argparse.Namespace) -> dict:
     run_phase(stack, idle, {"K": "10"})
     out["idle_miss_p50_ms"] = metric(idle, "grpc_req_duration", "med")
     out["idle_miss_p99_ms"] = metric(idle, "grpc_req_duration", "p(99)")
-    print("bench: slo: the miss path in a closed loop", flush=True)
-    closed = Phase("slo_miss_closed", {"SKIP_CACHE": "1", "VUS": "16", "DURATION": args.step, "P99_MS": "1000"})
-    run_phase(stack, closed, {"K": "10"})
-    # Whole answers only: an iteration the routers shed (RESOURCE_EXHAUSTED) costs next to nothing, so
-    # counting it would flatter both the throughput and the CPU per miss. The script adds one sample to its
-    # `degraded` rate for every iteration whose checks all passed (OK, items, not degraded).
-    answered = closed.summary["metrics"].get("degraded", {})
-    answered_count = float(answered.get("passes", 0) + answered.get("fails", 0))
-    iterations = max(1.0, metric(closed, "iterations", "count"))
-    out["miss_closed_loop_iterations_per_second"] = metric(closed, "iterations", "rate")
-    out["miss_closed_loop_answered"] = answered_count
-    out["miss_closed_loop_failed_iterations"] = iterations - answered_count
-    out["miss_closed_loop_qps"] = metric(closed, "iterations", "rate") * answered_count / iterations
-    out["miss_closed_loop_p99_ms"] = metric(closed, "grpc_req_duration", "p(99)")
-    out["cpu_ms_per_miss"] = 1e3 * stack_cpu_seconds(closed) / max(1.0, answered_count)
-    out["miss_closed_loop_cpu_cores"] = closed.cpu
-    print("bench: slo: the bare shard service (k6 against shard-0 directly)", flush=True)
+    print("bench: slo: the bare shard service, every way a shard can run (k6 against shard-0 directly)", flush=True)
     queries = RESULTS / "k6_shard_queries.json"
     write_queries(stack, queries)
     shard = stack.shard_services[0]
@@ -364,31 +352,49 @@ def slo(stack: Stack, args: argparse.Namespace) -> dict:
     # cannot flatter the ratio.
     base_env = dict(shard.env)
     configured = base_env.get(IN_THREAD, "true").lower() == "true"
-    by_mode = {}
+    by_mode, envs = {}, {}
     for in_thread in (configured, not configured):
         for experiments in (None, ""):  # None: the service's own default; "": gRPC's defaults
             as_run = in_thread == configured and experiments is None
             env = {**base_env, IN_THREAD: str(in_thread).lower()}
             if experiments is not None:
                 env[GRPC_EXPERIMENTS] = experiments
-            if env != shard.env:
-                shard.env = env
-                stack.restart(shard.name)
             name = ("in_thread" if in_thread else "on_event_loop") + ("" if experiments is None else "_grpc_defaults")
-            bare = Phase("slo_bare_shard" + ("" if as_run else f"_{name}"),
-                         {"QUERIES": str(queries), "VUS": "8", "DURATION": args.step, "K": "50"})
-            run_phase(stack, bare, {}, script=SHARD_SCRIPT, target=shard.target)
+            _shard_env(stack, shard, env)
+            bare = _bare_phase(stack, queries, args, "" if as_run else f"_{name}")
+            envs[name] = env
             by_mode[name] = {"qps": metric(bare, "iterations", "rate"), "p50_ms": metric(bare, "grpc_req_duration", "med"),
                              "cpu_cores": bare.cpu, "as_the_stack_runs_it": as_run}
-    shard.env = base_env
-    stack.restart(shard.name)
-    time.sleep(5)  # the routers' health checks and breakers see shard-0 back before the ladders start
-    queries.unlink()
-    best = max(by_mode.values(), key=lambda m: m["qps"])
-    out["bare_shard_qps"] = best["qps"]
-    out["bare_shard_p50_ms"] = best["p50_ms"]
-    out["bare_shard_cpu_cores"] = best["cpu_cores"]
+    best = max(by_mode, key=lambda n: by_mode[n]["qps"])
     out["bare_shard_by_mode"] = by_mode
+    out["bare_shard_mode"] = best
+    # The ratio: the miss path's closed loop and the bare shard (in its fastest way) alternately, so that
+    # both see the same state of a shared machine; the medians, and each pair's ratio.
+    print(f"bench: slo: the miss path in a closed loop and the bare shard ({best}), alternating, "
+          f"{args.pairs} pairs", flush=True)
+    pairs = []
+    for i in range(args.pairs):
+        _shard_env(stack, shard, base_env)
+        closed = Phase(f"slo_miss_closed_{i}", {"SKIP_CACHE": "1", "VUS": "16", "DURATION": args.step, "P99_MS": "1000"})
+        run_phase(stack, closed, {"K": "10"})
+        _shard_env(stack, shard, envs[best])
+        bare = _bare_phase(stack, queries, args, f"_paired_{i}")
+        pair = {**_closed_loop(closed), "bare_shard_qps": metric(bare, "iterations", "rate"),
+                "bare_shard_p50_ms": metric(bare, "grpc_req_duration", "med"), "bare_shard_cpu_cores": bare.cpu}
+        pair["ratio"] = pair["miss_closed_loop_qps"] / max(pair["bare_shard_qps"], 1e-9)
+        pairs.append(pair)
+    _shard_env(stack, shard, base_env)
+    queries.unlink()
+    out["pairs"] = pairs
+    closed_median = _median_by(pairs, "miss_closed_loop_qps")
+    out.update({k: v for k, v in closed_median.items() if k.startswith(("miss_closed_loop", "cpu_ms"))})
+    out["cpu_ms_per_miss"] = statistics.median(pr["cpu_ms_per_miss"] for pr in pairs)
+    out["miss_closed_loop_qps"] = statistics.median(pr["miss_closed_loop_qps"] for pr in pairs)
+    bare_median = _median_by(pairs, "bare_shard_qps")
+    out["bare_shard_qps"] = statistics.median(pr["bare_shard_qps"] for pr in pairs)
+    out["bare_shard_p50_ms"] = bare_median["bare_shard_p50_ms"]
+    out["bare_shard_cpu_cores"] = bare_median["bare_shard_cpu_cores"]
+    out["miss_qps_over_bare_shard_qps_per_pair_median"] = statistics.median(pr["ratio"] for pr in pairs)
     print("bench: slo: the miss path at fixed arrival rates", flush=True)
     out["miss"] = ladder(stack, "miss", MISS_LADDER, {"SKIP_CACHE": "1", "P99_MS": "50"}, args.step)
     print("bench: slo: the hit path at fixed arrival rates", flush=True)
@@ -397,6 +403,44 @@ def slo(stack: Stack, args: argparse.Namespace) -> dict:
     out["hit"] = ladder(stack, "hit", HIT_LADDER, {"USERS": str(args.hit_users), "P99_MS": "10"}, args.step)
     out["miss_qps_over_bare_shard_qps"] = out["miss_closed_loop_qps"] / max(out["bare_shard_qps"], 1e-9)
     return out
+
+
+def _closed_loop(closed: Phase) -> dict:
+    """What one closed loop of misses measured."""
+    # Whole answers only: an iteration the routers shed (RESOURCE_EXHAUSTED) costs next to nothing, so
+    # counting it would flatter both the throughput and the CPU per miss. The script adds one sample to its
+    # `degraded` rate for every iteration whose checks all passed (OK, items, not degraded).
+    answered = closed.summary["metrics"].get("degraded", {})
+    answered_count = float(answered.get("passes", 0) + answered.get("fails", 0))
+    iterations = max(1.0, metric(closed, "iterations", "count"))
+    return {"miss_closed_loop_iterations_per_second": metric(closed, "iterations", "rate"),
+            "miss_closed_loop_answered": answered_count,
+            "miss_closed_loop_failed_iterations": iterations - answered_count,
+            "miss_closed_loop_qps": metric(closed, "iterations", "rate") * answered_count / iterations,
+            "miss_closed_loop_p99_ms": metric(closed, "grpc_req_duration", "p(99)"),
+            "cpu_ms_per_miss": 1e3 * stack_cpu_seconds(closed) / max(1.0, answered_count),
+            "miss_closed_loop_cpu_cores": closed.cpu}
+
+
+def _median_by(rows: list[dict], key: str) -> dict:
+    """The row whose ``key`` is the median (the lower middle one of an even count)."""
+    ordered = sorted(rows, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _shard_env(stack: Stack, shard, env: dict[str, str]) -> None:
+    """Run ``shard`` with ``env``, restarting it when that changes what it runs with; the routers' health
+    checks and breakers see it back before the next phase."""
+    if env != shard.env:
+        shard.env = env
+        stack.restart(shard.name)
+        time.sleep(5)
+
+
+def _bare_phase(stack: Stack, queries: Path, args: argparse.Namespace, suffix: str) -> Phase:
+    bare = Phase("slo_bare_shard" + suffix, {"QUERIES": str(queries), "VUS": "8", "DURATION": args.step, "K": "50"})
+    run_phase(stack, bare, {}, script=SHARD_SCRIPT, target=stack.shard_services[0].target)
+    return bare
 
 
 def main() -> None:
@@ -413,6 +457,8 @@ def main() -> None:
     p.add_argument("--no-slo", action="store_true", help="leave the SLO phases out")
     p.add_argument("--step", default="20s", help="length of each SLO ladder step")
     p.add_argument("--seed-users", type=int, default=5000, help="users given state before the SLO phases")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="closed loops of misses, each followed by a bare-shard run, for the ratio (medians)")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
