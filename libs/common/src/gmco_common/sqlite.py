@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,7 +59,7 @@ class SqliteWorker:
             if self._page_size is not None:
                 # Only takes effect on a new, empty database (before WAL mode is set); an existing file keeps its own.
                 conn.execute(f"PRAGMA page_size={int(self._page_size)}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(conn, self._busy_timeout)
             conn.execute("PRAGMA synchronous=FULL")
             if self._setup is not None:
                 try:
@@ -87,6 +88,25 @@ class SqliteWorker:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
+
+
+def _set_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried for up to ``timeout`` seconds while the file is locked.
+
+    SQLite answers this pragma "database is locked" at once, without waiting out the busy timeout, while
+    another connection holds a lock it needs: several processes opening one new file together (the local
+    stack's routers and shards at start) failed so, 2 of 120 opens in a test of 8 at once."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.2)
 
 
 def transaction(db: sqlite3.Connection, body: Callable[[sqlite3.Connection], T], immediate: bool = True) -> T:
