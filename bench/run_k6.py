@@ -460,6 +460,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3,
                    help="closed loops of misses, each followed by a bare-shard run, for the ratio (medians)")
     args = p.parse_args()
+    if args.pairs < 1:
+        p.error(f"--pairs must be at least 1, got {args.pairs}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_at_start = os.getloadavg()[0]
