@@ -31,6 +31,7 @@ from gmco_common.vectors import encode_vector
 from gmco_stack.stack import Service, Stack, StackConfig
 from gmco_testing.metrics import metric_sum
 from gmco_testing.postgres import PostgresServer
+from gmco_testing.procs import taskset
 from prometheus_client.parser import text_string_to_metric_families
 
 CHAOS_ITEMS = 3000
@@ -60,11 +61,6 @@ def start_k6(target: str, out: Path, cpus: frozenset[int] | None = None, **env: 
                              "--out", f"json={out}", *[a for k, v in env.items() for a in ("-e", f"{k}={v}")],
                              str(K6_SCRIPT)],
                             cwd=K6_SCRIPT.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def taskset(cpus: frozenset[int] | None) -> list[str]:
-    """The command prefix that runs a program, every thread of it, on ``cpus`` only (none when None)."""
-    return [] if cpus is None else ["taskset", "-c", ",".join(map(str, sorted(cpus)))]
 
 
 def run_k6(target: str, out: Path, timeout: float = 120, cpus: frozenset[int] | None = None,

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from gmco_stack.envoy import EnvoyParams, healthy_endpoints, load_template, render_envoy_config
 from gmco_stack.stack import Service, envoy_command
-from gmco_testing.procs import free_port, pin_process, wait_until
+from gmco_testing.procs import free_port, pin_process, taskset, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -215,8 +215,7 @@ def _edge(stack, tmp_path: Path, in_flight: int, cpus: frozenset[int]) -> Servic
                          metrics_port=free_port(), max_requests=in_flight)
     config = tmp_path / "edge-envoy.yaml"
     config.write_text(render_envoy_config(load_template(), params))
-    cpu_list = ",".join(map(str, sorted(cpus)))
-    edge = Service("edge-envoy", ["taskset", "-c", cpu_list, *envoy_command(config, concurrency=1)],
+    edge = Service("edge-envoy", [*taskset(cpus), *envoy_command(config, concurrency=1)],
                    dict(os.environ), params.listen_port, "gmco.router.v1.RecommendationService",
                    tmp_path / "edge-envoy.log")
     edge.start()

@@ -117,3 +117,8 @@ def pin_process(pid: int, cpus: set[int] | frozenset[int]) -> None:
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(task), cpus)
+
+
+def taskset(cpus: set[int] | frozenset[int] | None) -> list[str]:
+    """The command prefix that runs a program, every thread of it, on ``cpus`` only (none when None)."""
+    return [] if cpus is None else ["taskset", "-c", ",".join(map(str, sorted(cpus)))]
