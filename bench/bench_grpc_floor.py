@@ -14,6 +14,10 @@ Then gRPC's core settings (``experiments``): the gmco server and a client, each 
 with gRPC's own defaults (GRPC_EXPERIMENTS empty) and once with what every service sets
 (gmco_common.grpc_defaults), alternating, 3 runs each: CPU and thread switches (voluntary and not, all
 threads, from /proc) per call on each side, and ms per call.
+Then what ``start_server``'s per-call wrapping costs under load (``overhead``): the bare and the gmco
+server, each its own process, each called by a client process with 32 calls in flight, alternating, 3 runs
+each: the server's CPU per call and its difference. Run it with PYTHONPATH naming another checkout's
+``libs/common/src`` to measure that version's servers side by side with this one's.
 Writes bench/results/bench_grpc_floor.{json,png}.
 """
 
@@ -127,21 +131,50 @@ def usage(pid: int) -> tuple[float, int]:
     return cpu, switches
 
 
-async def client_usage(port: int, seconds: float, server_pid: int) -> dict:
-    """One call at a time for ``seconds``: per call, this process's and the server's CPU ms and switches."""
+async def client_usage(port: int, seconds: float, server_pid: int, in_flight: int = 1) -> dict:
+    """``in_flight`` callers, each one call at a time, for ``seconds``: per call, this process's and the
+    server's CPU ms and switches."""
     request = _request()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ShardServiceStub(channel)
         for _ in range(200):
             await stub.Search(request)
         mine, theirs = usage(os.getpid()), usage(server_pid)
-        calls, wall = await _calls_for(stub, request, seconds)
+        start = time.perf_counter()
+        done = await asyncio.gather(*(_calls_for(stub, request, seconds) for _ in range(in_flight)))
+        calls, wall = sum(c for c, _ in done), (time.perf_counter() - start) * in_flight
         mine2, theirs2 = usage(os.getpid()), usage(server_pid)
     return {"ms_per_call": wall / calls * 1e3,
             "client_cpu_ms_per_call": (mine2[0] - mine[0]) / calls * 1e3,
             "client_switches_per_call": (mine2[1] - mine[1]) / calls,
             "server_cpu_ms_per_call": (theirs2[0] - theirs[0]) / calls * 1e3,
             "server_switches_per_call": (theirs2[1] - theirs[1]) / calls}
+
+
+def overhead(seconds: float, in_flight: int = 32) -> dict:
+    """Server CPU per call of the bare server and of start_server's, under ``in_flight`` concurrent calls,
+    both with the services' gRPC core settings."""
+    from gmco_common.grpc_defaults import EXPERIMENTS
+
+    env = {**os.environ, "GRPC_EXPERIMENTS": EXPERIMENTS}
+    runs: dict[str, list[dict]] = {"bare": [], "gmco": []}
+    for _ in range(3):
+        for mode, got in runs.items():
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(port)], env=env)
+            try:
+                wait_grpc_serving(f"127.0.0.1:{port}", 60, proc, SERVICE)
+                done = subprocess.run([sys.executable, __file__, "--client", str(port), str(seconds), str(proc.pid),
+                                       str(in_flight)], env=env, check=True, capture_output=True, text=True)
+            finally:
+                stop_process(proc)
+            got.append(json.loads(done.stdout))
+    med = {mode: statistics.median(r["server_cpu_ms_per_call"] for r in rs) for mode, rs in runs.items()}
+    out = {"in_flight": in_flight, "runs": runs, "server_cpu_ms_per_call_median": med,
+           "wrapping_cpu_ms_per_call": med["gmco"] - med["bare"]}
+    print(f"overhead, {in_flight} in flight: server CPU per call bare {med['bare']:.3f} ms, gmco {med['gmco']:.3f} ms "
+          f"(+{(med['gmco'] - med['bare']) * 1e3:.0f} us)")
+    return out
 
 
 def experiments(seconds: float) -> dict:
@@ -178,13 +211,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each timed run (3 runs, median)")
     ap.add_argument("--serve", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
-    ap.add_argument("--client", nargs=3, metavar=("PORT", "SECONDS", "SERVER_PID"), help=argparse.SUPPRESS)
+    ap.add_argument("--client", nargs="+", metavar="PORT SECONDS SERVER_PID [IN_FLIGHT]", help=argparse.SUPPRESS)
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only the bare-vs-gmco server CPU per call under load; prints, writes nothing")
     a = ap.parse_args()
     if a.serve:
         asyncio.run(serve(a.serve[0], int(a.serve[1])))
         return
     if a.client:
-        print(json.dumps(asyncio.run(client_usage(int(a.client[0]), float(a.client[1]), int(a.client[2])))))
+        port, seconds, pid, *rest = a.client
+        print(json.dumps(asyncio.run(client_usage(int(port), float(seconds), int(pid), int(rest[0]) if rest else 1))))
+        return
+    if a.overhead_only:
+        overhead(a.seconds)
         return
     out: dict = {"k": K, "dim": DIM, "modes": {}}
     for mode in MODES:
@@ -201,6 +240,7 @@ def main() -> None:
     out["best_b1_ratio_for_search_ms"] = {str(t): t / (t + floor) for t in (0.25, 0.5, 1.0, 2.0, 4.0)}
     print("best batch-1 gRPC/in-process ratio by search cost (ms):", out["best_b1_ratio_for_search_ms"])
     out["experiments"] = experiments(a.seconds)
+    out["overhead"] = overhead(a.seconds)
     print("wrote", write_json("bench_grpc_floor", out))
 
     import matplotlib.pyplot as plt
