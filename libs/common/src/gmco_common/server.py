@@ -1,7 +1,6 @@
 """Build and run a ``grpc.aio`` server the same way in every service.
 
-Each handler is wrapped once, at registration, for request context, metrics, auth (when a token is set)
-and error mapping (:mod:`gmco_common.interceptors`), behind the tracing interceptor when tracing is on; the
+Attached in order: tracing, metrics, auth (when a token is set) and error-mapping interceptors; the
 standard health service; reflection (both ``grpc.reflection.v1`` and ``v1alpha``, so that grpcurl and
 ``buf curl`` of any age can list and call the services); message-size limits; optional TLS/mTLS; a
 Prometheus endpoint on a separate port; and a graceful drain on SIGTERM (health goes NOT_SERVING, then
@@ -28,7 +27,12 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
 
 from gmco_common.config import ServerSettings
-from gmco_common.interceptors import Registrar
+from gmco_common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestContextInterceptor,
+)
 from gmco_common.tracing import configure_tracing, server_interceptor, service_name_of
 
 log = logging.getLogger(__name__)
@@ -181,18 +185,20 @@ async def start_server(
     drain it is stopped already)."""
     configure_tracing(settings, service_name_of([reg.full_name for reg in registrations]))
     tracing = server_interceptor()
-    # No interceptors unless tracing is on: the rest is one wrapper put round each handler here, once
-    # (gmco_common.interceptors), so a call does not run an interceptor chain before its handler.
-    interceptors = [*([tracing] if tracing else []), *extra_interceptors]
-    server = grpc.aio.server(interceptors=interceptors or None, options=server_options(settings))
-    token = settings.auth_token or None
+    interceptors: list[grpc.aio.ServerInterceptor] = [*([tracing] if tracing else []), RequestContextInterceptor(),
+                                                      MetricsInterceptor()]
+    if settings.auth_token:
+        interceptors.append(AuthInterceptor(settings.auth_token))
+    interceptors.extend(extra_interceptors)
+    interceptors.append(ErrorInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     names = []
     for reg in registrations:
-        reg.add_to_server(reg.servicer, Registrar(server, token))
+        reg.add_to_server(reg.servicer, server)
         names.append(reg.full_name)
     health_state = health_state or Health()
     health_state.register(names)
-    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, Registrar(server, token, probe=True))
+    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
     _enable_reflection([*names, health.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
     creds = _credentials(settings)
