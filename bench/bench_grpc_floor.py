@@ -151,6 +151,19 @@ async def client_usage(port: int, seconds: float, server_pid: int, in_flight: in
             "server_switches_per_call": (theirs2[1] - theirs[1]) / calls}
 
 
+def _client_run(mode: str, env: dict[str, str], seconds: float, in_flight: int = 1) -> dict:
+    """A ``mode`` server and a client, each its own process with ``env``: what :func:`client_usage` measured."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(port)], env=env)
+    try:
+        wait_grpc_serving(f"127.0.0.1:{port}", 60, proc, SERVICE)
+        done = subprocess.run([sys.executable, __file__, "--client", str(port), str(seconds), str(proc.pid),
+                               str(in_flight)], env=env, check=True, capture_output=True, text=True)
+    finally:
+        stop_process(proc)
+    return json.loads(done.stdout)
+
+
 def overhead(seconds: float, in_flight: int = 32) -> dict:
     """Server CPU per call of the bare server and of start_server's, under ``in_flight`` concurrent calls,
     both with the services' gRPC core settings."""
@@ -160,15 +173,7 @@ def overhead(seconds: float, in_flight: int = 32) -> dict:
     runs: dict[str, list[dict]] = {"bare": [], "gmco": []}
     for _ in range(3):
         for mode, got in runs.items():
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(port)], env=env)
-            try:
-                wait_grpc_serving(f"127.0.0.1:{port}", 60, proc, SERVICE)
-                done = subprocess.run([sys.executable, __file__, "--client", str(port), str(seconds), str(proc.pid),
-                                       str(in_flight)], env=env, check=True, capture_output=True, text=True)
-            finally:
-                stop_process(proc)
-            got.append(json.loads(done.stdout))
+            got.append(_client_run(mode, env, seconds, in_flight))
     med = {mode: statistics.median(r["server_cpu_ms_per_call"] for r in rs) for mode, rs in runs.items()}
     out = {"in_flight": in_flight, "runs": runs, "server_cpu_ms_per_call_median": med,
            "wrapping_cpu_ms_per_call": med["gmco"] - med["bare"]}
@@ -185,16 +190,7 @@ def experiments(seconds: float) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     for _ in range(3):
         for name, value in settings.items():
-            env = {**os.environ, "GRPC_EXPERIMENTS": value}
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", "gmco", str(port)], env=env)
-            try:
-                wait_grpc_serving(f"127.0.0.1:{port}", 60, proc, SERVICE)
-                done = subprocess.run([sys.executable, __file__, "--client", str(port), str(seconds), str(proc.pid)],
-                                      env=env, check=True, capture_output=True, text=True)
-            finally:
-                stop_process(proc)
-            runs[name].append(json.loads(done.stdout))
+            runs[name].append(_client_run("gmco", {**os.environ, "GRPC_EXPERIMENTS": value}, seconds))
     out = {}
     for name, value in settings.items():
         keys = runs[name][0].keys()
