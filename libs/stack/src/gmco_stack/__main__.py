@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "+401 rl_state; each one's Prometheus /metrics on its port + 2000 (%(default)s)")
     p.add_argument("--envoy-port", type=int, default=int(_env("ENVOY_PORT", "8080")), help="%(default)s")
     p.add_argument("--envoy-admin-port", type=int, default=int(_env("ENVOY_ADMIN_PORT", "9901")), help="%(default)s")
+    p.add_argument("--envoy-concurrency", type=int, default=int(_env("ENVOY_CONCURRENCY", "1")),
+                   help="Envoy worker threads; one suits a machine whose cores the services share (%(default)s)")
     p.add_argument("--run-dir", type=Path, default=Path(_env("RUN_DIR", str(REPO_ROOT / ".run"))), help="%(default)s")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"), help="services' log level (%(default)s)")
     p.add_argument("--catalog-dsn", default=os.environ.get("GMCO_ROUTER_CATALOG_DSN", ""),
@@ -82,11 +84,15 @@ def config_from(args: argparse.Namespace) -> StackConfig:
         if not sep or not name:
             raise SystemExit(f"gmco-stack: --env wants NAME=VALUE, got {item!r}")
         extra[name] = value
+    if args.envoy_concurrency < 0:
+        raise SystemExit(f"gmco-stack: --envoy-concurrency must be >= 0 (0 = one worker per CPU), "
+                         f"got {args.envoy_concurrency}")
     if args.catalog_dsn:
         extra["GMCO_ROUTER_CATALOG_DSN"] = args.catalog_dsn
     return StackConfig(items=args.items, dim=args.dim, shards=args.shards, replicas=args.replicas,
                        routers=args.routers, index_backend=args.index_backend, run_dir=args.run_dir,
                        base_port=args.base_port, envoy_port=args.envoy_port, envoy_admin_port=args.envoy_admin_port,
+                       envoy_concurrency=args.envoy_concurrency,
                        log_level=args.log_level, env=extra)
 
 
