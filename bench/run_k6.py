@@ -13,7 +13,7 @@ Phases, each a separate k6 run with its own summary:
             (GMCO_ROUTER_LIST_CACHE_ENTRIES=0), so every hit goes to the cache service: the same run's
             side-by-side measure of what the router-local list cache is worth
 CPU per process is read from /proc/<pid>/stat before and after each phase.
-k6 runs with ``GOGC=400`` unless GOGC is set (``K6_GOGC``): it shares the stack's cores, and Go's default
+k6 runs with ``GOGC=400`` unless the environment sets GOGC: it shares the stack's cores, and Go's default
 collects its heap about four times as often, each collection's workers taking CPU from the processes
 measured (side by side at 1,000 hits a second: p99 6.2-7.9 against 7.7-11.1 ms, docs/benchmarks.md).
 
