@@ -24,13 +24,6 @@ def _non_negative(v: float) -> bool:
 @dataclass(frozen=True)
 class Settings(ServerSettings):
     port: int = port_setting(50050, help="gRPC port of the public RecommendationService; 0 picks a free port")
-    gc_threshold: int = setting(
-        2_000, help="allocations between two young-generation collections of Python's cyclic garbage collector "
-        "(the other services: 20000; CPython's: 700); what exists once the router is up is frozen out of collection. "
-        "Most of a router's young garbage is grpc.aio's own reference cycle, five objects a call; at 1,000 hits a "
-        "second a collection every 20,000 took 10-26 ms, one every 2,000 0.7 ms (at most 3; less GC time in all) and the "
-        "hit path's p99 was lower in each of three pairs (docs/benchmarks.md). 0 = CPython's defaults, nothing "
-        "frozen", check=lambda v: v >= 0, check_msg=">= 0")
     shards: str = setting(
         "",
         help="shard replicas: '<shard>=<host:port>|<host:port>,<shard>=...', e.g. "
