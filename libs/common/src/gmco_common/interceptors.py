@@ -81,61 +81,64 @@ class _PerMethod:
         return wrapped
 
 
-class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id (from metadata, else a new one) and the deadline for the handler's calls."""
+class _PerMethodInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's unary behaviour once (``wrap``), through :class:`_PerMethod`;
+    with ``skip_probes``, health checks and reflection pass through unwrapped."""
+
+    skip_probes = False
 
     def __init__(self) -> None:
         self._handlers = _PerMethod()
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler_call_details.method.startswith(PROBE_PREFIXES):
-            return handler
-
-        def wrapper(behavior: Behavior) -> Behavior:
-            async def with_context(request, context):
-                request_id_var.set(_request_id(context))
-                remaining = context.time_remaining()
-                deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
-                return await behavior(request, context)
-
-            return with_context
-
-        return self._handlers.get(handler_call_details.method, handler, lambda: _wrap(handler, wrapper))
-
-
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts handled RPCs by status code and records handling time."""
-
-    def __init__(self) -> None:
-        self._handlers = _PerMethod()
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        raise NotImplementedError
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if self.skip_probes and method.startswith(PROBE_PREFIXES):
+            return handler
+        return self._handlers.get(method, handler, lambda: _wrap(handler, lambda b: self.wrap(method, b)))
 
-        def wrapper(behavior: Behavior) -> Behavior:
-            service, name = _split(method)
-            latency = GRPC_LATENCY.labels(service, name)
-            handled_ok = GRPC_HANDLED.labels(service, name, grpc.StatusCode.OK.name)
 
-            async def measured(request, context):
-                start = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
-                    return await behavior(request, context)
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    if isinstance(code, int):  # aio returns the raw enum value on some versions
-                        code = grpc.StatusCode.OK
-                    latency.observe(time.perf_counter() - start)
-                    (handled_ok if code is grpc.StatusCode.OK else GRPC_HANDLED.labels(service, name, code.name)).inc()
+class RequestContextInterceptor(_PerMethodInterceptor):
+    """Sets the request id (from metadata, else a new one) and the deadline for the handler's calls."""
 
-            return measured
+    skip_probes = True
 
-        return self._handlers.get(method, handler, lambda: _wrap(handler, wrapper))
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def with_context(request, context):
+            request_id_var.set(_request_id(context))
+            remaining = context.time_remaining()
+            deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
+            return await behavior(request, context)
+
+        return with_context
+
+
+class MetricsInterceptor(_PerMethodInterceptor):
+    """Counts handled RPCs by status code and records handling time."""
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        service, name = _split(method)
+        latency = GRPC_LATENCY.labels(service, name)
+        handled_ok = GRPC_HANDLED.labels(service, name, grpc.StatusCode.OK.name)
+
+        async def measured(request, context):
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                if isinstance(code, int):  # aio returns the raw enum value on some versions
+                    code = grpc.StatusCode.OK
+                latency.observe(time.perf_counter() - start)
+                (handled_ok if code is grpc.StatusCode.OK else GRPC_HANDLED.labels(service, name, code.name)).inc()
+
+        return measured
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -167,37 +170,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, wrapper)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(_PerMethodInterceptor):
     """Maps domain exceptions to status codes. Anything unexpected is INTERNAL with no exception text."""
 
-    def __init__(self) -> None:
-        self._handlers = _PerMethod()
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def mapped(request, context):
+            try:
+                return await behavior(request, context)
+            except GmcoError as exc:
+                await context.abort(exc.code, exc.message)
+            except grpc.aio.AbortError:
+                raise
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            except grpc.aio.AioRpcError as exc:
+                # A downstream call failed and the handler did not handle it.
+                code = exc.code()
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    await context.abort(code, f"a dependency answered {code.name}")
+                log.exception("unhandled downstream error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id_var.get()})")
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id_var.get()})")
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-
-        def wrapper(behavior: Behavior) -> Behavior:
-            async def mapped(request, context):
-                try:
-                    return await behavior(request, context)
-                except GmcoError as exc:
-                    await context.abort(exc.code, exc.message)
-                except grpc.aio.AbortError:
-                    raise
-                except TimeoutError:
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-                except grpc.aio.AioRpcError as exc:
-                    # A downstream call failed and the handler did not handle it.
-                    code = exc.code()
-                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        await context.abort(code, f"a dependency answered {code.name}")
-                    log.exception("unhandled downstream error in %s", method)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id_var.get()})")
-                except Exception:
-                    log.exception("unhandled error in %s", method)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id_var.get()})")
-
-            return mapped
-
-        return self._handlers.get(method, handler, lambda: _wrap(handler, wrapper))
+        return mapped
